@@ -1,0 +1,63 @@
+"""flowing: run a DAG of plain Python functions on an anyio core.
+
+Layout, in the order a task travels: ``_task`` (the @task definition) ->
+``_graph`` (collection and validation) -> ``_scheduler`` (the async core) ->
+``_attempt`` (one task's gates, retries and timeouts) with ``_threads`` (thread
+offload) -> ``_results`` and ``_events`` (what a run leaves and tells) ->
+``_flow`` (the Flow facade). This module only re-exports.
+"""
+
+from ._events import Event as Event
+from ._events import FlowFinished as FlowFinished
+from ._events import FlowStarted as FlowStarted
+from ._events import TaskFinished as TaskFinished
+from ._events import TaskRetrying as TaskRetrying
+from ._events import TaskStarted as TaskStarted
+from ._events import ThreadAbandoned as ThreadAbandoned
+from ._exceptions import DetachedDependencyError as DetachedDependencyError
+from ._exceptions import DuplicateTaskNameError as DuplicateTaskNameError
+from ._exceptions import FlowAlreadyRunningError as FlowAlreadyRunningError
+from ._exceptions import FlowCycleError as FlowCycleError
+from ._exceptions import FlowDefinitionError as FlowDefinitionError
+from ._exceptions import FlowingError as FlowingError
+from ._exceptions import FlowTimeoutError as FlowTimeoutError
+from ._exceptions import InvalidTaskError as InvalidTaskError
+from ._exceptions import MissingParameterError as MissingParameterError
+from ._exceptions import StepNotSucceededError as StepNotSucceededError
+from ._exceptions import TaskNotRunError as TaskNotRunError
+from ._flow import Flow as Flow
+from ._results import StepResult as StepResult
+from ._results import StepState as StepState
+from ._task import TaskDef as TaskDef
+from ._task import clear_registry as clear_registry
+from ._task import task as task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DetachedDependencyError",
+    "DuplicateTaskNameError",
+    "Event",
+    "Flow",
+    "FlowAlreadyRunningError",
+    "FlowCycleError",
+    "FlowDefinitionError",
+    "FlowFinished",
+    "FlowStarted",
+    "FlowTimeoutError",
+    "FlowingError",
+    "InvalidTaskError",
+    "MissingParameterError",
+    "StepNotSucceededError",
+    "StepResult",
+    "StepState",
+    "TaskDef",
+    "TaskFinished",
+    "TaskNotRunError",
+    "TaskRetrying",
+    "TaskStarted",
+    "ThreadAbandoned",
+    "__version__",
+    "clear_registry",
+    "task",
+]

@@ -1,0 +1,163 @@
+"""One task's run: its gates, then attempts with timeouts and retries with backoff."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from ._events import Event, TaskRetrying, TaskStarted, ThreadAbandoned
+from ._results import StepResult, StepState
+from ._task import TaskDef, call_gate
+from ._threads import ThreadSlots
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a task's run needs from the run around it."""
+
+    slots: ThreadSlots
+    emit: Callable[[Event], None]
+    total: int
+
+
+class _Outcome:
+    """Builds the StepResult of one task, timing it from its first gate."""
+
+    def __init__(self, task: TaskDef[..., Any]) -> None:
+        self.task = task
+        self.started_at = time.monotonic()
+
+    def __call__(
+        self,
+        state: StepState,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+        attempts: int = 0,
+        reason: str | None = None,
+    ) -> StepResult:
+        finished_at = time.monotonic()
+        return StepResult(
+            name=self.task.name,
+            state=state,
+            value=value,
+            error=error,
+            duration_ms=(finished_at - self.started_at) * 1000,
+            attempts=attempts,
+            started_at=self.started_at,
+            finished_at=finished_at,
+            reason=reason,
+            detached=self.task.detached,
+        )
+
+
+async def run_step(
+    task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext
+) -> StepResult:
+    """Run ``task`` with its dependencies' values: gates first, then the attempts."""
+    outcome = _Outcome(task)
+    if task.when is not None:
+        try:
+            allowed = await call_gate(task.when, **kwargs)
+        except Exception as error:
+            return outcome(StepState.FAILED, error=error, reason="when= raised")
+        if not allowed:
+            return outcome(StepState.SKIPPED, reason="when= returned a falsy value")
+    if task.validate is not None:
+        try:
+            await call_gate(task.validate, **kwargs)
+        except Exception as error:
+            return outcome(StepState.FAILED, error=error, reason="validate= rejected the inputs")
+    return await _attempts(task, index, kwargs, ctx, outcome)
+
+
+async def _attempts(
+    task: TaskDef[..., Any],
+    index: int,
+    kwargs: dict[str, Any],
+    ctx: StepContext,
+    outcome: _Outcome,
+) -> StepResult:
+    max_attempts = task.retry + 1
+    value: Any = None
+    error: Exception | None = None
+    for attempt in range(1, max_attempts + 1):
+        ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+        value, error = None, None
+        try:
+            value = await _call_with_timeout(task, index, kwargs, ctx, attempt, max_attempts)
+        except Exception as exc:
+            error = exc
+        else:
+            if task.retry_until is None:
+                return outcome(StepState.SUCCEEDED, value=value, attempts=attempt)
+            try:
+                accepted = await call_gate(task.retry_until, value)
+            except Exception as exc:
+                return outcome(
+                    StepState.FAILED,
+                    value=value,
+                    error=exc,
+                    attempts=attempt,
+                    reason="retry_until= raised",
+                )
+            if accepted:
+                return outcome(StepState.SUCCEEDED, value=value, attempts=attempt)
+        if attempt < max_attempts:
+            delay_ms = task.backoff_ms(attempt)
+            ctx.emit(
+                TaskRetrying(
+                    task.name, index, ctx.total, time.monotonic(), attempt, max_attempts, error, delay_ms
+                )
+            )
+            await anyio.sleep(delay_ms / 1000)
+    if error is not None:
+        return outcome(StepState.FAILED, error=error, attempts=max_attempts)
+    return outcome(
+        StepState.FAILED,
+        value=value,
+        attempts=max_attempts,
+        reason=f"retry_until= rejected the value of all {max_attempts} attempt(s)",
+    )
+
+
+async def _call_with_timeout(
+    task: TaskDef[..., Any],
+    index: int,
+    kwargs: dict[str, Any],
+    ctx: StepContext,
+    attempt: int,
+    max_attempts: int,
+) -> Any:
+    """One attempt of the body, under the task's timeout as a cancel scope."""
+    with anyio.move_on_after(task.timeout_s) as scope:
+        return await _call_body(task, index, kwargs, ctx, attempt)
+    raise TimeoutError(
+        f"task {task.name!r} timed out after {task.timeout_s:g} s "
+        f"(attempt {attempt} of {max_attempts})"
+    )
+
+
+async def _call_body(
+    task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext, attempt: int
+) -> Any:
+    if task.is_async:
+        value = await task.fn(**kwargs)
+    else:
+
+        def report_abandoned() -> None:
+            ctx.emit(ThreadAbandoned(task.name, index, ctx.total, time.monotonic(), attempt))
+
+        value = await ctx.slots.run(task.fn, kwargs, report_abandoned)
+    if inspect.iscoroutine(value):
+        value.close()
+        raise TypeError(
+            f"task {task.name!r} returned an un-awaited coroutine; declare it with "
+            f"'async def' or await the call inside it"
+        )
+    return value

@@ -1,0 +1,120 @@
+"""The error tree of flowing.
+
+    FlowingError
+    ├── FlowDefinitionError (ValueError)   a task or flow was declared wrongly
+    │   ├── InvalidTaskError                 a bad argument to @task
+    │   ├── MissingParameterError            a task cannot receive a dependency
+    │   ├── DuplicateTaskNameError           two tasks share a name in one graph
+    │   ├── DetachedDependencyError          the main graph depends on a detached task
+    │   └── FlowCycleError                   the graph has a cycle
+    ├── FlowAlreadyRunningError (RuntimeError)
+    ├── StepNotSucceededError (RuntimeError) asked for the value of a failed step
+    ├── TaskNotRunError (KeyError)           asked for the value of a task with no result
+    └── FlowTimeoutError (TimeoutError)      the whole run missed its deadline
+
+Errors raised *by* task bodies are never wrapped in these: they are recorded on
+the task's StepResult.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._results import StepState
+
+
+class FlowingError(Exception):
+    """Base class of every error flowing raises itself."""
+
+
+class FlowDefinitionError(FlowingError, ValueError):
+    """Raised before anything runs when a task or a flow is declared wrongly."""
+
+
+class InvalidTaskError(FlowDefinitionError):
+    """Raised when ``@task`` gets an argument it cannot use."""
+
+
+class MissingParameterError(FlowDefinitionError):
+    """Raised when a task's function has no parameter for one of its dependencies."""
+
+
+class DuplicateTaskNameError(FlowDefinitionError):
+    """Raised when two different tasks in one graph share a name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"two different tasks are named {name!r} in this flow; "
+            f"give one of them another name with @task(name=...)"
+        )
+        self.name = name
+
+
+class DetachedDependencyError(FlowDefinitionError):
+    """Raised when a non-detached task depends on a detached one."""
+
+    def __init__(self, task: str, detached: str) -> None:
+        super().__init__(
+            f"task {task!r} depends on detached task {detached!r}, but detached tasks "
+            f"run after the main graph; make {detached!r} non-detached or "
+            f"{task!r} detached"
+        )
+        self.task = task
+        self.detached = detached
+
+
+class FlowCycleError(FlowDefinitionError):
+    """Raised when the graph has a cycle; ``cycle`` lists the task names on it."""
+
+    def __init__(self, cycle: Sequence[str]) -> None:
+        super().__init__(
+            "the tasks form a cycle: " + " -> ".join(repr(name) for name in cycle)
+        )
+        self.cycle = tuple(cycle)
+
+
+class FlowAlreadyRunningError(FlowingError, RuntimeError):
+    """Raised when a Flow is started while the same Flow object is still running."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this Flow is already running; wait for it to finish or build a second "
+            "Flow from the same tasks to run them concurrently"
+        )
+
+
+class StepNotSucceededError(FlowingError, RuntimeError):
+    """Raised by ``Flow.value`` for a task that ran but did not succeed."""
+
+    def __init__(self, name: str, state: StepState, reason: str | None) -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"task {name!r} has no value: it is {state.value}{detail}")
+        self.name = name
+        self.state = state
+
+
+class FlowTimeoutError(FlowingError, TimeoutError):
+    """Raised when a whole run misses the deadline given by ``timeout_s``."""
+
+    def __init__(self, timeout_s: float, unfinished: Sequence[str]) -> None:
+        shown = ", ".join(repr(name) for name in unfinished[:5])
+        more = f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else ""
+        super().__init__(
+            f"the flow did not finish within {timeout_s} s; "
+            f"cancelled {shown}{more}; call resume() to finish them"
+        )
+        self.timeout_s = timeout_s
+        self.unfinished = tuple(unfinished)
+
+
+class TaskNotRunError(FlowingError, KeyError):
+    """Raised by ``Flow.value`` for a task with no result: not run yet, or not in the flow."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"task {name!r} {why}")
+        self.name = name
+
+    def __str__(self) -> str:
+        return str(self.args[0])

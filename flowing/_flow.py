@@ -1,0 +1,198 @@
+"""Flow: the public facade. ``run()`` blocks on ``arun()``; the scheduler does the work."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar, overload
+
+import anyio
+
+from ._events import log_event
+from ._exceptions import (
+    FlowAlreadyRunningError,
+    FlowDefinitionError,
+    FlowTimeoutError,
+    StepNotSucceededError,
+    TaskNotRunError,
+)
+from ._graph import build_graph
+from ._results import StepResult, StepState, format_summary
+from ._scheduler import Scheduler
+from ._task import TaskDef
+
+T = TypeVar("T")
+Backend = Literal["asyncio", "trio"]
+_BACKENDS = ("asyncio", "trio")
+
+
+class Flow:
+    """A graph of tasks collected backwards from ``terminals``, ready to run.
+
+    Detached tasks whose dependencies are all in the graph join it on their own.
+    """
+
+    def __init__(
+        self,
+        *terminals: TaskDef[..., Any],
+        max_workers: int = 5,
+        fail_fast: bool = True,
+    ) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        self._graph = build_graph(terminals)
+        self.max_workers = max_workers
+        self.fail_fast = bool(fail_fast)
+        self._results: dict[str, StepResult] = {}
+        self._overrides: dict[str, StepResult] = {}
+        self._run_lock = threading.Lock()
+
+    @property
+    def tasks(self) -> tuple[TaskDef[..., Any], ...]:
+        """Every task of the flow, dependencies before dependents."""
+        return self._graph.tasks
+
+    @property
+    def results(self) -> dict[str, StepResult]:
+        """A copy of the latest result of every task that has one, in graph order."""
+        return self._ordered(self._results)
+
+    @property
+    def detached_failures(self) -> dict[str, StepResult]:
+        """Results of detached tasks that failed in the latest run."""
+        return {
+            name: r
+            for name, r in self.results.items()
+            if r.detached and r.state is StepState.FAILED
+        }
+
+    def run(
+        self, *, backend: Backend = "asyncio", timeout_s: float | None = None
+    ) -> dict[str, StepResult]:
+        """Run every task (keeping overrides) and block until done; returns all results."""
+        return self._block_on(functools.partial(self.arun, timeout_s=timeout_s), backend)
+
+    async def arun(self, *, timeout_s: float | None = None) -> dict[str, StepResult]:
+        """Async twin of :meth:`run`, for use inside an async app."""
+        return await self._execute(dict(self._overrides), timeout_s)
+
+    def resume(
+        self, *, backend: Backend = "asyncio", timeout_s: float | None = None
+    ) -> dict[str, StepResult]:
+        """Re-run every task that did not succeed last time; keep the ones that did."""
+        return self._block_on(functools.partial(self.aresume, timeout_s=timeout_s), backend)
+
+    async def aresume(self, *, timeout_s: float | None = None) -> dict[str, StepResult]:
+        """Async twin of :meth:`resume`."""
+        kept = {name: r for name, r in self._results.items() if r.succeeded}
+        return await self._execute(kept, timeout_s)
+
+    def override(self, task: TaskDef[..., T], value: T) -> None:
+        """Record ``value`` as ``task``'s SUCCEEDED result, for this and later runs."""
+        name = self._name_in_flow(task)
+        result = StepResult(
+            name, StepState.SUCCEEDED, value=value, reason="overridden", detached=task.detached
+        )
+        self._overrides[name] = result
+        self._results[name] = result
+
+    @overload
+    def value(self, task: TaskDef[..., Coroutine[Any, Any, T]]) -> T: ...
+
+    @overload
+    def value(self, task: TaskDef[..., T]) -> T: ...
+
+    def value(self, task: TaskDef[..., Any]) -> Any:
+        """The value of a task that succeeded; a clear error for any other task."""
+        name = task.name if isinstance(task, TaskDef) else task
+        if task not in self._graph.index:
+            raise TaskNotRunError(name, "is not part of this flow")
+        result = self._results.get(name)
+        if result is None:
+            raise TaskNotRunError(name, "has not run yet; call run() first")
+        if result.state is not StepState.SUCCEEDED:
+            raise StepNotSucceededError(name, result.state, result.reason) from result.error
+        return result.value
+
+    def summary(self) -> str:
+        """A readable table of the latest results: state, task, duration, attempts, error."""
+        return format_summary(self.results.values())
+
+    def __repr__(self) -> str:
+        return f"<Flow of {len(self._graph)} tasks>"
+
+    async def _execute(
+        self, kept: dict[str, StepResult], timeout_s: float | None
+    ) -> dict[str, StepResult]:
+        _check_timeout(timeout_s)
+        if not self._run_lock.acquire(blocking=False):
+            raise FlowAlreadyRunningError()
+        try:
+            self._results = kept
+            scheduler = Scheduler(
+                self._graph,
+                self._results,
+                max_workers=self.max_workers,
+                fail_fast=self.fail_fast,
+                emit=log_event,
+            )
+            with anyio.move_on_after(timeout_s) as deadline:
+                await scheduler.run()
+            if deadline.cancelled_caught:
+                unfinished = [
+                    name
+                    for name, r in self.results.items()
+                    if r.state is StepState.CANCELLED
+                ]
+                raise FlowTimeoutError(timeout_s or 0.0, unfinished)
+            return self.results
+        finally:
+            self._run_lock.release()
+
+    def _block_on(
+        self, run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend
+    ) -> dict[str, StepResult]:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if _event_loop_running_here():
+            # Jupyter or an async app called the blocking API: give the flow its
+            # own loop in a helper thread rather than nesting loops.
+            with ThreadPoolExecutor(1, thread_name_prefix="flowing-run") as pool:
+                return pool.submit(_run_on_new_loop, run, backend).result()
+        return _run_on_new_loop(run, backend)
+
+    def _ordered(self, results: Mapping[str, StepResult]) -> dict[str, StepResult]:
+        return {t.name: results[t.name] for t in self._graph.tasks if t.name in results}
+
+    def _name_in_flow(self, task: TaskDef[..., Any]) -> str:
+        if not isinstance(task, TaskDef) or task not in self._graph.index:
+            raise FlowDefinitionError(f"{task!r} is not a task of this flow")
+        return task.name
+
+
+def _run_on_new_loop(
+    run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend
+) -> dict[str, StepResult]:
+    return anyio.run(run, backend=backend)
+
+
+def _check_timeout(timeout_s: float | None) -> None:
+    if timeout_s is not None and (
+        isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0
+    ):
+        raise ValueError(f"timeout_s must be None or a number > 0, got {timeout_s!r}")
+
+
+def _event_loop_running_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    in_trio_run = getattr(getattr(trio, "lowlevel", None), "in_trio_run", None)
+    return in_trio_run is not None and bool(in_trio_run())

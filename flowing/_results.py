@@ -1,0 +1,84 @@
+"""What a run leaves behind: each task's state and result, and the summary table."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+class StepState(enum.Enum):
+    """The final state of one task in one run."""
+
+    SUCCEEDED = "succeeded"  # the body returned (or the value was injected/replayed)
+    FAILED = "failed"  # a gate raised, validate raised, or every attempt failed
+    SKIPPED = "skipped"  # never ran: `when` was falsy, a dependency did not succeed, or fail_fast
+    CANCELLED = "cancelled"  # the run itself was cancelled (or timed out) before it finished
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """The outcome of one task: its state, value or error, and how it got there.
+
+    ``started_at``/``finished_at`` are ``time.monotonic()`` readings (None when the
+    task never started); ``reason`` says why a task was skipped or cancelled.
+    """
+
+    name: str
+    state: StepState
+    value: Any = None
+    error: BaseException | None = None
+    duration_ms: float = 0.0
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    reason: str | None = None
+    detached: bool = False
+    cached: bool = False
+    step_key: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state is StepState.SUCCEEDED
+
+
+_HEADERS = ("state", "task", "duration", "attempts", "", "error / reason")
+
+
+def format_summary(results: Iterable[StepResult]) -> str:
+    """A plain-text table, one row per task, in the order given."""
+    rows = [_HEADERS] + [_summary_row(r) for r in results]
+    widths = [max(len(row[col]) for row in rows) for col in range(len(_HEADERS) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def _summary_row(result: StepResult) -> tuple[str, ...]:
+    return (
+        result.state.value.upper(),
+        result.name,
+        f"{result.duration_ms:.1f} ms",
+        str(result.attempts),
+        "detached" if result.detached else ("cached" if result.cached else ""),
+        _describe_outcome(result),
+    )
+
+
+def _describe_outcome(result: StepResult) -> str:
+    if result.error is not None:
+        return describe_error(result.error)
+    return result.reason or ""
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message``, even when the exception's own ``__str__`` is broken."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<exception str() failed>"
+    kind = type(error).__name__
+    return f"{kind}: {message}" if message else kind

@@ -1,0 +1,171 @@
+"""The async core: start each task the moment its own dependencies succeed.
+
+No layers and no polling: every task keeps a count of dependencies still to
+succeed, and the task that completes the count starts its dependent at once.
+Detached tasks run in a second phase, after every main task has finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, MutableMapping
+import anyio
+from anyio.abc import TaskGroup
+
+from ._attempt import StepContext, run_step
+from ._events import Event, FlowFinished, FlowStarted, TaskFinished
+from ._graph import Graph
+from ._results import StepResult, StepState
+from ._threads import ThreadSlots
+
+
+class Scheduler:
+    """One run of a graph; records every result into ``results`` as it happens."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        results: MutableMapping[str, StepResult],
+        *,
+        max_workers: int,
+        fail_fast: bool,
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.graph = graph
+        self.fail_fast = fail_fast
+        self.emit = emit
+        # Invariant: `results` holds a final StepResult for exactly the tasks that
+        # have finished (or were kept from an earlier run); it is the flow's own
+        # mapping, so a cancelled run still leaves what finished.
+        self.results = results
+        self.max_workers = max_workers
+        # Invariant: _waiting_on[i] == number of task i's dependencies without a
+        # SUCCEEDED result; a task may start only when it is 0.
+        self._waiting_on = [
+            sum(1 for d in deps if not self._succeeded(d)) for deps in graph.deps
+        ]
+        self._running: dict[int, float] = {}  # index -> monotonic start, while running
+        self._phase_detached = False
+        self._stopped_by: str | None = None  # first main-graph failure under fail_fast
+        self._task_group: TaskGroup | None = None
+        self._ctx: StepContext | None = None
+
+    async def run(self) -> None:
+        """Run every unfinished task; on cancellation record the rest as CANCELLED."""
+        started = time.monotonic()
+        pending = sum(1 for t in self.graph.tasks if t.name not in self.results)
+        self.emit(FlowStarted(len(self.graph), pending, started))
+        self._ctx = StepContext(ThreadSlots(self.max_workers), self.emit, len(self.graph))
+        try:
+            await self._run_phase(detached=False)
+            await self._run_phase(detached=True)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                self._cancel_unfinished()
+            raise
+        finally:
+            finished = time.monotonic()
+            self.emit(
+                FlowFinished(len(self.graph), self._counts(), finished, (finished - started) * 1000)
+            )
+
+    async def _run_phase(self, *, detached: bool) -> None:
+        self._phase_detached = detached
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            for i, task in enumerate(self.graph.tasks):
+                if (
+                    task.detached == detached
+                    and task.name not in self.results
+                    and self._waiting_on[i] == 0
+                ):
+                    self._start(i)
+        self._skip_never_started(detached)
+
+    def _start(self, i: int) -> None:
+        if self._stopped_by is not None and not self._phase_detached:
+            return  # fail_fast: nothing new starts; _skip_never_started records it
+        assert self._task_group is not None
+        self._running[i] = time.monotonic()
+        self._task_group.start_soon(self._run_task, i, name=self.graph.tasks[i].name)
+
+    async def _run_task(self, i: int) -> None:
+        assert self._ctx is not None
+        task = self.graph.tasks[i]
+        names = [self.graph.tasks[d].name for d in self.graph.deps[i]]
+        kwargs = {name: self.results[name].value for name in names}
+        result = await run_step(task, i, kwargs, self._ctx)
+        del self._running[i]
+        self._record(i, result)
+        if result.state is StepState.SUCCEEDED:
+            self._release_dependents(i)
+        else:
+            if result.state is StepState.FAILED and not task.detached and self.fail_fast:
+                self._stopped_by = self._stopped_by or task.name
+            self._skip_descendants(i, f"dependency {task.name!r} {result.state.value}")
+
+    def _release_dependents(self, i: int) -> None:
+        for d in self.graph.dependents[i]:
+            self._waiting_on[d] -= 1
+            if (
+                self._waiting_on[d] == 0
+                and self.graph.tasks[d].detached == self._phase_detached
+                and self.graph.tasks[d].name not in self.results
+            ):
+                self._start(d)
+
+    def _skip_descendants(self, i: int, reason: str) -> None:
+        """Record every not-yet-finished descendant of ``i`` as SKIPPED, iteratively."""
+        stack = list(self.graph.dependents[i])
+        while stack:
+            d = stack.pop()
+            if self.graph.tasks[d].name in self.results:
+                continue
+            self._record(d, self._unstarted(d, StepState.SKIPPED, reason))
+            stack.extend(self.graph.dependents[d])
+
+    def _skip_never_started(self, detached: bool) -> None:
+        """After a phase: tasks that never started were held back by fail_fast."""
+        reason = f"not started: fail_fast stopped the run after {self._stopped_by!r} failed"
+        for i, task in enumerate(self.graph.tasks):
+            if task.detached == detached and task.name not in self.results:
+                self._record(i, self._unstarted(i, StepState.SKIPPED, reason))
+
+    def _cancel_unfinished(self) -> None:
+        now = time.monotonic()
+        for i, task in enumerate(self.graph.tasks):
+            if task.name in self.results:
+                continue
+            started_at = self._running.get(i)
+            if started_at is None:
+                result = self._unstarted(i, StepState.CANCELLED, "the run was cancelled before it started")
+            else:
+                result = StepResult(
+                    task.name,
+                    StepState.CANCELLED,
+                    duration_ms=(now - started_at) * 1000,
+                    started_at=started_at,
+                    finished_at=now,
+                    reason="the run was cancelled while it was running",
+                    detached=task.detached,
+                )
+            self._record(i, result)
+
+    def _unstarted(self, i: int, state: StepState, reason: str) -> StepResult:
+        task = self.graph.tasks[i]
+        return StepResult(task.name, state, reason=reason, detached=task.detached)
+
+    def _record(self, i: int, result: StepResult) -> None:
+        self.results[result.name] = result
+        self.emit(TaskFinished(result.name, i, len(self.graph), time.monotonic(), result))
+
+    def _succeeded(self, i: int) -> bool:
+        result = self.results.get(self.graph.tasks[i].name)
+        return result is not None and result.state is StepState.SUCCEEDED
+
+    def _counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in StepState}
+        for result in self.results.values():
+            counts[result.state.value] += 1
+        return counts
+

@@ -1,0 +1,259 @@
+"""The ``@task`` decorator and the task definition it produces."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from ._exceptions import InvalidTaskError, MissingParameterError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Gate = Callable[..., Any]
+"""A ``when``/``validate``/``retry_until`` callable, sync or async."""
+
+# Detached tasks by creation order, held weakly so that a long-lived process
+# that defines tasks in a loop does not keep them alive.
+_detached_registry: weakref.WeakValueDictionary[int, TaskDef[Any, Any]] = (
+    weakref.WeakValueDictionary()
+)
+_creation_counter = itertools.count()
+
+
+class TaskDef(Generic[P, R]):
+    """A function declared as a step of a flow, with its dependencies and policies.
+
+    Calling it calls the plain function, so a task can be unit-tested directly.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "fn",
+        "name",
+        "depends_on",
+        "retry",
+        "retry_backoff_base_ms",
+        "retry_max_backoff_ms",
+        "timeout_s",
+        "detached",
+        "when",
+        "validate",
+        "retry_until",
+        "is_async",
+        "__wrapped__",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        depends_on: Iterable[TaskDef[..., Any]] | TaskDef[..., Any] = (),
+        retry: int = 0,
+        retry_backoff_base_ms: float = 1000,
+        retry_max_backoff_ms: float = 30_000,
+        timeout_s: float | None = None,
+        detached: bool = False,
+        name: str | None = None,
+        when: Gate | None = None,
+        validate: Gate | None = None,
+        retry_until: Gate | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise InvalidTaskError(f"@task needs a function, got {fn!r}")
+        self.fn = fn
+        self.name = _check_name(fn, name)
+        self.depends_on = _check_dependencies(self.name, depends_on)
+        self.retry = _check_retry(self.name, retry)
+        self.retry_backoff_base_ms = _check_non_negative(
+            self.name, "retry_backoff_base_ms", retry_backoff_base_ms
+        )
+        self.retry_max_backoff_ms = _check_non_negative(
+            self.name, "retry_max_backoff_ms", retry_max_backoff_ms
+        )
+        self.timeout_s = _check_timeout(self.name, timeout_s)
+        self.detached = bool(detached)
+        self.when = _check_gate(self.name, "when", when)
+        self.validate = _check_gate(self.name, "validate", validate)
+        self.retry_until = _check_gate(self.name, "retry_until", retry_until)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.__wrapped__ = fn
+        _check_parameters(self.name, fn, self.depends_on)
+        if self.detached:
+            _detached_registry[next(_creation_counter)] = self
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name!r}>"
+
+    def backoff_ms(self, failed_attempt: int) -> float:
+        """Delay before the attempt after ``failed_attempt`` (1-based): base*2^(k-1), capped."""
+        delay = self.retry_backoff_base_ms * 2 ** (failed_attempt - 1)
+        return float(min(delay, self.retry_max_backoff_ms))
+
+
+@overload
+def task(fn: Callable[P, R], /) -> TaskDef[P, R]: ...
+
+
+@overload
+def task(
+    *,
+    depends_on: Iterable[TaskDef[..., Any]] | TaskDef[..., Any] = (),
+    retry: int = 0,
+    retry_backoff_base_ms: float = 1000,
+    retry_max_backoff_ms: float = 30_000,
+    timeout_s: float | None = None,
+    detached: bool = False,
+    name: str | None = None,
+    when: Gate | None = None,
+    validate: Gate | None = None,
+    retry_until: Gate | None = None,
+) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
+
+
+def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
+    """Declare a function as a flow step: ``@task`` or ``@task(depends_on=[...], ...)``.
+
+    Each dependency's value reaches the function as a keyword argument named
+    after the dependency. See the README for every option.
+    """
+    if fn is not None:
+        return TaskDef(fn, **options)
+
+    def decorate(inner: Callable[P, R]) -> TaskDef[P, R]:
+        return TaskDef(inner, **options)
+
+    return decorate
+
+
+def clear_registry() -> None:
+    """Forget every detached task declared so far, so no Flow auto-discovers them."""
+    _detached_registry.clear()
+
+
+def registered_detached_tasks() -> list[TaskDef[..., Any]]:
+    """Detached tasks still alive, in the order they were declared."""
+    return [t for _, t in sorted(_detached_registry.items())]
+
+
+async def call_gate(gate: Gate, *args: Any, **kwargs: Any) -> Any:
+    """Call a sync or async gate and return its (awaited) result."""
+    outcome = gate(*args, **kwargs)
+    if inspect.isawaitable(outcome):
+        return await _await(outcome)
+    return outcome
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _check_name(fn: Callable[..., Any], name: str | None) -> str:
+    if name is None:
+        name = getattr(fn, "__name__", None)
+        if not isinstance(name, str):
+            raise InvalidTaskError(f"{fn!r} has no __name__; pass @task(name=...)")
+    if not isinstance(name, str) or not name:
+        raise InvalidTaskError(f"task name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _check_dependencies(
+    name: str, depends_on: Iterable[TaskDef[..., Any]] | TaskDef[..., Any]
+) -> tuple[TaskDef[..., Any], ...]:
+    if isinstance(depends_on, TaskDef):
+        depends_on = (depends_on,)
+    if isinstance(depends_on, (str, bytes)) or not isinstance(depends_on, Iterable):
+        raise InvalidTaskError(
+            f"depends_on of task {name!r} must be a list of tasks, got {depends_on!r}"
+        )
+    unique: dict[int, TaskDef[..., Any]] = {}
+    for dep in depends_on:
+        if not isinstance(dep, TaskDef):
+            hint = " (decorate it with @task)" if callable(dep) else ""
+            raise InvalidTaskError(
+                f"depends_on of task {name!r} contains {dep!r}, which is not a task{hint}"
+            )
+        unique.setdefault(id(dep), dep)
+    return tuple(unique.values())
+
+
+def _check_retry(name: str, retry: int) -> int:
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+        raise InvalidTaskError(
+            f"retry of task {name!r} must be an int >= 0 (extra attempts), got {retry!r}"
+        )
+    return retry
+
+
+def _check_non_negative(name: str, option: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or value < 0
+    ):
+        raise InvalidTaskError(
+            f"{option} of task {name!r} must be a number >= 0, got {value!r}"
+        )
+    return value
+
+
+def _check_timeout(name: str, timeout_s: float | None) -> float | None:
+    if timeout_s is None:
+        return None
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or math.isnan(timeout_s)
+        or timeout_s <= 0
+    ):
+        raise InvalidTaskError(
+            f"timeout_s of task {name!r} must be None or a number > 0, got {timeout_s!r}"
+        )
+    return float(timeout_s)
+
+
+def _check_gate(name: str, option: str, gate: Gate | None) -> Gate | None:
+    if gate is not None and not callable(gate):
+        raise InvalidTaskError(
+            f"{option}= of task {name!r} must be callable, got {gate!r}"
+        )
+    return gate
+
+
+def _check_parameters(
+    name: str, fn: Callable[..., Any], depends_on: tuple[TaskDef[..., Any], ...]
+) -> None:
+    """Every dependency needs a keyword parameter, and every required one a dependency."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return  # builtins and some C callables have no signature: trust the user
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        accepted = None
+    else:
+        accepted = {
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+    provided = {dep.name for dep in depends_on}
+    if accepted is not None:
+        for dep_name in sorted(provided - accepted):
+            raise MissingParameterError(
+                f"task {name!r} depends on {dep_name!r} but its function has no "
+                f"parameter {dep_name!r}; add one (or **kwargs) to receive its value"
+            )
+    for p in parameters:
+        required = p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        if required and p.name not in provided:
+            raise MissingParameterError(
+                f"task {name!r} has a required parameter {p.name!r} that no dependency "
+                f"provides; add a task named {p.name!r} to depends_on or give it a default"
+            )
