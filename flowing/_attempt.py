@@ -147,13 +147,19 @@ async def _call_body(
     task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext, attempt: int
 ) -> Any:
     if task.is_async:
-        value = await task.fn(**kwargs)
-    else:
+        return _refuse_coroutine(task, await task.fn(**kwargs))
 
-        def report_abandoned() -> None:
-            ctx.emit(ThreadAbandoned(task.name, index, ctx.total, time.monotonic(), attempt))
+    def call_in_thread() -> Any:
+        return _refuse_coroutine(task, task.fn(**kwargs))
 
-        value = await ctx.slots.run(task.fn, kwargs, report_abandoned)
+    def report_abandoned() -> None:
+        ctx.emit(ThreadAbandoned(task.name, index, ctx.total, time.monotonic(), attempt))
+
+    return await ctx.slots.run(call_in_thread, report_abandoned)
+
+
+def _refuse_coroutine(task: TaskDef[..., Any], value: Any) -> Any:
+    """A body that returns an un-awaited coroutine is a bug in the task: say so."""
     if inspect.iscoroutine(value):
         value.close()
         raise TypeError(

@@ -102,7 +102,7 @@ class Scheduler:
         else:
             if result.state is StepState.FAILED and not task.detached and self.fail_fast:
                 self._stopped_by = self._stopped_by or task.name
-            self._skip_descendants(i, f"dependency {task.name!r} {result.state.value}")
+            self._skip_descendants(i, result.state)
 
     def _release_dependents(self, i: int) -> None:
         for d in self.graph.dependents[i]:
@@ -114,15 +114,16 @@ class Scheduler:
             ):
                 self._start(d)
 
-    def _skip_descendants(self, i: int, reason: str) -> None:
-        """Record every not-yet-finished descendant of ``i`` as SKIPPED, iteratively."""
-        stack = list(self.graph.dependents[i])
+    def _skip_descendants(self, i: int, state: StepState) -> None:
+        """Record every unfinished descendant of ``i`` as SKIPPED, naming its own blocked dependency."""
+        stack = [(d, i, state) for d in self.graph.dependents[i]]
         while stack:
-            d = stack.pop()
+            d, blocker, blocker_state = stack.pop()
             if self.graph.tasks[d].name in self.results:
                 continue
+            reason = f"dependency {self.graph.tasks[blocker].name!r} {blocker_state.value}"
             self._record(d, self._unstarted(d, StepState.SKIPPED, reason))
-            stack.extend(self.graph.dependents[d])
+            stack.extend((dd, d, StepState.SKIPPED) for dd in self.graph.dependents[d])
 
     def _skip_never_started(self, detached: bool) -> None:
         """After a phase: tasks that never started were held back by fail_fast."""

@@ -28,16 +28,14 @@ class ThreadSlots:
         # default limiter (40 threads) out of the way.
         self._unbounded = anyio.CapacityLimiter(math.inf)
 
-    async def run(
-        self, fn: Callable[..., Any], kwargs: dict[str, Any], on_abandon: Callable[[], None]
-    ) -> Any:
-        """Return ``fn(**kwargs)``, called in a worker thread.
+    async def run(self, fn: Callable[[], Any], on_abandon: Callable[[], None]) -> Any:
+        """Return ``fn()``, called in a worker thread.
 
         When cancelled, the thread is abandoned: ``on_abandon`` is called, the
         thread keeps its token until the function returns, and the cancellation
         propagates.
         """
-        call = _BorrowedCall(self.limiter, fn, kwargs)
+        call = _BorrowedCall(self.limiter, fn)
         await self.limiter.acquire_on_behalf_of(call)
         abandoned = False
         try:
@@ -62,16 +60,15 @@ class _BorrowedCall:
     (the worker thread releases when the function returns).
     """
 
-    def __init__(self, limiter: anyio.CapacityLimiter, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    def __init__(self, limiter: anyio.CapacityLimiter, fn: Callable[[], Any]) -> None:
         self._limiter = limiter
         self._fn = fn
-        self._kwargs = kwargs
         self._lock = threading.Lock()
         self._state = "running"
 
     def run(self) -> Any:
         try:
-            return self._fn(**self._kwargs)
+            return self._fn()
         finally:
             with self._lock:
                 abandoned = self._state == "abandoned"

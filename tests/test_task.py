@@ -1,0 +1,150 @@
+"""The @task decorator: forms, direct calls, and rejection of bad declarations."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+
+from flowing import InvalidTaskError, MissingParameterError, TaskDef, task
+from flowing._task import registered_detached_tasks
+
+
+@task
+def source() -> int:
+    return 1
+
+
+def test_bare_decorator_makes_a_task_named_after_the_function() -> None:
+    assert isinstance(source, TaskDef)
+    assert source.name == "source"
+    assert source.depends_on == ()
+
+
+def test_a_task_is_still_callable_as_the_plain_function() -> None:
+    @task(depends_on=[source])
+    def double(source: int) -> int:
+        return source * 2
+
+    assert double(21) == 42
+
+
+def test_name_option_overrides_the_function_name() -> None:
+    @task(name="renamed")
+    def original() -> None: ...
+
+    assert original.name == "renamed"
+
+
+def test_a_single_task_is_accepted_as_depends_on() -> None:
+    @task(depends_on=source)
+    def child(source: int) -> int:
+        return source
+
+    assert child.depends_on == (source,)
+
+
+def test_repeated_dependencies_are_kept_once() -> None:
+    @task(depends_on=[source, source])
+    def child(source: int) -> int:
+        return source
+
+    assert child.depends_on == (source,)
+
+
+def not_a_task() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry": -1}, "retry of task 'bad' must be an int >= 0"),
+        ({"retry": 1.5}, "retry of task 'bad' must be an int >= 0"),
+        ({"retry": True}, "retry of task 'bad' must be an int >= 0"),
+        ({"timeout_s": 0}, "timeout_s of task 'bad' must be None or a number > 0"),
+        ({"timeout_s": -1.0}, "timeout_s of task 'bad' must be None or a number > 0"),
+        ({"timeout_s": float("nan")}, "timeout_s of task 'bad'"),
+        ({"timeout_s": "5"}, "timeout_s of task 'bad'"),
+        ({"retry_backoff_base_ms": -1}, "retry_backoff_base_ms of task 'bad' must be a number >= 0"),
+        ({"retry_max_backoff_ms": -5}, "retry_max_backoff_ms of task 'bad' must be a number >= 0"),
+        ({"when": True}, "when= of task 'bad' must be callable"),
+        ({"validate": "yes"}, "validate= of task 'bad' must be callable"),
+        ({"retry_until": 3}, "retry_until= of task 'bad' must be callable"),
+        ({"depends_on": [not_a_task]}, "which is not a task (decorate it with @task)"),
+        ({"depends_on": [42]}, "depends_on of task 'bad' contains 42, which is not a task"),
+        ({"depends_on": "source"}, "depends_on of task 'bad' must be a list of tasks"),
+        ({"name": ""}, "task name must be a non-empty string"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None,
+)
+def test_bad_options_are_rejected_with_a_message_naming_the_task(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidTaskError) as caught:
+
+        @task(**options)
+        def bad(**kwargs: Any) -> None: ...
+
+    assert message in str(caught.value)
+
+
+def test_a_dependency_without_a_parameter_is_rejected() -> None:
+    with pytest.raises(MissingParameterError, match="'lonely' depends on 'source'.*no parameter 'source'"):
+
+        @task(depends_on=[source])
+        def lonely() -> None: ...
+
+
+def test_a_required_parameter_without_a_dependency_is_rejected() -> None:
+    with pytest.raises(MissingParameterError, match="required parameter 'missing'"):
+
+        @task
+        def needy(missing: int) -> None: ...
+
+
+def test_kwargs_absorbs_every_dependency() -> None:
+    @task(depends_on=[source])
+    def absorbing(**kwargs: int) -> int:
+        return sum(kwargs.values())
+
+    assert absorbing.depends_on == (source,)
+
+
+def test_parameters_with_defaults_need_no_dependency() -> None:
+    @task
+    def optional(x: int = 3) -> int:
+        return x
+
+    assert optional() == 3
+
+
+@pytest.mark.parametrize(
+    ("base", "cap", "expected"),
+    [(1000, 30_000, [1000, 2000, 4000, 8000]), (100, 250, [100, 200, 250, 250]), (0, 10, [0, 0, 0, 0])],
+)
+def test_backoff_doubles_per_failed_attempt_up_to_the_cap(base: int, cap: int, expected: list[int]) -> None:
+    @task(retry=4, retry_backoff_base_ms=base, retry_max_backoff_ms=cap)
+    def flaky() -> None: ...
+
+    assert [flaky.backoff_ms(k) for k in range(1, 5)] == expected
+
+
+def test_async_functions_are_recognised() -> None:
+    @task
+    async def coro() -> int:
+        return 1
+
+    assert coro.is_async and not source.is_async
+
+
+def test_the_detached_registry_does_not_keep_tasks_alive() -> None:
+    def make() -> None:
+        @task(depends_on=[source], detached=True)
+        def side(source: int) -> None: ...
+
+        assert side in registered_detached_tasks()
+
+    make()
+    gc.collect()
+    assert registered_detached_tasks() == []
