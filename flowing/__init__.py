@@ -27,6 +27,7 @@ from ._exceptions import StepNotSucceededError as StepNotSucceededError
 from ._exceptions import TaskNotRunError as TaskNotRunError
 from ._flow import Flow as Flow
 from ._results import StepResult as StepResult
+from ._stream import EventStream as EventStream
 from ._results import StepState as StepState
 from ._task import TaskDef as TaskDef
 from ._task import clear_registry as clear_registry
@@ -38,6 +39,7 @@ __all__ = [
     "DetachedDependencyError",
     "DuplicateTaskNameError",
     "Event",
+    "EventStream",
     "Flow",
     "FlowAlreadyRunningError",
     "FlowCycleError",

@@ -12,7 +12,6 @@ from typing import Any, Literal, TypeVar, overload
 
 import anyio
 
-from ._events import log_event
 from ._exceptions import (
     FlowAlreadyRunningError,
     FlowDefinitionError,
@@ -23,6 +22,7 @@ from ._exceptions import (
 from ._graph import build_graph
 from ._results import StepResult, StepState, format_summary
 from ._scheduler import Scheduler
+from ._stream import DEFAULT_BUFFER, Broadcaster, EventStream, OnEvent
 from ._task import TaskDef
 
 T = TypeVar("T")
@@ -41,15 +41,19 @@ class Flow:
         *terminals: TaskDef[..., Any],
         max_workers: int = 5,
         fail_fast: bool = True,
+        on_event: OnEvent | None = None,
     ) -> None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        if on_event is not None and not callable(on_event):
+            raise FlowDefinitionError(f"on_event must be a callable taking an event, got {on_event!r}")
         self._graph = build_graph(terminals)
         self.max_workers = max_workers
         self.fail_fast = bool(fail_fast)
         self._results: dict[str, StepResult] = {}
         self._overrides: dict[str, StepResult] = {}
         self._run_lock = threading.Lock()
+        self._events = Broadcaster(on_event)
 
     @property
     def tasks(self) -> tuple[TaskDef[..., Any], ...]:
@@ -118,6 +122,15 @@ class Flow:
             raise StepNotSucceededError(name, result.state, result.reason) from result.error
         return result.value
 
+    def events(self, *, buffer: int = DEFAULT_BUFFER) -> EventStream:
+        """An async iterator over the events of the next (or current) run, ending with it.
+
+        Subscribes at once, so call it before starting the run. At most ``buffer``
+        events wait for a slow consumer; beyond that the oldest are discarded and
+        counted in ``.dropped``, the run never waits.
+        """
+        return self._events.subscribe(buffer)
+
     def summary(self) -> str:
         """A readable table of the latest results: state, task, duration, attempts, error."""
         return format_summary(self.results.values())
@@ -138,10 +151,11 @@ class Flow:
                 self._results,
                 max_workers=self.max_workers,
                 fail_fast=self.fail_fast,
-                emit=log_event,
+                emit=self._events.emit,
             )
-            with anyio.move_on_after(timeout_s) as deadline:
-                await scheduler.run()
+            async with self._events.delivering():
+                with anyio.move_on_after(timeout_s) as deadline:
+                    await scheduler.run()
             if deadline.cancelled_caught:
                 unfinished = [
                     name

@@ -1,0 +1,202 @@
+"""Delivering the one event stream: to the log, ``on_event``, listeners and ``events()``.
+
+Every event goes through :meth:`Broadcaster.emit`, called by the scheduler on the
+event loop. Nothing an observer does can break or stall the run: exceptions are
+logged, sync observers are called inline, an async ``on_event`` and every
+``events()`` iterator read from a bounded buffer that never makes the run wait.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import anyio
+
+from ._events import Event, FlowFinished, log_event, logger
+
+OnEvent = Callable[[Event], Any]
+"""An ``on_event`` callback: ``def f(event)`` or ``async def f(event)``."""
+
+DEFAULT_BUFFER = 10_000
+
+
+class EventStream:
+    """The events of one run as an async iterator; it ends after that run's FlowFinished.
+
+    At most ``buffer`` events wait for the consumer. When a slow consumer lets the
+    buffer fill up, each new event discards the oldest waiting one and increments
+    ``dropped``: the run never waits, memory stays bounded, and the final
+    FlowFinished is always delivered. Iterate it in the event loop that runs the flow.
+    """
+
+    def __init__(self, buffer: int = DEFAULT_BUFFER) -> None:
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"buffer must be an int >= 1, got {buffer!r}")
+        self.dropped = 0
+        # Invariant: `_finished` is True once FlowFinished is in `_buffer` (or was
+        # consumed) or the stream was closed; then nothing more is appended.
+        self._buffer: deque[Event] = deque(maxlen=buffer)
+        self._finished = False
+        self._wakeup: anyio.Event | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once the run's last event arrived or the stream was closed."""
+        return self._finished
+
+    def push(self, event: Event) -> None:
+        """Buffer ``event`` for the consumer, discarding the oldest one when full."""
+        if self._finished:
+            return
+        if len(self._buffer) == self._buffer.maxlen:
+            self.dropped += 1
+        self._buffer.append(event)
+        if isinstance(event, FlowFinished):
+            self._finished = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def close(self) -> None:
+        """Stop receiving events; the consumer still gets those already buffered."""
+        self._finished = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._buffer:
+            if self._finished:
+                raise StopAsyncIteration
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+        return self._buffer.popleft()
+
+    async def aclose(self) -> None:
+        """Stop listening and forget the buffered events."""
+        self.close()
+        self._buffer.clear()
+
+
+class Broadcaster:
+    """Fans each event out to the log, the ``on_event`` callback, listeners and streams."""
+
+    def __init__(self, on_event: OnEvent | None, buffer: int = DEFAULT_BUFFER) -> None:
+        self._buffer = buffer
+        self._async_callback = on_event if on_event and is_async_callable(on_event) else None
+        # Invariant: `_listeners` are called inline, in order, for every event;
+        # each is wrapped so that an exception is logged instead of raised.
+        self._listeners: list[Callable[[Event], None]] = []
+        if on_event is not None and self._async_callback is None:
+            self._listeners.append(_Guarded(on_event, "on_event callback"))
+        # Invariant: `_streams` holds every stream that has not finished yet.
+        self._streams: list[EventStream] = []
+
+    def emit(self, event: Event) -> None:
+        """Deliver one event to every observer; never raises."""
+        log_event(event)
+        for listener in self._listeners:
+            listener(event)
+        for stream in self._streams:
+            stream.push(event)
+        if isinstance(event, FlowFinished):
+            self._streams = [s for s in self._streams if not s.finished]
+
+    def subscribe(self, buffer: int | None = None) -> EventStream:
+        """A new stream that receives every event from now until a run finishes."""
+        stream = EventStream(self._buffer if buffer is None else buffer)
+        self._streams.append(stream)
+        return stream
+
+    @contextmanager
+    def listening(self, listener: Callable[[Event], None], what: str) -> Iterator[None]:
+        """Call ``listener`` inline for each event emitted inside the block."""
+        guarded = _Guarded(listener, what)
+        self._listeners.append(guarded)
+        try:
+            yield
+        finally:
+            self._listeners.remove(guarded)
+
+    @asynccontextmanager
+    async def delivering(self) -> AsyncIterator[None]:
+        """Run an async ``on_event`` beside the block; on exit, let it catch up.
+
+        The callback reads its own bounded stream, so the run never waits for it.
+        An exception from the block cancels the delivery and propagates unchanged.
+        """
+        callback = self._async_callback
+        if callback is None:
+            yield
+            return
+        stream = self.subscribe()
+        error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_deliver, stream, _Guarded(callback, "async on_event callback"))
+            try:
+                yield
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                error = exc
+                tg.cancel_scope.cancel()
+            finally:
+                stream.close()
+        if error is not None:
+            raise error
+
+
+async def _deliver(stream: EventStream, callback: _Guarded) -> None:
+    async for event in stream:
+        await callback.acall(event)
+
+
+class _Guarded:
+    """A callback whose exceptions are logged: the first with its traceback, then counted."""
+
+    def __init__(self, fn: OnEvent, what: str) -> None:
+        self.fn = fn
+        self.what = what
+        self.failures = 0
+
+    def __call__(self, event: Event) -> None:
+        try:
+            outcome = self.fn(event)
+        except Exception as error:
+            self._failed(event, error)
+            return
+        if inspect.iscoroutine(outcome):
+            outcome.close()
+            self._failed(event, TypeError(f"{self.fn!r} returned a coroutine; declare it async def"))
+
+    async def acall(self, event: Event) -> None:
+        try:
+            await self.fn(event)
+        except Exception as error:
+            self._failed(event, error)
+
+    def _failed(self, event: Event, error: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            logger.error(
+                "%s %r raised on %s; the run goes on (further errors from it are "
+                "logged at DEBUG)",
+                self.what,
+                self.fn,
+                type(event).__name__,
+                exc_info=error,
+            )
+        else:
+            logger.debug("%s raised again on %s: %r", self.what, type(event).__name__, error)
+
+
+def is_async_callable(fn: object) -> bool:
+    """True for ``async def`` functions, partials of them and objects with ``async __call__``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)
+    )
