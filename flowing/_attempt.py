@@ -12,6 +12,7 @@ import anyio
 
 from ._events import Event, TaskRetrying, TaskStarted, ThreadAbandoned
 from ._results import StepResult, StepState
+from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
 from ._threads import ThreadSlots
 
@@ -108,8 +109,12 @@ async def _attempts(
                 )
             if accepted:
                 return outcome(StepState.SUCCEEDED, value=value, attempts=attempt)
+        if attempt < max_attempts and not should_retry(task, error):
+            return outcome(
+                StepState.FAILED, error=error, attempts=attempt, reason="not in retry_on"
+            )
         if attempt < max_attempts:
-            delay_ms = task.backoff_ms(attempt)
+            delay_ms = retry_delay_ms(task, attempt, error)
             ctx.emit(
                 TaskRetrying(
                     task.name, index, ctx.total, time.monotonic(), attempt, max_attempts, error, delay_ms

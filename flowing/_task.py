@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._exceptions import InvalidTaskError, MissingParameterError
+from ._retry import check_jitter, check_retry_on
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,6 +45,8 @@ class TaskDef(Generic[P, R]):
         "when",
         "validate",
         "retry_until",
+        "retry_on",
+        "retry_jitter",
         "is_async",
         "__wrapped__",
     )
@@ -62,6 +65,8 @@ class TaskDef(Generic[P, R]):
         when: Gate | None = None,
         validate: Gate | None = None,
         retry_until: Gate | None = None,
+        retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
+        retry_jitter: float = 0.0,
     ) -> None:
         if not callable(fn):
             raise InvalidTaskError(f"@task needs a function, got {fn!r}")
@@ -80,6 +85,8 @@ class TaskDef(Generic[P, R]):
         self.when = _check_gate(self.name, "when", when)
         self.validate = _check_gate(self.name, "validate", validate)
         self.retry_until = _check_gate(self.name, "retry_until", retry_until)
+        self.retry_on = check_retry_on(self.name, retry_on)
+        self.retry_jitter = check_jitter(self.name, retry_jitter)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__wrapped__ = fn
         _check_parameters(self.name, fn, self.depends_on)
@@ -115,6 +122,8 @@ def task(
     when: Gate | None = None,
     validate: Gate | None = None,
     retry_until: Gate | None = None,
+    retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
+    retry_jitter: float = 0.0,
 ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 
 
