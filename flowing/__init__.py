@@ -21,11 +21,14 @@ from ._exceptions import FlowCycleError as FlowCycleError
 from ._exceptions import FlowDefinitionError as FlowDefinitionError
 from ._exceptions import FlowingError as FlowingError
 from ._exceptions import FlowTimeoutError as FlowTimeoutError
+from ._exceptions import InvalidPoolError as InvalidPoolError
 from ._exceptions import InvalidTaskError as InvalidTaskError
 from ._exceptions import MissingParameterError as MissingParameterError
 from ._exceptions import StepNotSucceededError as StepNotSucceededError
 from ._exceptions import TaskNotRunError as TaskNotRunError
+from ._exceptions import UnknownPoolError as UnknownPoolError
 from ._flow import Flow as Flow
+from ._pools import Pool as Pool
 from ._results import StepResult as StepResult
 from ._stream import EventStream as EventStream
 from ._results import StepState as StepState
@@ -48,8 +51,10 @@ __all__ = [
     "FlowStarted",
     "FlowTimeoutError",
     "FlowingError",
+    "InvalidPoolError",
     "InvalidTaskError",
     "MissingParameterError",
+    "Pool",
     "StepNotSucceededError",
     "StepResult",
     "StepState",
@@ -58,6 +63,7 @@ __all__ = [
     "TaskNotRunError",
     "TaskRetrying",
     "TaskStarted",
+    "UnknownPoolError",
     "ThreadAbandoned",
     "__version__",
     "clear_registry",

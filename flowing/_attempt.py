@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from ._events import Event, TaskRetrying, TaskStarted, ThreadAbandoned
+from ._pools import Limits
 from ._results import StepResult, StepState
 from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
@@ -24,6 +25,7 @@ class StepContext:
     slots: ThreadSlots
     emit: Callable[[Event], None]
     total: int
+    limits: Limits = field(default_factory=Limits)
 
 
 class _Outcome:
@@ -88,7 +90,6 @@ async def _attempts(
     value: Any = None
     error: Exception | None = None
     for attempt in range(1, max_attempts + 1):
-        ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
         value, error = None, None
         try:
             value = await _call_with_timeout(task, index, kwargs, ctx, attempt, max_attempts)
@@ -139,9 +140,11 @@ async def _call_with_timeout(
     attempt: int,
     max_attempts: int,
 ) -> Any:
-    """One attempt of the body, under the task's timeout as a cancel scope."""
-    with anyio.move_on_after(task.timeout_s) as scope:
-        return await _call_body(task, index, kwargs, ctx, attempt)
+    """One attempt: wait for the task's concurrency limits, then its body under the timeout."""
+    async with ctx.limits.hold(task):
+        ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+        with anyio.move_on_after(task.timeout_s):
+            return await _call_body(task, index, kwargs, ctx, attempt)
     raise TimeoutError(
         f"task {task.name!r} timed out after {task.timeout_s:g} s "
         f"(attempt {attempt} of {max_attempts})"

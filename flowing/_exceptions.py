@@ -6,6 +6,8 @@
     │   ├── MissingParameterError            a task cannot receive a dependency
     │   ├── DuplicateTaskNameError           two tasks share a name in one graph
     │   ├── DetachedDependencyError          the main graph depends on a detached task
+    │   ├── InvalidPoolError                 a bad pool given to Flow(pools=...)
+    │   ├── UnknownPoolError                 a task names a pool its Flow does not define
     │   └── FlowCycleError                   the graph has a cycle
     ├── FlowAlreadyRunningError (RuntimeError)
     ├── StepNotSucceededError (RuntimeError) asked for the value of a failed step
@@ -63,6 +65,23 @@ class DetachedDependencyError(FlowDefinitionError):
         )
         self.task = task
         self.detached = detached
+
+
+class InvalidPoolError(FlowDefinitionError):
+    """Raised when ``Flow(pools=...)`` or ``Pool(...)`` gets a value it cannot use."""
+
+
+class UnknownPoolError(FlowDefinitionError):
+    """Raised when a task names a pool that its Flow does not define."""
+
+    def __init__(self, task: str, pool: str, known: Sequence[str]) -> None:
+        defined = ", ".join(repr(name) for name in known) or "none"
+        super().__init__(
+            f"task {task!r} uses pool {pool!r}, which this Flow does not define "
+            f"(defined: {defined}); add Flow(pools={{{pool!r}: <size>}})"
+        )
+        self.task = task
+        self.pool = pool
 
 
 class FlowCycleError(FlowDefinitionError):

@@ -20,6 +20,7 @@ from ._exceptions import (
     TaskNotRunError,
 )
 from ._graph import build_graph
+from ._pools import Pool, check_pool_names, check_pools
 from ._results import StepResult, StepState, format_summary
 from ._scheduler import Scheduler
 from ._stream import DEFAULT_BUFFER, Broadcaster, EventStream, OnEvent
@@ -42,12 +43,15 @@ class Flow:
         max_workers: int = 5,
         fail_fast: bool = True,
         on_event: OnEvent | None = None,
+        pools: Mapping[str, Pool | int] | None = None,
     ) -> None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if on_event is not None and not callable(on_event):
             raise FlowDefinitionError(f"on_event must be a callable taking an event, got {on_event!r}")
         self._graph = build_graph(terminals)
+        self.pools = check_pools(pools)
+        check_pool_names(self._graph.tasks, self.pools)
         self.max_workers = max_workers
         self.fail_fast = bool(fail_fast)
         self._results: dict[str, StepResult] = {}
@@ -152,6 +156,7 @@ class Flow:
                 max_workers=self.max_workers,
                 fail_fast=self.fail_fast,
                 emit=self._events.emit,
+                pools=self.pools,
             )
             async with self._events.delivering():
                 with anyio.move_on_after(timeout_s) as deadline:

@@ -8,13 +8,14 @@ Detached tasks run in a second phase, after every main task has finished.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 import anyio
 from anyio.abc import TaskGroup
 
 from ._attempt import StepContext, run_step
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished
 from ._graph import Graph
+from ._pools import Limits, Pool
 from ._results import StepResult, StepState
 from ._threads import ThreadSlots
 
@@ -30,6 +31,7 @@ class Scheduler:
         max_workers: int,
         fail_fast: bool,
         emit: Callable[[Event], None],
+        pools: Mapping[str, Pool] | None = None,
     ) -> None:
         self.graph = graph
         self.fail_fast = fail_fast
@@ -39,6 +41,7 @@ class Scheduler:
         # mapping, so a cancelled run still leaves what finished.
         self.results = results
         self.max_workers = max_workers
+        self.pools = pools
         # Invariant: _waiting_on[i] == number of task i's dependencies without a
         # SUCCEEDED result; a task may start only when it is 0.
         self._waiting_on = [
@@ -55,7 +58,9 @@ class Scheduler:
         started = time.monotonic()
         pending = sum(1 for t in self.graph.tasks if t.name not in self.results)
         self.emit(FlowStarted(len(self.graph), pending, started))
-        self._ctx = StepContext(ThreadSlots(self.max_workers), self.emit, len(self.graph))
+        self._ctx = StepContext(
+            ThreadSlots(self.max_workers), self.emit, len(self.graph), Limits(self.pools)
+        )
         try:
             await self._run_phase(detached=False)
             await self._run_phase(detached=True)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._exceptions import InvalidTaskError, MissingParameterError
+from ._pools import check_max_concurrency, check_pool
 from ._retry import check_jitter, check_retry_on
 
 P = ParamSpec("P")
@@ -47,6 +48,8 @@ class TaskDef(Generic[P, R]):
         "retry_until",
         "retry_on",
         "retry_jitter",
+        "pool",
+        "max_concurrency",
         "is_async",
         "__wrapped__",
     )
@@ -67,6 +70,8 @@ class TaskDef(Generic[P, R]):
         retry_until: Gate | None = None,
         retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
         retry_jitter: float = 0.0,
+        pool: str | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
         if not callable(fn):
             raise InvalidTaskError(f"@task needs a function, got {fn!r}")
@@ -87,6 +92,8 @@ class TaskDef(Generic[P, R]):
         self.retry_until = _check_gate(self.name, "retry_until", retry_until)
         self.retry_on = check_retry_on(self.name, retry_on)
         self.retry_jitter = check_jitter(self.name, retry_jitter)
+        self.pool = check_pool(self.name, pool)
+        self.max_concurrency = check_max_concurrency(self.name, max_concurrency)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__wrapped__ = fn
         _check_parameters(self.name, fn, self.depends_on)
@@ -124,6 +131,8 @@ def task(
     retry_until: Gate | None = None,
     retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
     retry_jitter: float = 0.0,
+    pool: str | None = None,
+    max_concurrency: int | None = None,
 ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 
 

@@ -1,0 +1,157 @@
+"""Concurrency limits: named pools shared by tasks, per-task limits, and start rates.
+
+Every attempt of a task waits, in this fixed order, for a token of its own
+``max_concurrency`` limiter, then for a token of its pool, then for its turn in the
+pool's start rate; the attempt's ``TaskStarted`` is emitted only after that. The
+fixed order means two tasks can never hold tokens the other one waits for. Waiting
+is done on anyio primitives (``CapacityLimiter``, ``Lock``, ``sleep_until``): no
+polling. Limits belong to one run of one Flow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._exceptions import InvalidPoolError, InvalidTaskError, UnknownPoolError
+
+if TYPE_CHECKING:
+    from ._task import TaskDef
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A named limit shared by tasks: at most ``size`` attempts at once (None: no
+    bound) and at most ``rate`` attempt starts per second (None: no bound)."""
+
+    size: int | None = None
+    rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (
+            isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1
+        ):
+            raise InvalidPoolError(f"Pool size must be None or an int >= 1, got {self.size!r}")
+        if self.rate is not None and (
+            isinstance(self.rate, bool)
+            or not isinstance(self.rate, (int, float))
+            or not 0 < self.rate < math.inf
+        ):
+            raise InvalidPoolError(
+                f"Pool rate must be None or a number of starts per second > 0, got {self.rate!r}"
+            )
+
+
+def check_pools(pools: Mapping[str, Pool | int] | None) -> dict[str, Pool]:
+    """``Flow(pools=...)``: names to a Pool, or to an int as a shorthand for ``Pool(size)``."""
+    if pools is None:
+        return {}
+    if not isinstance(pools, Mapping):
+        raise InvalidPoolError(f"pools must be a dict of name -> Pool or int, got {pools!r}")
+    checked = {}
+    for name, pool in pools.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidPoolError(f"pool names must be non-empty strings, got {name!r}")
+        if isinstance(pool, Pool):
+            checked[name] = pool
+        elif isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1:
+            checked[name] = Pool(pool)
+        else:
+            raise InvalidPoolError(
+                f"pool {name!r} must be an int >= 1 (its size) or a Pool(size, rate=...), "
+                f"got {pool!r}"
+            )
+    return checked
+
+
+def check_pool_names(tasks: Iterable[TaskDef[..., Any]], pools: Mapping[str, Pool]) -> None:
+    """Every pool a task names must be defined by the Flow."""
+    for task in tasks:
+        if task.pool is not None and task.pool not in pools:
+            raise UnknownPoolError(task.name, task.pool, sorted(pools))
+
+
+def check_pool(name: str, pool: Any) -> str | None:
+    """``@task(pool=...)``: None or a pool name."""
+    if pool is not None and (not isinstance(pool, str) or not pool):
+        raise InvalidTaskError(
+            f"pool of task {name!r} must be None or the name of a pool, got {pool!r}"
+        )
+    return pool
+
+
+def check_max_concurrency(name: str, limit: Any) -> int | None:
+    """``@task(max_concurrency=...)``: None or an int >= 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidTaskError(
+            f"max_concurrency of task {name!r} must be None or an int >= 1, got {limit!r}"
+        )
+    return limit
+
+
+class StartRate:
+    """At most ``burst = max(1, int(rate))`` starts in any window of ``burst / rate`` s.
+
+    Invariant: ``_starts`` holds the times of the latest ``burst`` starts at most,
+    oldest first; a new start waits until the oldest one leaves the window.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.burst = max(1, int(rate))
+        self.window = self.burst / rate
+        self._starts: deque[float] = deque(maxlen=self.burst)
+        self._lock = anyio.Lock()
+
+    async def wait_turn(self) -> None:
+        async with self._lock:
+            if len(self._starts) == self.burst:
+                await anyio.sleep_until(self._starts[0] + self.window)
+            self._starts.append(anyio.current_time())
+
+
+class _PoolGate:
+    def __init__(self, pool: Pool) -> None:
+        self.limiter = anyio.CapacityLimiter(pool.size) if pool.size is not None else None
+        self.rate = StartRate(pool.rate) if pool.rate is not None else None
+
+
+_NO_LIMITS: AbstractAsyncContextManager[None] = nullcontext()
+
+
+class Limits:
+    """The concurrency limits of one run; create it inside the run's event loop."""
+
+    def __init__(self, pools: Mapping[str, Pool] | None = None) -> None:
+        self._pools = {name: _PoolGate(pool) for name, pool in (pools or {}).items()}
+        # Invariant: one limiter per task name with a max_concurrency, made on first use.
+        self._per_task: dict[str, anyio.CapacityLimiter] = {}
+
+    def hold(self, task: TaskDef[..., Any]) -> AbstractAsyncContextManager[None]:
+        """Hold ``task``'s limits for the duration of one attempt."""
+        if task.max_concurrency is None and task.pool is None:
+            return _NO_LIMITS
+        return self._hold(task)
+
+    @asynccontextmanager
+    async def _hold(self, task: TaskDef[..., Any]) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if task.max_concurrency is not None:
+                limiter = self._per_task.get(task.name)
+                if limiter is None:
+                    limiter = self._per_task[task.name] = anyio.CapacityLimiter(
+                        task.max_concurrency
+                    )
+                await stack.enter_async_context(limiter)
+            if task.pool is not None:
+                gate = self._pools[task.pool]
+                if gate.limiter is not None:
+                    await stack.enter_async_context(gate.limiter)
+                if gate.rate is not None:
+                    await gate.rate.wait_turn()
+            yield

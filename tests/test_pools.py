@@ -1,0 +1,269 @@
+"""Concurrency limits: named pools, per-task limits and start rates, sync and async alike."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from trio.testing import MockClock
+
+from flowing import (
+    Flow,
+    InvalidPoolError,
+    InvalidTaskError,
+    Pool,
+    StepState,
+    UnknownPoolError,
+    task,
+)
+from flowing._pools import Limits, StartRate
+
+WAIT_S = 10  # a generous bound: only reached when a limit is broken
+
+
+class Tracker:
+    """Counts bodies running at once; ``full`` is set when ``limit`` of them are.
+
+    Create it inside the event loop: sync bodies wait on ``release``, async ones on
+    ``async_release``; the controller sets both.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+        self.full = threading.Event()
+        self.release = threading.Event()
+        self.async_release = anyio.Event()
+
+    async def wait_released(self) -> None:
+        with anyio.move_on_after(WAIT_S):
+            await self.async_release.wait()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            if self.active >= self.limit:
+                self.full.set()
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+
+def _workers(tracker: Tracker, count: int, is_async: bool, **options: Any) -> list[Any]:
+    """``count`` independent tasks that each hold a slot until the controller releases them."""
+
+    async def async_body() -> None:
+        tracker.enter()
+        try:
+            await tracker.wait_released()
+        finally:
+            tracker.leave()
+
+    def sync_body() -> None:
+        tracker.enter()
+        try:
+            tracker.release.wait(WAIT_S)
+        finally:
+            tracker.leave()
+
+    body = async_body if is_async else sync_body
+    return [task(name=f"worker_{n}", **options)(body) for n in range(count)]
+
+
+def _controller(tracker: Tracker) -> Any:
+    @task
+    async def controller() -> bool:
+        filled = await anyio.to_thread.run_sync(tracker.full.wait, WAIT_S)
+        tracker.release.set()
+        tracker.async_release.set()
+        return filled
+
+    return controller
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_a_pool_bounds_how_many_tasks_sharing_it_run_at_once(is_async: bool) -> None:
+    tracker = Tracker(limit=2)
+    workers = _workers(tracker, 6, is_async, pool="api")
+    flow = Flow(*workers, _controller(tracker), max_workers=8, pools={"api": 2})
+    results = await flow.arun()
+    assert all(r.state is StepState.SUCCEEDED for r in results.values())
+    assert results["controller"].value is True  # the pool was filled ...
+    assert tracker.peak == 2  # ... and never overfilled
+
+
+@pytest.mark.anyio
+async def test_tasks_outside_the_pool_are_not_limited_by_it() -> None:
+    tracker = Tracker(limit=4)
+    workers = _workers(tracker, 4, is_async=True)
+    flow = Flow(*workers, _controller(tracker), pools={"api": 1})
+    results = await flow.arun()
+    assert results["controller"].value is True
+    assert tracker.peak == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_max_concurrency_bounds_the_attempts_of_one_task(is_async: bool) -> None:
+    step = task(max_concurrency=2)(lambda: None)
+    tracker = Tracker(limit=2)
+    limits = Limits()
+
+    async def attempt() -> None:
+        async with limits.hold(step):
+            tracker.enter()
+            try:
+                if is_async:
+                    await tracker.wait_released()
+                else:
+                    await anyio.to_thread.run_sync(tracker.release.wait, WAIT_S)
+            finally:
+                tracker.leave()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(attempt)
+        filled = await anyio.to_thread.run_sync(tracker.full.wait, WAIT_S)
+        tracker.release.set()
+        tracker.async_release.set()
+    assert filled and tracker.peak == 2
+
+
+@pytest.mark.anyio
+async def test_the_pool_slot_is_released_between_retries_and_after_failures() -> None:
+    calls: list[str] = []
+
+    @task(pool="one", retry=2, retry_backoff_base_ms=0)
+    def flaky() -> str:
+        calls.append("flaky")
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    @task(pool="one")
+    def broken() -> None:
+        raise ValueError("no")
+
+    @task(pool="one")
+    def steady() -> str:
+        return "ok"
+
+    flow = Flow(flaky, broken, steady, pools={"one": Pool(1)}, fail_fast=False)
+    results = await flow.arun()
+    assert [results[n].state for n in ("flaky", "broken", "steady")] == [
+        StepState.SUCCEEDED,
+        StepState.FAILED,
+        StepState.SUCCEEDED,
+    ]
+    assert results["flaky"].attempts == 3
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [
+        (2, [0, 0, 1, 1, 2, 2]),
+        (0.5, [0, 2, 4, 6, 8, 10]),
+        (2.5, [0, 0, 0.8, 0.8, 1.6, 1.6]),
+        (100, [0] * 6),
+    ],
+    ids=["two-per-second", "one-every-two-seconds", "fractional", "under-the-burst"],
+)
+def test_a_start_rate_admits_a_burst_then_waits_for_the_window(
+    rate: float, expected: list[float]
+) -> None:
+    async def starts() -> list[float]:
+        gate = StartRate(rate)
+        origin = anyio.current_time()
+        times: list[float] = []
+
+        async def start() -> None:
+            await gate.wait_turn()
+            times.append(anyio.current_time() - origin)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):
+                tg.start_soon(start)
+        return times
+
+    clock = MockClock(autojump_threshold=0)
+    times = anyio.run(starts, backend="trio", backend_options={"clock": clock})
+    assert times == pytest.approx(expected)
+
+
+@pytest.mark.anyio
+async def test_a_pool_rate_spaces_attempt_starts_in_a_real_run() -> None:
+    starts: list[float] = []
+
+    def make(n: int) -> Any:
+        @task(name=f"call_{n}", pool="quota")
+        async def call() -> None:
+            starts.append(anyio.current_time())
+
+        return call
+
+    await Flow(*[make(n) for n in range(4)], pools={"quota": Pool(rate=3)}).arun()
+    starts.sort()
+    assert len(starts) == 4
+    assert starts[3] - starts[0] >= 1.0 - 1e-3  # the 4th start waits for the 1 s window
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: Pool(0), InvalidPoolError, "Pool size must be None or an int >= 1, got 0"),
+        (lambda: Pool(True), InvalidPoolError, "got True"),
+        (lambda: Pool(2.5), InvalidPoolError, "got 2.5"),  # type: ignore[arg-type]
+        (lambda: Pool(rate=0), InvalidPoolError, "Pool rate must be None or a number"),
+        (lambda: Pool(rate=-1), InvalidPoolError, "got -1"),
+        (lambda: Pool(rate=math.nan), InvalidPoolError, "got nan"),
+        (lambda: Pool(rate=math.inf), InvalidPoolError, "got inf"),
+        (lambda: Pool(rate="10/s"), InvalidPoolError, "got '10/s'"),  # type: ignore[arg-type]
+        (lambda: task(pool=3)(lambda: 0), InvalidTaskError, "pool of task '<lambda>'"),
+        (lambda: task(pool="")(lambda: 0), InvalidTaskError, "must be None or the name"),
+        (lambda: task(max_concurrency=0)(lambda: 0), InvalidTaskError, "max_concurrency"),
+        (lambda: task(max_concurrency=True)(lambda: 0), InvalidTaskError, "got True"),
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else None,
+)
+def test_bad_limits_are_rejected_with_the_culprit_named(
+    make: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as info:
+        make()
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("pools", "message"),
+    [
+        ({"api": 0}, "pool 'api' must be an int >= 1 (its size) or a Pool"),
+        ({"api": "3"}, "got '3'"),
+        ({"": 3}, "pool names must be non-empty strings"),
+        ([("api", 3)], "pools must be a dict"),
+    ],
+)
+def test_bad_flow_pools_are_rejected(pools: Any, message: str) -> None:
+    with pytest.raises(InvalidPoolError) as info:
+        Flow(task(pool="api")(lambda: 0), pools=pools)
+    assert message in str(info.value)
+
+
+def test_a_task_naming_an_undefined_pool_is_rejected_before_anything_runs() -> None:
+    @task(pool="apii")
+    def fetch() -> None: ...
+
+    with pytest.raises(UnknownPoolError) as info:
+        Flow(fetch, pools={"api": 3, "db": 1})
+    assert str(info.value) == (
+        "task 'fetch' uses pool 'apii', which this Flow does not define "
+        "(defined: 'api', 'db'); add Flow(pools={'apii': <size>})"
+    )
+    assert (info.value.task, info.value.pool) == ("fetch", "apii")
