@@ -7,8 +7,10 @@ Detached tasks run in a second phase, after every main task has finished.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+
 import anyio
 from anyio.abc import TaskGroup
 
@@ -18,6 +20,9 @@ from ._graph import Graph
 from ._pools import Limits, Pool
 from ._results import StepResult, StepState
 from ._threads import ThreadSlots
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 class Scheduler:
@@ -50,6 +55,9 @@ class Scheduler:
         self._running: dict[int, float] = {}  # index -> monotonic start, while running
         self._phase_detached = False
         self._stopped_by: str | None = None  # first main-graph failure under fail_fast
+        # The first BaseException (KeyboardInterrupt, SystemExit, ...) a task raised:
+        # the run stops, and run() re-raises it once every result is recorded.
+        self._interrupt: BaseException | None = None
         self._task_group: TaskGroup | None = None
         self._ctx: StepContext | None = None
 
@@ -64,6 +72,8 @@ class Scheduler:
         try:
             await self._run_phase(detached=False)
             await self._run_phase(detached=True)
+            if self._interrupt is not None:
+                raise self._interrupt
         except BaseException:
             with anyio.CancelScope(shield=True):
                 self._cancel_unfinished()
@@ -76,16 +86,24 @@ class Scheduler:
 
     async def _run_phase(self, *, detached: bool) -> None:
         self._phase_detached = detached
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            for i, task in enumerate(self.graph.tasks):
-                if (
-                    task.detached == detached
-                    and task.name not in self.results
-                    and self._waiting_on[i] == 0
-                ):
-                    self._start(i)
-        self._skip_never_started(detached)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                for i, task in enumerate(self.graph.tasks):
+                    if (
+                        task.detached == detached
+                        and task.name not in self.results
+                        and self._waiting_on[i] == 0
+                    ):
+                        self._start(i)
+        except BaseExceptionGroup as group:
+            # e.g. trio delivers Ctrl-C to the waiting task group as a group of one
+            lone = _lone_exception(group)
+            if lone is group:
+                raise
+            raise lone from None
+        if self._interrupt is None:
+            self._skip_never_started(detached)
 
     def _start(self, i: int) -> None:
         if self._stopped_by is not None and not self._phase_detached:
@@ -99,7 +117,12 @@ class Scheduler:
         task = self.graph.tasks[i]
         names = [self.graph.tasks[d].name for d in self.graph.deps[i]]
         kwargs = {name: self.results[name].value for name in names}
-        result = await run_step(task, i, kwargs, self._ctx)
+        try:
+            result = await run_step(task, i, kwargs, self._ctx)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            result = self._interrupted(i, exc)
         del self._running[i]
         self._record(i, result)
         if result.state is StepState.SUCCEEDED:
@@ -108,6 +131,29 @@ class Scheduler:
             if result.state is StepState.FAILED and not task.detached and self.fail_fast:
                 self._stopped_by = self._stopped_by or task.name
             self._skip_descendants(i, result.state)
+
+    def _interrupted(self, i: int, exc: BaseException) -> StepResult:
+        """A task raised KeyboardInterrupt, SystemExit or the like: stop the whole run.
+
+        Caught here rather than let out of the task, because on asyncio a
+        KeyboardInterrupt or SystemExit escaping a task breaks the event loop.
+        """
+        if self._interrupt is None:
+            self._interrupt = exc
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        now = time.monotonic()
+        started_at = self._running[i]
+        return StepResult(
+            self.graph.tasks[i].name,
+            StepState.FAILED,
+            error=exc,
+            duration_ms=(now - started_at) * 1000,
+            started_at=started_at,
+            finished_at=now,
+            reason=f"raised {type(exc).__name__}, which stopped the run",
+            detached=self.graph.tasks[i].detached,
+        )
 
     def _release_dependents(self, i: int) -> None:
         for d in self.graph.dependents[i]:
@@ -175,3 +221,11 @@ class Scheduler:
             counts[result.state.value] += 1
         return counts
 
+
+
+def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The only exception inside ``group`` (nested groups flattened), else ``group``."""
+    current: BaseException = group
+    while isinstance(current, BaseExceptionGroup) and len(current.exceptions) == 1:
+        current = current.exceptions[0]
+    return group if isinstance(current, BaseExceptionGroup) else current

@@ -1,0 +1,234 @@
+"""Faults in user code are recorded on the task and never crash or hang the run.
+
+KeyboardInterrupt and SystemExit raised by a task are the exception: they stop
+the run cleanly (every other unfinished task recorded CANCELLED) and then
+propagate unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from flowing import Flow, StepState, TaskDef, task
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
+
+
+class BrokenStrError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken too")
+
+
+def _raise_value_error() -> Any:
+    raise ValueError("bad value")
+
+
+def _raise_broken_str() -> Any:
+    raise BrokenStrError()
+
+
+def _raise_group() -> Any:
+    raise ExceptionGroup("two children failed", [ValueError("a"), KeyError("b")])
+
+
+async def _raise_group_from_own_task_group() -> Any:
+    async def fail(message: str) -> None:
+        raise ValueError(message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fail, "first")
+        tg.start_soon(fail, "second")
+
+
+def _as_task(raiser: Callable[[], Any], kind: str) -> TaskDef[[], Any]:
+    if kind == "async":
+
+        async def body() -> Any:
+            result = raiser()
+            return await result if inspect.isawaitable(result) else result
+
+        return task(name="faulty")(body)
+    return task(name="faulty")(raiser)
+
+
+ORDINARY_FAULTS = [
+    pytest.param(_raise_value_error, ValueError, kind, id=f"{kind}-ValueError")
+    for kind in ("sync", "async")
+] + [
+    pytest.param(_raise_broken_str, BrokenStrError, kind, id=f"{kind}-exception-whose-str-raises")
+    for kind in ("sync", "async")
+] + [
+    pytest.param(_raise_group, ExceptionGroup, kind, id=f"{kind}-exception-group")
+    for kind in ("sync", "async")
+] + [
+    pytest.param(
+        _raise_group_from_own_task_group, ExceptionGroup, "async", id="async-own-task-group"
+    ),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("raiser", "error_type", "kind"), ORDINARY_FAULTS)
+async def test_an_ordinary_exception_is_recorded_and_the_rest_of_the_run_goes_on(
+    raiser: Callable[[], Any], error_type: type[BaseException], kind: str
+) -> None:
+    faulty = _as_task(raiser, kind)
+
+    @task(depends_on=[faulty])
+    def dependent(faulty: Any) -> int:
+        return 1
+
+    @task
+    def independent() -> int:
+        return 2
+
+    flow = Flow(dependent, independent, fail_fast=False)
+    results = await flow.arun()
+
+    assert results["faulty"].state is StepState.FAILED
+    assert isinstance(results["faulty"].error, error_type)
+    assert results["dependent"].state is StepState.SKIPPED
+    assert flow.value(independent) == 2
+    assert "faulty" in flow.summary()
+
+
+def test_an_exception_whose_str_raises_is_still_summarised_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @task
+    def faulty() -> None:
+        raise BrokenStrError()
+
+    flow = Flow(faulty)
+    with caplog.at_level(logging.INFO, logger="flowing"):
+        flow.run()
+
+    assert "BrokenStrError: <exception str() failed>" in flow.summary()
+    assert any("BrokenStrError" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("gate", ["when", "validate", "retry_until"])
+@pytest.mark.parametrize("raiser", [_raise_value_error, _raise_broken_str], ids=["ValueError", "broken-str"])
+async def test_a_gate_that_raises_fails_its_task(gate: str, raiser: Callable[[], Any]) -> None:
+    def faulty_gate(*args: Any, **kwargs: Any) -> Any:
+        return raiser()
+
+    @task(name="gated", **{gate: faulty_gate})
+    def gated() -> int:
+        return 1
+
+    flow = Flow(gated)
+    results = await flow.arun()
+
+    assert results["gated"].state is StepState.FAILED
+    assert results["gated"].error is not None
+    assert results["gated"].reason is not None and gate in results["gated"].reason
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_task_returning_an_unawaited_coroutine_fails_with_an_error_naming_it(
+    kind: str,
+) -> None:
+    async def fetch() -> int:
+        return 1
+
+    if kind == "sync":
+
+        def forgot_async() -> Any:
+            return fetch()
+
+    else:
+
+        async def forgot_async() -> Any:
+            return fetch()
+
+    flow = Flow(task(forgot_async))
+    results = await flow.arun()
+
+    error = results["forgot_async"].error
+    assert results["forgot_async"].state is StepState.FAILED
+    assert isinstance(error, TypeError)
+    assert "'forgot_async'" in str(error) and "un-awaited coroutine" in str(error)
+
+
+def _stopping_task(exc_type: type[BaseException], kind: str, where: str) -> TaskDef[[], Any]:
+    def raise_it(*args: Any, **kwargs: Any) -> Any:
+        raise exc_type()
+
+    if where == "gate":
+        return task(name="stopper", when=raise_it)(lambda: 1)
+    if kind == "async":
+
+        async def stopper() -> None:
+            raise_it()
+
+        return task(stopper)
+    return task(name="stopper")(raise_it)
+
+
+@pytest.mark.parametrize("where", ["body", "gate"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_keyboardinterrupt_or_systemexit_in_a_task_stops_the_run_then_propagates(
+    exc_type: type[BaseException],
+    kind: str,
+    where: str,
+    anyio_backend: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stopper = _stopping_task(exc_type, kind, where)
+
+    @task
+    async def sleeper() -> None:
+        await anyio.sleep_forever()
+
+    @task(depends_on=[stopper])
+    def after(stopper: Any) -> int:
+        return 1
+
+    flow = Flow(after, sleeper)
+    with caplog.at_level(logging.ERROR, logger="asyncio"), pytest.raises(exc_type):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+
+    results = flow.results
+    assert results["stopper"].state is StepState.FAILED
+    assert isinstance(results["stopper"].error, exc_type)
+    assert results["sleeper"].state is StepState.CANCELLED
+    assert results["after"].state in (StepState.SKIPPED, StepState.CANCELLED)
+    assert not caplog.records, "the event loop itself saw the exception"
+
+
+def test_a_run_stopped_by_keyboardinterrupt_resumes_where_it_stopped() -> None:
+    calls: list[str] = []
+    interrupt = [True]
+
+    @task
+    def first() -> int:
+        calls.append("first")
+        return 1
+
+    @task(depends_on=[first])
+    def second(first: int) -> int:
+        calls.append("second")
+        if interrupt[0]:
+            raise KeyboardInterrupt
+        return first + 1
+
+    flow = Flow(second)
+    with pytest.raises(KeyboardInterrupt):
+        flow.run()
+    interrupt[0] = False
+    flow.resume()
+
+    assert calls == ["first", "second", "second"]
+    assert flow.value(second) == 2
