@@ -113,6 +113,16 @@ class Scheduler:
         self._task_group.start_soon(self._run_task, i, name=self.graph.tasks[i].name)
 
     async def _run_task(self, i: int) -> None:
+        # Nothing but a cancellation may leave this task: on asyncio, a
+        # KeyboardInterrupt or SystemExit escaping a task breaks the event loop.
+        try:
+            await self._run_and_record(i)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            self._stop_run(exc)  # an event observer raised KeyboardInterrupt or the like
+
+    async def _run_and_record(self, i: int) -> None:
         assert self._ctx is not None
         task = self.graph.tasks[i]
         names = [self.graph.tasks[d].name for d in self.graph.deps[i]]
@@ -121,8 +131,9 @@ class Scheduler:
             result = await run_step(task, i, kwargs, self._ctx)
         except anyio.get_cancelled_exc_class():
             raise
-        except BaseException as exc:
-            result = self._interrupted(i, exc)
+        except BaseException as exc:  # run_step records every Exception itself
+            self._stop_run(exc)
+            result = self._stopped_the_run(i, exc)
         del self._running[i]
         self._record(i, result)
         if result.state is StepState.SUCCEEDED:
@@ -132,16 +143,14 @@ class Scheduler:
                 self._stopped_by = self._stopped_by or task.name
             self._skip_descendants(i, result.state)
 
-    def _interrupted(self, i: int, exc: BaseException) -> StepResult:
-        """A task raised KeyboardInterrupt, SystemExit or the like: stop the whole run.
-
-        Caught here rather than let out of the task, because on asyncio a
-        KeyboardInterrupt or SystemExit escaping a task breaks the event loop.
-        """
+    def _stop_run(self, exc: BaseException) -> None:
+        """KeyboardInterrupt, SystemExit or the like reached a task: end the run, keep ``exc``."""
         if self._interrupt is None:
             self._interrupt = exc
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
+
+    def _stopped_the_run(self, i: int, exc: BaseException) -> StepResult:
         now = time.monotonic()
         started_at = self._running[i]
         return StepResult(

@@ -137,23 +137,39 @@ class Broadcaster:
         stream = self.subscribe()
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_deliver, stream, _Guarded(callback, "async on_event callback"))
+
+            def stop(exc: BaseException) -> None:
+                nonlocal error
+                error = error or exc
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(_deliver, stream, _Guarded(callback, "async on_event callback"), stop)
             try:
                 yield
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:
-                error = exc
-                tg.cancel_scope.cancel()
+                stop(exc)
             finally:
                 stream.close()
         if error is not None:
             raise error
 
 
-async def _deliver(stream: EventStream, callback: _Guarded) -> None:
-    async for event in stream:
-        await callback.acall(event)
+async def _deliver(
+    stream: EventStream, callback: _Guarded, stop: Callable[[BaseException], None]
+) -> None:
+    """Feed ``callback``; a KeyboardInterrupt or SystemExit from it stops the run.
+
+    It must not escape this task: on asyncio that would break the event loop.
+    """
+    try:
+        async for event in stream:
+            await callback.acall(event)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except BaseException as exc:
+        stop(exc)
 
 
 class _Guarded:

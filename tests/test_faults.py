@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from flowing import Flow, StepState, TaskDef, task
+from flowing import Flow, StepState, TaskDef, TaskStarted, task
 
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
@@ -232,3 +232,74 @@ def test_a_run_stopped_by_keyboardinterrupt_resumes_where_it_stopped() -> None:
 
     assert calls == ["first", "second", "second"]
     assert flow.value(second) == 2
+
+
+def _callback(raiser: Callable[[], Any], kind: str) -> Callable[[Any], Any]:
+    if kind == "async":
+
+        async def on_event(event: Any) -> None:
+            raiser()
+
+        return on_event
+
+    def sync_on_event(event: Any) -> None:
+        raiser()
+
+    return sync_on_event
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    "raiser", [_raise_value_error, _raise_broken_str, _raise_group], ids=["ValueError", "broken-str", "group"]
+)
+async def test_an_event_callback_that_raises_does_not_disturb_the_run(
+    raiser: Callable[[], Any], kind: str
+) -> None:
+    @task
+    def first() -> int:
+        return 1
+
+    @task(depends_on=[first])
+    async def second(first: int) -> int:
+        return first + 1
+
+    flow = Flow(second, on_event=_callback(raiser, kind))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logging.getLogger("flowing"), "disabled", True)
+        await flow.arun()
+
+    assert flow.value(second) == 2
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_keyboardinterrupt_or_systemexit_in_an_event_callback_stops_the_run_then_propagates(
+    exc_type: type[BaseException], kind: str, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def raise_on_task_start(event: Any) -> None:
+        if isinstance(event, TaskStarted) and event.task == "first":
+            raise exc_type()
+
+    @task
+    def first() -> int:
+        return 1
+
+    @task
+    async def sleeper() -> None:
+        await anyio.sleep_forever()
+
+    if kind == "async":
+
+        async def on_event(event: Any) -> None:
+            raise_on_task_start(event)
+
+    else:
+        on_event = raise_on_task_start
+
+    flow = Flow(first, sleeper, on_event=on_event)
+    with caplog.at_level(logging.ERROR, logger="asyncio"), pytest.raises(exc_type):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+
+    assert flow.results["sleeper"].state is StepState.CANCELLED
+    assert not caplog.records, "the event loop itself saw the exception"
