@@ -231,7 +231,6 @@ class Scheduler:
         return counts
 
 
-
 def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The only exception inside ``group`` (nested groups flattened), else ``group``."""
     current: BaseException = group
