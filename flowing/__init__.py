@@ -23,7 +23,9 @@ from ._exceptions import FlowingError as FlowingError
 from ._exceptions import FlowTimeoutError as FlowTimeoutError
 from ._exceptions import InvalidPoolError as InvalidPoolError
 from ._exceptions import InvalidTaskError as InvalidTaskError
+from ._exceptions import MissingExtraError as MissingExtraError
 from ._exceptions import MissingParameterError as MissingParameterError
+from ._exceptions import NoRunError as NoRunError
 from ._exceptions import StepNotSucceededError as StepNotSucceededError
 from ._exceptions import TaskNotRunError as TaskNotRunError
 from ._exceptions import UnknownPoolError as UnknownPoolError
@@ -53,8 +55,10 @@ __all__ = [
     "FlowingError",
     "InvalidPoolError",
     "InvalidTaskError",
+    "MissingExtraError",
     "MissingParameterError",
     "Pool",
+    "NoRunError",
     "StepNotSucceededError",
     "StepResult",
     "StepState",

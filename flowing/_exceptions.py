@@ -10,6 +10,8 @@
     │   ├── UnknownPoolError                 a task names a pool its Flow does not define
     │   └── FlowCycleError                   the graph has a cycle
     ├── FlowAlreadyRunningError (RuntimeError)
+    ├── NoRunError (RuntimeError)            asked about the last run before any run
+    ├── MissingExtraError (ImportError)      an optional dependency is not installed
     ├── StepNotSucceededError (RuntimeError) asked for the value of a failed step
     ├── TaskNotRunError (KeyError)           asked for the value of a task with no result
     └── FlowTimeoutError (TimeoutError)      the whole run missed its deadline
@@ -102,6 +104,25 @@ class FlowAlreadyRunningError(FlowingError, RuntimeError):
             "this Flow is already running; wait for it to finish or build a second "
             "Flow from the same tasks to run them concurrently"
         )
+
+
+class NoRunError(FlowingError, RuntimeError):
+    """Raised when something about the last run is asked before the flow has run."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} needs a finished run of this flow; call run() first")
+
+
+class MissingExtraError(FlowingError, ImportError):
+    """Raised when a feature needs an optional dependency that is not installed."""
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        super().__init__(
+            f"{feature} needs {package}, which is not installed; "
+            f"install it with: pip install 'flowing[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
 
 
 class StepNotSucceededError(FlowingError, RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -21,10 +22,12 @@ from ._exceptions import (
 )
 from ._graph import build_graph
 from ._pools import Pool, check_pool_names, check_pools
+from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
 from ._scheduler import Scheduler
 from ._stream import DEFAULT_BUFFER, Broadcaster, EventStream, OnEvent
 from ._task import TaskDef
+from ._timeline import RunRecorder, timeline
 
 T = TypeVar("T")
 Backend = Literal["asyncio", "trio"]
@@ -58,6 +61,8 @@ class Flow:
         self._overrides: dict[str, StepResult] = {}
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
+        self._recorder = RunRecorder()
+        self._events.add(self._recorder, "timeline recorder")
 
     @property
     def tasks(self) -> tuple[TaskDef[..., Any], ...]:
@@ -138,6 +143,22 @@ class Flow:
     def summary(self) -> str:
         """A readable table of the latest results: state, task, duration, attempts, error."""
         return format_summary(self.results.values())
+
+    def to_mermaid(self) -> str:
+        """The graph as a Mermaid flowchart; after a run, nodes are coloured by state."""
+        return to_mermaid(self._graph, self._results)
+
+    def to_dot(self) -> str:
+        """The graph as Graphviz DOT text; after a run, nodes are coloured by state."""
+        return to_dot(self._graph, self._results)
+
+    def timeline(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The latest run as Mermaid ``gantt`` text, critical path tagged ``crit``.
+
+        With ``path`` ending in .png, .svg or .pdf, also draws it with matplotlib
+        (``pip install 'flowing[plot]'``); with .mmd, .md or .txt, writes the text.
+        """
+        return timeline(self._recorder, self._graph, path)
 
     def __repr__(self) -> str:
         return f"<Flow of {len(self._graph)} tasks>"

@@ -107,6 +107,10 @@ class Broadcaster:
         if isinstance(event, FlowFinished):
             self._streams = [s for s in self._streams if not s.finished]
 
+    def add(self, listener: Callable[[Event], None], what: str) -> None:
+        """Call ``listener`` inline for every event from now on."""
+        self._listeners.append(_Guarded(listener, what))
+
     def subscribe(self, buffer: int | None = None) -> EventStream:
         """A new stream that receives every event from now until a run finishes."""
         stream = EventStream(self._buffer if buffer is None else buffer)

@@ -1,0 +1,153 @@
+"""timeline() draws the last run from the event stream, critical path highlighted."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from flowing import Flow, MissingExtraError, NoRunError, TaskDef, task
+from flowing._graph import build_graph
+from flowing._timeline import _critical_path
+
+
+def parse_gantt(text: str) -> dict[str, tuple[set[str], int, int, str]]:
+    """label -> (tags, start, end, section), strictly: any other line fails the test."""
+    lines = text.splitlines()
+    assert lines[0] == "gantt"
+    assert re.fullmatch(r"    title flowing run: \d+ tasks in \d+\.\d\d s", lines[1])
+    assert lines[2] == "    dateFormat x"
+    assert lines[3].startswith("    axisFormat ")
+    bars: dict[str, tuple[set[str], int, int, str]] = {}
+    section = ""
+    for line in lines[4:]:
+        if m := re.fullmatch(r"    section (\w+)", line):
+            section = m[1]
+        elif m := re.fullmatch(r"    ([^:]+) :((?:\w+, )*)n\d+, (\d+), (\d+)", line):
+            tags = {t for t in m[2].split(", ") if t}
+            start, end = int(m[3]), int(m[4])
+            assert start < end
+            bars[m[1]] = (tags, start, end, section)
+        else:
+            raise AssertionError(f"unexpected gantt line: {line!r}")
+    return bars
+
+
+def build_diamond() -> tuple[Flow, TaskDef[..., Any]]:
+    """quick and slow both feed join; quick releases slow, so slow always ends last."""
+    gate: list[anyio.Event] = []
+
+    def release() -> anyio.Event:
+        if not gate:
+            gate.append(anyio.Event())
+        return gate[0]
+
+    @task
+    async def quick() -> int:
+        release().set()
+        return 1
+
+    @task
+    async def slow() -> int:
+        await release().wait()
+        return 2
+
+    @task(depends_on=[quick, slow])
+    async def join(quick: int, slow: int) -> int:
+        return quick + slow
+
+    @task(depends_on=[join], when=lambda join: False)
+    def gated(join: int) -> None: ...
+
+    @task(depends_on=[join], detached=True)
+    async def notify(join: int) -> None: ...
+
+    return Flow(gated, join), slow
+
+
+def test_the_gantt_follows_the_critical_path_through_the_last_dependency() -> None:
+    flow, _ = build_diamond()
+    flow.run()
+    bars = parse_gantt(flow.timeline())
+    assert {label: (tags, section) for label, (tags, _, _, section) in bars.items()} == {
+        "slow": ({"crit", "done"}, "main"),
+        "quick": ({"done"}, "main"),
+        "join": ({"crit", "done"}, "main"),
+        "gated (skipped)": (set(), "main"),
+        "notify": ({"crit", "done"}, "detached"),
+    }
+    assert bars["join"][1] >= bars["quick"][2]
+
+
+def test_only_the_latest_run_is_drawn() -> None:
+    flow, _ = build_diamond()
+    flow.run()
+    flow.override(flow.tasks[0], 1)  # quick, kept: it does not run again
+    flow.run()
+    assert "quick" not in parse_gantt(flow.timeline())
+
+
+@pytest.mark.parametrize(
+    "ends,expected",
+    [
+        ({}, set()),
+        ({"a": 1.0, "b": 2.0, "join": 3.0}, {"b", "join"}),
+        ({"a": 2.0, "b": 1.0, "join": 3.0}, {"a", "join"}),
+        ({"a": 2.0, "b": 1.0}, {"a"}),
+        ({"b": 1.0, "join": 3.0}, {"b", "join"}),
+    ],
+    ids=["nothing-ran", "b-last", "a-last", "join-never-ran", "a-was-kept"],
+)
+def test_the_critical_path_walks_back_through_the_latest_dependency(
+    ends: dict[str, float], expected: set[str]
+) -> None:
+    a = task(lambda: 1, name="a")
+    b = task(lambda: 2, name="b")
+
+    @task(depends_on=[a, b])
+    def join(a: int, b: int) -> int:
+        return a + b
+
+    graph = build_graph([join])
+    index = {t.name: i for i, t in enumerate(graph.tasks)}
+    path = _critical_path(graph, {index[name]: end for name, end in ends.items()})
+    assert {graph.tasks[i].name for i in path} == expected
+
+
+def test_a_timeline_before_any_run_is_an_error() -> None:
+    with pytest.raises(NoRunError, match=r"timeline\(\) needs a finished run"):
+        build_diamond()[0].timeline()
+
+
+@pytest.mark.parametrize(
+    "suffix,magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".mmd", b"gantt")]
+)
+def test_the_timeline_is_written_by_suffix(tmp_path: Path, suffix: str, magic: bytes) -> None:
+    pytest.importorskip("matplotlib")
+    flow, _ = build_diamond()
+    flow.run()
+    path = tmp_path / f"run{suffix}"
+    text = flow.timeline(path)
+    assert path.read_bytes().startswith(magic)
+    assert text.startswith("gantt")
+
+
+def test_an_unknown_suffix_is_refused(tmp_path: Path) -> None:
+    flow, _ = build_diamond()
+    flow.run()
+    with pytest.raises(ValueError, match=r"must end in one of \.png, \.svg"):
+        flow.timeline(tmp_path / "run.gif")
+
+
+def test_an_image_without_matplotlib_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    flow, _ = build_diamond()
+    flow.run()
+    with pytest.raises(MissingExtraError, match=r"pip install 'flowing\[plot\]'"):
+        flow.timeline(tmp_path / "run.png")
