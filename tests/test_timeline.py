@@ -80,7 +80,7 @@ def test_the_gantt_follows_the_critical_path_through_the_last_dependency() -> No
         "gated (skipped)": (set(), "main"),
         "notify": ({"crit", "done"}, "detached"),
     }
-    assert bars["join"][1] >= bars["quick"][2]
+    assert bars["join"][1] >= bars["slow"][2] - 1  # bars are at least 1 ms long
 
 
 def test_only_the_latest_run_is_drawn() -> None:
