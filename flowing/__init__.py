@@ -4,7 +4,8 @@ Layout, in the order a task travels: ``_task`` (the @task definition) ->
 ``_graph`` (collection and validation) -> ``_scheduler`` (the async core) ->
 ``_attempt`` (one task's gates, retries and timeouts) with ``_threads`` (thread
 offload) -> ``_results`` and ``_events`` (what a run leaves and tells) ->
-``_flow`` (the Flow facade). This module only re-exports.
+``_flow`` (the Flow facade). Alongside: ``_keys`` (content-addressed step keys),
+``_journal`` and ``_serializers`` (the durable journal). This module only re-exports.
 """
 
 from ._events import Event as Event
@@ -26,14 +27,20 @@ from ._exceptions import InvalidTaskError as InvalidTaskError
 from ._exceptions import MissingExtraError as MissingExtraError
 from ._exceptions import MissingParameterError as MissingParameterError
 from ._exceptions import NoRunError as NoRunError
+from ._exceptions import StepKeyError as StepKeyError
 from ._exceptions import StepNotSucceededError as StepNotSucceededError
 from ._exceptions import TaskNotRunError as TaskNotRunError
 from ._exceptions import UnknownPoolError as UnknownPoolError
 from ._flow import Flow as Flow
+from ._journal import compact_journal as compact_journal
+from ._keys import compute_step_key as compute_step_key
 from ._pools import Pool as Pool
 from ._results import StepResult as StepResult
 from ._stream import EventStream as EventStream
 from ._results import StepState as StepState
+from ._serializers import JsonSerializer as JsonSerializer
+from ._serializers import PickleSerializer as PickleSerializer
+from ._serializers import Serializer as Serializer
 from ._task import TaskDef as TaskDef
 from ._task import clear_registry as clear_registry
 from ._task import task as task
@@ -55,10 +62,14 @@ __all__ = [
     "FlowingError",
     "InvalidPoolError",
     "InvalidTaskError",
+    "JsonSerializer",
     "MissingExtraError",
     "MissingParameterError",
     "NoRunError",
+    "PickleSerializer",
     "Pool",
+    "Serializer",
+    "StepKeyError",
     "StepNotSucceededError",
     "StepResult",
     "StepState",
@@ -71,5 +82,7 @@ __all__ = [
     "ThreadAbandoned",
     "__version__",
     "clear_registry",
+    "compact_journal",
+    "compute_step_key",
     "task",
 ]

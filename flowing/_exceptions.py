@@ -14,6 +14,7 @@
     ├── MissingExtraError (ImportError)      an optional dependency is not installed
     ├── StepNotSucceededError (RuntimeError) asked for the value of a failed step
     ├── TaskNotRunError (KeyError)           asked for the value of a task with no result
+    ├── StepKeyError (ValueError)            a task's code cannot be fingerprinted
     └── FlowTimeoutError (TimeoutError)      the whole run missed its deadline
 
 Errors raised *by* task bodies are never wrapped in these: they are recorded on
@@ -158,3 +159,14 @@ class TaskNotRunError(FlowingError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class StepKeyError(FlowingError, ValueError):
+    """Raised by ``compute_step_key`` when a task's code or defaults cannot be fingerprinted.
+
+    A flow with a journal never raises it: such a task simply runs uncached.
+    """
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"task {name!r} has no step key: {why}")
+        self.name = name

@@ -21,10 +21,12 @@ from ._exceptions import (
     TaskNotRunError,
 )
 from ._graph import build_graph
+from ._journal import Journal, step_keys
 from ._pools import Pool, check_pool_names, check_pools
 from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
 from ._scheduler import Scheduler
+from ._serializers import Serializer, resolve_serializer
 from ._stream import DEFAULT_BUFFER, Broadcaster, EventStream, OnEvent
 from ._task import TaskDef
 from ._timeline import RunRecorder, timeline
@@ -38,6 +40,9 @@ class Flow:
     """A graph of tasks collected backwards from ``terminals``, ready to run.
 
     Detached tasks whose dependencies are all in the graph join it on their own.
+    With ``journal_path``, every success is appended to that file as it happens
+    and later runs, in any process, replay it instead of running the task again
+    (see the README's "Durable journal").
     """
 
     def __init__(
@@ -47,6 +52,9 @@ class Flow:
         fail_fast: bool = True,
         on_event: OnEvent | None = None,
         pools: Mapping[str, Pool | int] | None = None,
+        journal_path: str | os.PathLike[str] | None = None,
+        serializer: Literal["pickle", "json"] | Serializer = "pickle",
+        journal_fsync: bool = False,
     ) -> None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
@@ -63,6 +71,11 @@ class Flow:
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
         self._events.add(self._recorder, "timeline recorder")
+        self._journal = (
+            None
+            if journal_path is None
+            else Journal(journal_path, resolve_serializer(serializer), journal_fsync)
+        )
 
     @property
     def tasks(self) -> tuple[TaskDef[..., Any], ...]:
@@ -84,14 +97,25 @@ class Flow:
         }
 
     def run(
-        self, *, backend: Backend = "asyncio", timeout_s: float | None = None
+        self,
+        *,
+        backend: Backend = "asyncio",
+        timeout_s: float | None = None,
+        fresh: bool = False,
     ) -> dict[str, StepResult]:
-        """Run every task (keeping overrides) and block until done; returns all results."""
-        return self._block_on(functools.partial(self.arun, timeout_s=timeout_s), backend)
+        """Run every task (keeping overrides) and block until done; returns all results.
 
-    async def arun(self, *, timeout_s: float | None = None) -> dict[str, StepResult]:
+        Tasks the journal holds are replayed; ``fresh=True`` empties the journal first.
+        """
+        return self._block_on(
+            functools.partial(self.arun, timeout_s=timeout_s, fresh=fresh), backend
+        )
+
+    async def arun(
+        self, *, timeout_s: float | None = None, fresh: bool = False
+    ) -> dict[str, StepResult]:
         """Async twin of :meth:`run`, for use inside an async app."""
-        return await self._execute(dict(self._overrides), timeout_s)
+        return await self._execute(dict(self._overrides), timeout_s, fresh=fresh)
 
     def resume(
         self, *, backend: Backend = "asyncio", timeout_s: float | None = None
@@ -140,6 +164,11 @@ class Flow:
         """
         return self._events.subscribe(buffer)
 
+    def step_keys(self) -> dict[str, str | None]:
+        """Each task's step key (None: not cacheable), as a journal would use it."""
+        keys = step_keys(self._graph, set(self._overrides))
+        return {t.name: key for t, key in zip(self._graph.tasks, keys)}
+
     def summary(self) -> str:
         """A readable table of the latest results: state, task, duration, attempts, error."""
         return format_summary(self.results.values())
@@ -164,13 +193,18 @@ class Flow:
         return f"<Flow of {len(self._graph)} tasks>"
 
     async def _execute(
-        self, kept: dict[str, StepResult], timeout_s: float | None
+        self, kept: dict[str, StepResult], timeout_s: float | None, *, fresh: bool = False
     ) -> dict[str, StepResult]:
         _check_timeout(timeout_s)
         if not self._run_lock.acquire(blocking=False):
             raise FlowAlreadyRunningError()
         try:
             self._results = kept
+            journal = None
+            if self._journal is not None:
+                journal = await self._journal.open_run(
+                    self._graph, set(self._overrides), fresh=fresh
+                )
             scheduler = Scheduler(
                 self._graph,
                 self._results,
@@ -178,6 +212,7 @@ class Flow:
                 fail_fast=self.fail_fast,
                 emit=self._events.emit,
                 pools=self.pools,
+                journal=journal,
             )
             async with self._events.delivering():
                 with anyio.move_on_after(timeout_s) as deadline:

@@ -17,6 +17,7 @@ from anyio.abc import TaskGroup
 from ._attempt import StepContext, run_step
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished
 from ._graph import Graph
+from ._journal import JournalRun
 from ._pools import Limits, Pool
 from ._results import StepResult, StepState
 from ._threads import ThreadSlots
@@ -37,8 +38,10 @@ class Scheduler:
         fail_fast: bool,
         emit: Callable[[Event], None],
         pools: Mapping[str, Pool] | None = None,
+        journal: JournalRun | None = None,
     ) -> None:
         self.graph = graph
+        self.journal = journal
         self.fail_fast = fail_fast
         self.emit = emit
         # Invariant: `results` holds a final StepResult for exactly the tasks that
@@ -64,12 +67,17 @@ class Scheduler:
     async def run(self) -> None:
         """Run every unfinished task; on cancellation record the rest as CANCELLED."""
         started = time.monotonic()
-        pending = sum(1 for t in self.graph.tasks if t.name not in self.results)
+        replayed = self._replayed()
+        pending = sum(1 for t in self.graph.tasks if t.name not in self.results) - len(replayed)
         self.emit(FlowStarted(len(self.graph), pending, started))
         self._ctx = StepContext(
             ThreadSlots(self.max_workers), self.emit, len(self.graph), Limits(self.pools)
         )
         try:
+            for i, result in replayed:
+                self._record(i, result)
+                for d in self.graph.dependents[i]:
+                    self._waiting_on[d] -= 1
             await self._run_phase(detached=False)
             await self._run_phase(detached=True)
             if self._interrupt is not None:
@@ -134,6 +142,9 @@ class Scheduler:
         except BaseException as exc:  # run_step records every Exception itself
             self._stop_run(exc)
             result = self._stopped_the_run(i, exc)
+        if self.journal is not None:
+            with anyio.CancelScope(shield=True):  # a success is journaled before it counts
+                result = await self.journal.finish(i, result)
         del self._running[i]
         self._record(i, result)
         if result.state is StepState.SUCCEEDED:
@@ -163,6 +174,18 @@ class Scheduler:
             reason=f"raised {type(exc).__name__}, which stopped the run",
             detached=self.graph.tasks[i].detached,
         )
+
+    def _replayed(self) -> list[tuple[int, StepResult]]:
+        """Results the journal holds for tasks without one, in topological order."""
+        if self.journal is None:
+            return []
+        replayed = []
+        for i, task in enumerate(self.graph.tasks):
+            if task.name not in self.results:
+                result = self.journal.cached(i, task.name, task.detached)
+                if result is not None:
+                    replayed.append((i, result))
+        return replayed
 
     def _release_dependents(self, i: int) -> None:
         for d in self.graph.dependents[i]:

@@ -1,0 +1,409 @@
+"""The durable journal: one JSON line per succeeded task, keyed by its step key.
+
+A line is ``{"v", "key", "task", "serializer", "data", "check"}``; ``check`` is
+a hash of ``data``, so a damaged line is recognised and skipped. Every record
+is appended with one ``write`` on a descriptor opened with ``O_APPEND``, under
+an exclusive ``flock`` where the platform has one, and is on disk (in the OS
+cache, or on the device with ``fsync=True``) before its task counts as done.
+Reading fails closed: a line that cannot be read is a miss, never a hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio.to_thread
+
+from ._exceptions import FlowDefinitionError
+from ._graph import Graph
+from ._keys import KEY_VERSION, compute_step_key
+from ._results import StepResult, StepState
+from ._serializers import Serializer
+
+logger = logging.getLogger("flowing")
+
+if sys.platform != "win32":
+    import fcntl
+
+    def _lock(fd: int, *, exclusive: bool) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+else:  # pragma: no cover - Windows has no flock; O_APPEND single writes remain
+
+    def _lock(fd: int, *, exclusive: bool) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    key: str
+    task: str
+    serializer: str
+    data: str
+    line: bytes
+
+
+class Journal:
+    """The journal file of one Flow, with its serializer and durability setting."""
+
+    def __init__(self, path: str | os.PathLike[str], serializer: Serializer, fsync: bool) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise FlowDefinitionError(
+                f"journal_path must be a str or os.PathLike, got {path!r}"
+            )
+        self.path = os.fspath(path)
+        self.serializer = serializer
+        self.fsync = bool(fsync)
+
+    async def open_run(self, graph: Graph, untrusted: Collection[str], *, fresh: bool) -> JournalRun:
+        """Every task's key and the journal's records, read off the event loop."""
+        return await anyio.to_thread.run_sync(self._open_run, graph, untrusted, fresh)
+
+    def _open_run(self, graph: Graph, untrusted: Collection[str], fresh: bool) -> JournalRun:
+        keys = step_keys(graph, untrusted)
+        records: dict[str, _Record] = {}
+        try:
+            if fresh:
+                self.clear()
+            else:
+                records = read_records(self.path)
+        except OSError as error:
+            logger.warning("journal %r could not be read, nothing is replayed: %s", self.path, error)
+        return JournalRun(self, keys, records)
+
+    def clear(self) -> None:
+        """Empty the journal (under the lock, so a concurrent writer is not cut in half)."""
+        with _Locked(self.path, write=True) as fd:
+            assert fd is not None
+            os.ftruncate(fd, 0)
+
+    def append(self, line: bytes) -> None:
+        """Append one record line with a single write, sealing a line a crash left open."""
+        with _Locked(self.path, write=True) as fd:
+            assert fd is not None
+            size = os.fstat(fd).st_size
+            if size and _last_byte(fd, size) != b"\n":
+                line = b"\n" + line
+            _write_all(fd, line)
+            if self.fsync:
+                os.fsync(fd)
+                if size == 0:
+                    _fsync_directory(self.path)  # a new file's directory entry
+
+
+class JournalRun:
+    """One run's view of the journal: each task's key, its cached result, its writer."""
+
+    def __init__(self, journal: Journal, keys: list[str | None], records: dict[str, _Record]) -> None:
+        self.journal = journal
+        self.keys = keys  # by task index; None: the task runs and is not journaled
+        self.records = records
+
+    def cached(self, i: int, name: str, detached: bool) -> StepResult | None:
+        """The replayed result of task ``i``, or None when it must run."""
+        key = self.keys[i]
+        record = self.records.get(key) if key is not None else None
+        serializer = self.journal.serializer
+        if record is None or record.serializer != serializer.name:
+            return None
+        try:
+            value = serializer.loads(record.data)
+        except Exception as error:
+            logger.warning(
+                "task %r: its journaled value could not be loaded (%s: %s); running it again",
+                name,
+                type(error).__name__,
+                error,
+            )
+            return None
+        return StepResult(
+            name,
+            StepState.SUCCEEDED,
+            value=value,
+            reason="replayed from the journal",
+            detached=detached,
+            cached=True,
+            step_key=key,
+        )
+
+    async def finish(self, i: int, result: StepResult) -> StepResult:
+        """Stamp ``result`` with its key and, if it succeeded, journal it before returning."""
+        key = self.keys[i]
+        if key is None:
+            return result
+        result = replace(result, step_key=key)
+        if result.succeeded:
+            await anyio.to_thread.run_sync(self._save, key, result)
+        return result
+
+    def _save(self, key: str, result: StepResult) -> None:
+        serializer = self.journal.serializer
+        try:
+            data = serializer.dumps(result.value)
+        except Exception as error:
+            logger.warning(
+                "task %r: its value was not journaled, the %s serializer refused it (%s: %s); "
+                "it will run again next time",
+                result.name,
+                serializer.name,
+                type(error).__name__,
+                error,
+            )
+            return
+        try:
+            self.journal.append(encode_record(key, result.name, serializer.name, data))
+        except OSError as error:
+            logger.warning(
+                "task %r: its value was not journaled, writing %r failed: %s",
+                result.name,
+                self.journal.path,
+                error,
+            )
+
+
+def step_keys(graph: Graph, untrusted: Collection[str] = ()) -> list[str | None]:
+    """The key of every task by index; None for a task that is not cached.
+
+    A task is unkeyed when its code cannot be fingerprinted, when its name is in
+    ``untrusted`` (an overridden value), when a dependency is unkeyed, or when
+    another task of the graph has the same key (they differ only in something
+    the key leaves out, such as a captured object, so neither can be trusted).
+    """
+    excluded = set(untrusted)
+    while True:
+        keys, errors = _chained_keys(graph, excluded)
+        seen: dict[str, str] = {}
+        clashes: dict[str, str] = {}
+        for task, key in zip(graph.tasks, keys):
+            if key is not None:
+                if key in seen:
+                    clashes[task.name] = seen[key]
+                seen.setdefault(key, task.name)
+        if not clashes:
+            break
+        for name, first in clashes.items():
+            logger.warning(
+                "tasks %r and %r have the same step key (same code and inputs; they differ "
+                "only in something the key leaves out, such as a captured object); neither "
+                "is cached",
+                first,
+                name,
+            )
+            excluded.update((name, first))
+    for name, error in errors.items():
+        logger.warning("task %r is not cached: %s", name, error)
+    return keys
+
+
+def _chained_keys(
+    graph: Graph, excluded: Collection[str]
+) -> tuple[list[str | None], dict[str, Exception]]:
+    keys: list[str | None] = []
+    errors: dict[str, Exception] = {}
+    for task, deps in zip(graph.tasks, graph.deps):
+        dep_keys = {graph.tasks[d].name: keys[d] for d in deps}
+        key: str | None = None
+        if task.name not in excluded and None not in dep_keys.values():
+            try:
+                key = compute_step_key(task, {n: k for n, k in dep_keys.items() if k})
+            except Exception as error:
+                errors[task.name] = error
+        keys.append(key)
+    return keys, errors
+
+
+def encode_record(key: str, task: str, serializer: str, data: str) -> bytes:
+    """One journal line, newline included; JSON escapes keep it on one line."""
+    record = {
+        "v": KEY_VERSION,
+        "key": key,
+        "task": task,
+        "serializer": serializer,
+        "data": data,
+        "check": _check(data),
+    }
+    return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def read_records(path: str) -> dict[str, _Record]:
+    """The latest valid record per key; damaged lines are skipped with a warning."""
+    with _Locked(path, write=False, exclusive=False) as fd:
+        content = _read_all(fd) if fd is not None else b""
+    return _parse(path, content)
+
+
+def compact_journal(
+    path: str | os.PathLike[str], *, keep: Iterable[str | None] | None = None
+) -> int:
+    """Rewrite a journal with only the latest record per key; returns the lines removed.
+
+    With ``keep`` (e.g. ``flow.step_keys().values()``), records of any other key
+    are removed too. Damaged lines are always removed. The new file replaces the
+    old one atomically, so a crash during compaction leaves one or the other.
+    """
+    path = os.fspath(path)
+    wanted = None if keep is None else {k for k in keep if k is not None}
+    with _Locked(path, write=False, exclusive=True) as fd:
+        if fd is None:
+            raise FileNotFoundError(f"no journal at {path!r}")
+        content = _read_all(fd)
+        records = [
+            r for r in _parse(path, content).values() if wanted is None or r.key in wanted
+        ]
+        body = b"".join(r.line for r in records)
+        _replace_atomically(path, body)
+    return sum(1 for line in content.split(b"\n") if line) - len(records)
+
+
+def _parse(path: str, content: bytes) -> dict[str, _Record]:
+    lines = content.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail:
+        logger.warning(
+            "journal %r ends in an unfinished line (a crash mid-write?); it is ignored", path
+        )
+    records: dict[str, _Record] = {}
+    damaged: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        record = _decode(line)
+        if record is None:
+            damaged.append(number)
+        elif record is not _OTHER_VERSION:
+            records.pop(record.key, None)  # re-insert: the latest record sits last
+            records[record.key] = record
+    if damaged:
+        shown = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
+        logger.warning(
+            "journal %r: skipped %d damaged line(s) (line %s)", path, len(damaged), shown
+        )
+    return records
+
+
+_OTHER_VERSION = _Record("", "", "", "", b"")
+
+
+def _decode(line: bytes) -> _Record | None:
+    """A valid record, ``_OTHER_VERSION``, or None for a damaged line."""
+    try:
+        raw: Any = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if raw.get("v") != KEY_VERSION:
+        return _OTHER_VERSION if isinstance(raw.get("v"), int) else None
+    fields = [raw.get(name) for name in ("key", "task", "serializer", "data", "check")]
+    if not all(isinstance(f, str) for f in fields):
+        return None
+    key, task, serializer, data, check = (str(f) for f in fields)
+    if _check(data) != check:
+        return None
+    return _Record(key, task, serializer, data, line + b"\n")
+
+
+def _check(data: str) -> str:
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class _Locked:
+    """The journal file, opened and locked; yields None if it does not exist.
+
+    ``write`` opens it for appending (created if missing) under an exclusive
+    lock; otherwise it is opened read-only. Compaction replaces the file, so
+    after taking the lock the descriptor is checked to still be the file at
+    ``path``; if not, it is opened again.
+    """
+
+    def __init__(self, path: str, *, write: bool, exclusive: bool = True) -> None:
+        self.path = path
+        self.flags = (os.O_RDWR | os.O_APPEND | os.O_CREAT) if write else os.O_RDONLY
+        self.exclusive = exclusive or write
+        self.fd: int | None = None
+
+    def __enter__(self) -> int | None:
+        while True:
+            try:
+                fd = os.open(self.path, self.flags | getattr(os, "O_BINARY", 0), 0o666)
+            except FileNotFoundError:
+                if self.flags & os.O_CREAT:
+                    raise
+                return None
+            try:
+                _lock(fd, exclusive=self.exclusive)
+                if _is_at_path(fd, self.path):
+                    self.fd = fd
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+
+
+def _is_at_path(fd: int, path: str) -> bool:
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+
+def _last_byte(fd: int, size: int) -> bytes:
+    os.lseek(fd, size - 1, os.SEEK_SET)
+    return os.read(fd, 1)
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _replace_atomically(path: str, body: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".journal-", dir=directory)
+    try:
+        _write_all(fd, body)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.chmod(temporary, os.stat(path).st_mode & 0o777)
+        os.replace(temporary, path)
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        os.unlink(temporary)
+        raise
+    _fsync_directory(path)
+
+
+def _fsync_directory(path: str) -> None:
+    if sys.platform == "win32":  # pragma: no cover - directories cannot be opened there
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

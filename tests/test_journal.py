@@ -1,0 +1,448 @@
+"""The durable journal: replay across processes, fail closed, crash-safe appends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowing import (
+    Flow,
+    FlowDefinitionError,
+    StepState,
+    TaskDef,
+    compact_journal,
+    task,
+)
+
+PIPELINE = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import anyio
+    from flowing import Flow, task
+
+    journal, log, backend = sys.argv[1:4]
+    hold_here = os.environ.get("HOLD") == "1"
+
+    def mark(event):
+        with open(log, "a") as f:
+            f.write(event + "\\n")
+
+    async def hold(**inputs):
+        if hold_here:
+            mark("total held")
+            await anyio.sleep_forever()
+
+    @task
+    def load():
+        mark("load")
+        return [1, 2, 3]
+
+    @task(depends_on=[load])
+    def double(load):
+        mark("double")
+        return [x * 2 for x in load]
+
+    @task(depends_on=[load])
+    def count(load):
+        mark("count")
+        return len(load)
+
+    @task(depends_on=[double, count], validate=hold)
+    def total(double, count):
+        mark("total")
+        return sum(double) / count
+
+    @task(depends_on=[total])
+    def report(total):
+        mark("report")
+        return f"mean {total}"
+
+    @task(depends_on=[report], detached=True)
+    def publish(report):
+        mark("publish")
+        return "sent " + report
+
+    @task
+    def slow():
+        if hold_here:
+            mark("slow started")
+            time.sleep(3600)
+        mark("slow")
+        return "slow done"
+
+    results = Flow(report, slow, journal_path=journal).run(backend=backend)
+    print(json.dumps({n: [r.state.value, r.value, r.cached] for n, r in results.items()}))
+    """
+)
+
+ALL_TASKS = ["load", "double", "count", "total", "report", "publish", "slow"]
+
+
+class Pipeline:
+    """The script above, run in fresh interpreters against one journal and one side file."""
+
+    def __init__(self, tmp_path: Path, backend: str) -> None:
+        self.journal = tmp_path / "run.jsonl"
+        self.log = tmp_path / "bodies.log"
+        self.script = tmp_path / "pipeline.py"
+        self.backend = backend
+        self.source = PIPELINE
+
+    def edit(self, old: str, new: str) -> None:
+        assert old in self.source
+        self.source = self.source.replace(old, new)
+
+    def command(self) -> list[str]:
+        self.script.write_text(self.source)
+        return [sys.executable, str(self.script), str(self.journal), str(self.log), self.backend]
+
+    def run(self) -> dict[str, list[Any]]:
+        done = subprocess.run(self.command(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        output: dict[str, list[Any]] = json.loads(done.stdout)
+        return output
+
+    def bodies(self) -> Counter[str]:
+        """How many times each body ran to completion, across every process so far."""
+        return Counter(self.log.read_text().split("\n")[:-1]) if self.log.exists() else Counter()
+
+
+def cached(results: dict[str, list[Any]]) -> set[str]:
+    return {name for name, (_, _, was_cached) in results.items() if was_cached}
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> Pipeline:
+    return Pipeline(tmp_path, request.param)
+
+
+def test_a_fresh_process_replays_every_task_without_running_a_body(pipeline: Pipeline) -> None:
+    first = pipeline.run()
+    second = pipeline.run()
+    assert cached(first) == set()
+    assert cached(second) == set(ALL_TASKS)
+    assert {n: r[:2] for n, r in second.items()} == {n: r[:2] for n, r in first.items()}
+    assert second["publish"][:2] == ["succeeded", "sent mean 4.0"]
+    assert pipeline.bodies() == Counter(ALL_TASKS)
+
+
+def test_an_edit_reruns_the_task_and_everything_downstream_only(pipeline: Pipeline) -> None:
+    pipeline.run()
+    pipeline.edit("x * 2", "x * 3")
+    results = pipeline.run()
+    assert cached(results) == {"load", "count", "slow"}
+    assert results["report"][1] == "mean 6.0"
+    assert pipeline.bodies() == Counter(ALL_TASKS) + Counter(["double", "total", "report", "publish"])
+
+
+def test_cosmetic_knobs_and_a_renamed_task_keep_the_cache(pipeline: Pipeline) -> None:
+    pipeline.run()
+    pipeline.edit("@task(depends_on=[load])\ndef double", "@task(depends_on=[load], retry=3, timeout_s=60)\ndef double")
+    pipeline.edit("def slow():", "def sleepy():")
+    pipeline.edit("Flow(report, slow,", "Flow(report, sleepy,")
+    results = pipeline.run()
+    assert cached(results) == set(ALL_TASKS) - {"slow"} | {"sleepy"}
+    assert pipeline.bodies() == Counter(ALL_TASKS)
+
+
+def test_a_run_killed_mid_way_is_finished_by_the_next_process_running_each_body_once(
+    pipeline: Pipeline,
+) -> None:
+    child = subprocess.Popen(
+        pipeline.command(),
+        env={**os.environ, "HOLD": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(lambda: {"total held", "slow started"} <= set(pipeline.bodies()))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert pipeline.bodies() == Counter(["load", "double", "count", "total held", "slow started"])
+
+    results = pipeline.run()
+    assert all(state == "succeeded" for state, _, _ in results.values())
+    assert cached(results) == {"load", "double", "count"}
+    assert pipeline.bodies() - Counter(["total held", "slow started"]) == Counter(ALL_TASKS)
+
+    assert cached(pipeline.run()) == set(ALL_TASKS)
+    assert pipeline.bodies()["publish"] == 1  # the side effect is not fired again
+
+
+def _wait_for(condition: Any, limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "the child process never got there"
+        time.sleep(0.02)
+
+
+APPENDER = textwrap.dedent(
+    """
+    import os, sys, time
+    from flowing import Flow, task
+
+    journal, go, tag = sys.argv[1:4]
+
+    def make(i, tag):
+        def body():
+            return tag * 100_000 + str(i)
+        return task(body, name=f"t{i}")
+
+    flow = Flow(*[make(i, tag) for i in range(30)], journal_path=journal, max_workers=4)
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    results = flow.run()
+    assert all(r.succeeded and not r.cached for r in results.values())
+    """
+)
+
+
+def test_two_processes_appending_at_once_never_interleave_lines(tmp_path: Path) -> None:
+    script = tmp_path / "appender.py"
+    script.write_text(APPENDER)
+    journal, go = tmp_path / "shared.jsonl", tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(journal), str(go), tag],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("A", "B")
+    ]
+    go.touch()
+    for child in children:
+        _, stderr = child.communicate(timeout=120)
+        assert child.returncode == 0, stderr
+        assert "WARNING" not in stderr
+    lines = journal.read_bytes().split(b"\n")
+    assert lines.pop() == b""
+    records = [json.loads(line) for line in lines]
+    assert len(records) == len({r["key"] for r in records}) == 60
+
+
+# In-process behaviour, on both backends.
+
+CALLS: Counter[str] = Counter()
+
+
+def counted(name: str, value: Any) -> TaskDef[..., Any]:
+    def body() -> Any:
+        CALLS[name] += 1
+        return value
+
+    return task(body, name=name)
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> None:
+    CALLS.clear()
+
+
+def chain(first_value: Any) -> tuple[TaskDef[..., Any], TaskDef[..., Any]]:
+    first = counted("first", first_value)
+
+    @task(depends_on=[first])
+    def second(first: Any) -> str:
+        CALLS["second"] += 1
+        return "second"
+
+    return first, second
+
+
+@pytest.mark.anyio
+async def test_a_value_pickle_refuses_is_not_journaled_and_runs_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = chain(lambda: "not picklable")
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal).arun()
+    assert "task 'first': its value was not journaled, the pickle serializer refused it" in caplog.text
+    results = await Flow(second, journal_path=journal).arun()
+    assert not results["first"].cached and results["second"].cached
+    assert CALLS == {"first": 2, "second": 1}
+
+
+def _damage(journal: Path, line: int, how: str) -> None:
+    lines = journal.read_bytes().split(b"\n")
+    if how == "garbage":
+        lines[line] = b"{not json"
+    elif how == "changed-data":
+        record = json.loads(lines[line])
+        record["data"] = record["data"][:-4] + "AAA="
+        lines[line] = json.dumps(record).encode()
+    journal.write_bytes(b"\n".join(lines))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["garbage", "changed-data"])
+async def test_a_damaged_line_is_skipped_with_a_warning_and_its_task_runs_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal).arun()
+    _damage(journal, 0, how)
+    results = await Flow(second, journal_path=journal).arun()
+    assert "skipped 1 damaged line(s) (line 1)" in caplog.text
+    assert not results["first"].cached and results["second"].cached
+    assert CALLS == {"first": 2, "second": 1}
+
+
+@pytest.mark.anyio
+async def test_a_truncated_last_line_is_ignored_and_sealed_before_the_next_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal).arun()
+    content = journal.read_bytes()
+    journal.write_bytes(content[: len(content) - 20])  # the crash hit while writing 'second'
+    results = await Flow(second, journal_path=journal).arun()
+    assert "ends in an unfinished line" in caplog.text
+    assert results["first"].cached and not results["second"].cached
+    caplog.clear()
+    results = await Flow(second, journal_path=journal).arun()
+    assert results["first"].cached and results["second"].cached
+    assert "damaged" in caplog.text  # the sealed stub, once, and nothing else is lost
+    assert CALLS == {"first": 1, "second": 2}
+
+
+@pytest.mark.anyio
+async def test_records_of_another_key_version_are_ignored_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal).arun()
+    journal.write_text(journal.read_text().replace('"v":1,', '"v":0,'))
+    with caplog.at_level(logging.WARNING, "flowing"):
+        results = await Flow(second, journal_path=journal).arun()
+    assert not any(r.cached for r in results.values())
+    assert caplog.text == ""
+
+
+@pytest.mark.anyio
+async def test_the_json_serializer_round_trips_plain_data_and_refuses_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    value = {"rows": [1, 2.5, "x", None, True], "nested": {"k": []}}
+    first, second = chain(value)
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal, serializer="json").arun()
+    assert json.loads(json.loads(journal.read_text().split("\n")[0])["data"]) == value
+    results = await Flow(second, journal_path=journal, serializer="json").arun()
+    assert results["first"].cached and results["first"].value == value
+    tupled = counted("tupled", (1, 2))
+    await Flow(tupled, journal_path=tmp_path / "t.jsonl", serializer="json").arun()
+    assert "the json serializer refused it (ValueError: tuple value would not survive" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_records_written_by_another_serializer_are_not_read(tmp_path: Path) -> None:
+    first, second = chain([1])
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal, serializer="pickle").arun()
+    results = await Flow(second, journal_path=journal, serializer="json").arun()
+    assert not any(r.cached for r in results.values())
+
+
+@pytest.mark.anyio
+async def test_resume_replays_what_another_flow_journaled_meanwhile(tmp_path: Path) -> None:
+    attempts: list[str] = []
+
+    @task
+    def flaky() -> str:
+        attempts.append("flaky")
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+        return "ok"
+
+    journal = tmp_path / "run.jsonl"
+    this, other = Flow(flaky, journal_path=journal), Flow(flaky, journal_path=journal)
+    assert (await this.arun())["flaky"].state is StepState.FAILED
+    assert (await other.arun())["flaky"].value == "ok"
+    resumed = await this.aresume()
+    assert resumed["flaky"].cached and resumed["flaky"].value == "ok"
+    assert attempts == ["flaky", "flaky"]
+
+
+@pytest.mark.anyio
+async def test_fresh_runs_everything_again_and_starts_a_new_journal(tmp_path: Path) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    flow = Flow(second, journal_path=journal, journal_fsync=True)
+    await flow.arun()
+    results = await flow.arun(fresh=True)
+    assert not any(r.cached for r in results.values())
+    assert CALLS == {"first": 2, "second": 2}
+    assert len(journal.read_text().splitlines()) == 2
+
+
+@pytest.mark.anyio
+async def test_an_overridden_value_is_used_but_neither_it_nor_its_dependents_are_journaled(
+    tmp_path: Path,
+) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    flow = Flow(second, journal_path=journal)
+    flow.override(first, 99)
+    results = await flow.arun()
+    assert results["second"].step_key is None and not journal.exists()
+
+
+@pytest.mark.anyio
+async def test_an_unwritable_journal_warns_and_the_run_still_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = chain(1)
+    results = await Flow(second, journal_path=tmp_path).arun()  # a directory
+    assert all(r.succeeded for r in results.values())
+    assert "could not be read" in caplog.text and "its value was not journaled" in caplog.text
+
+
+def test_compaction_keeps_the_latest_valid_record_of_each_wanted_key(tmp_path: Path) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    flow = Flow(second, journal_path=journal)
+    flow.run()
+    good = journal.read_bytes()
+    journal.write_bytes(good + good + b'{"v":1,"key":"old","task":"x","serializer":"pickle","data":"","check":"e3b0c44298fc1c14"}\n{damaged\n')
+    assert compact_journal(journal) == 3
+    assert journal.read_bytes().count(b"\n") == 3
+    assert compact_journal(journal, keep=flow.step_keys().values()) == 1
+    assert journal.read_bytes() == good
+    results = flow.run()
+    assert all(r.cached for r in results.values())
+
+
+def test_compacting_a_missing_journal_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no journal at"):
+        compact_journal(tmp_path / "nothing.jsonl")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"journal_path": 3}, "journal_path must be a str or os.PathLike, got 3"),
+        ({"journal_path": "j.jsonl", "serializer": "yaml"}, "serializer must be 'pickle', 'json'"),
+    ],
+    ids=["path", "serializer"],
+)
+def test_bad_journal_options_are_refused_before_anything_runs(
+    options: dict[str, Any], message: str
+) -> None:
+    first, second = chain(1)
+    with pytest.raises(FlowDefinitionError, match=message):
+        Flow(second, **options)

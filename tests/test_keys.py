@@ -1,0 +1,316 @@
+"""Step keys: content-addressed, chained, blind to cosmetics, stable across processes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowing import Flow, StepKeyError, TaskDef, compute_step_key, task
+
+
+def key(t: TaskDef[..., Any], **deps: str) -> str:
+    return compute_step_key(t, deps)
+
+
+def base() -> TaskDef[..., Any]:
+    @task
+    def step(x: int = 1) -> int:
+        return [x * 2 for _ in range(3)][0]
+
+    return step
+
+
+COSMETIC: dict[str, Callable[[], TaskDef[..., Any]]] = {}
+
+
+def cosmetic(case: Callable[[], TaskDef[..., Any]]) -> Callable[[], TaskDef[..., Any]]:
+    COSMETIC[case.__name__] = case
+    return case
+
+
+@cosmetic
+def renamed_function() -> TaskDef[..., Any]:
+    @task
+    def another_name(x: int = 1) -> int:
+        return [x * 2 for _ in range(3)][0]
+
+    return another_name
+
+
+@cosmetic
+def knobs() -> TaskDef[..., Any]:
+    @task(
+        retry=5,
+        retry_backoff_base_ms=1,
+        retry_max_backoff_ms=2,
+        timeout_s=9,
+        name="renamed",
+    )
+    def step(x: int = 1) -> int:
+        return [x * 2 for _ in range(3)][0]
+
+    return step
+
+
+@cosmetic
+def detached() -> TaskDef[..., Any]:
+    @task(detached=True)
+    def step(x: int = 1) -> int:
+        return [x * 2 for _ in range(3)][0]
+
+    return step
+
+
+@cosmetic
+def moved_and_commented() -> TaskDef[..., Any]:
+    # A comment, a blank line and a different line number change nothing.
+
+    @task
+    def step(x: int = 1) -> int:
+        # another comment
+        return [x * 2 for _ in range(3)][0]
+
+    return step
+
+
+EDITS: dict[str, Callable[[], TaskDef[..., Any]]] = {}
+
+
+def edit(case: Callable[[], TaskDef[..., Any]]) -> Callable[[], TaskDef[..., Any]]:
+    EDITS[case.__name__] = case
+    return case
+
+
+@edit
+def constant_changed() -> TaskDef[..., Any]:
+    @task
+    def step(x: int = 1) -> int:
+        return [x * 3 for _ in range(3)][0]
+
+    return step
+
+
+@edit
+def operator_changed() -> TaskDef[..., Any]:
+    @task
+    def step(x: int = 1) -> int:
+        return [x + 2 for _ in range(3)][0]
+
+    return step
+
+
+@edit
+def default_changed() -> TaskDef[..., Any]:
+    @task
+    def step(x: int = 2) -> int:
+        return [x * 2 for _ in range(3)][0]
+
+    return step
+
+
+@edit
+def parameter_renamed() -> TaskDef[..., Any]:
+    @task
+    def step(y: int = 1) -> int:
+        return [y * 2 for _ in range(3)][0]
+
+    return step
+
+
+@edit
+def attribute_changed() -> TaskDef[..., Any]:
+    @task
+    def step(x: int = 1) -> int:
+        return [math.floor(x * 2) for _ in range(3)][0]
+
+    return step
+
+
+@edit
+def gate_added() -> TaskDef[..., Any]:
+    @task(when=lambda: True)
+    def step(x: int = 1) -> int:
+        return [x * 2 for _ in range(3)][0]
+
+    return step
+
+
+@edit
+def made_async() -> TaskDef[..., Any]:
+    @task
+    async def step(x: int = 1) -> int:
+        return [x * 2 for _ in range(3)][0]
+
+    return step
+
+
+@edit
+def closed_over_constant() -> TaskDef[..., Any]:
+    factor = 2
+
+    @task
+    def step(x: int = 1) -> int:
+        return [x * factor for _ in range(3)][0]
+
+    return step
+
+
+@pytest.mark.parametrize("case", COSMETIC.values(), ids=COSMETIC.keys())
+def test_cosmetic_changes_keep_the_key(case: Callable[[], TaskDef[..., Any]]) -> None:
+    assert key(case()) == key(base())
+
+
+@pytest.mark.parametrize("case", EDITS.values(), ids=EDITS.keys())
+def test_edits_to_the_code_change_the_key(case: Callable[[], TaskDef[..., Any]]) -> None:
+    assert key(case()) != key(base())
+
+
+def test_a_gate_edit_changes_the_key() -> None:
+    def make(limit: int) -> TaskDef[..., Any]:
+        @task(retry_until=lambda v: v > limit)
+        def step() -> int:
+            return 1
+
+        return step
+
+    assert key(make(1)) == key(make(1))
+    assert key(make(1)) != key(make(2))
+
+
+def test_the_key_chains_through_dependency_names_and_keys() -> None:
+    @task
+    def a() -> int:
+        return 1
+
+    @task(depends_on=[a])
+    def b(a: int) -> int:
+        return a
+
+    assert key(b, a="k1") == key(b, a="k1")
+    assert key(b, a="k1") != key(b, a="k2")
+
+
+def test_wrong_dependency_keys_are_refused_by_name() -> None:
+    @task
+    def a() -> int:
+        return 1
+
+    @task(depends_on=[a])
+    def b(a: int) -> int:
+        return a
+
+    with pytest.raises(ValueError, match=r"'b' must name exactly its dependencies \['a'\]"):
+        key(b)
+
+
+@pytest.mark.parametrize(
+    "fn, culprit",
+    [
+        (functools.partial(lambda x: x, 1), "not a plain function"),
+        (lambda x=object(): x, "a default of the body is object"),
+    ],
+    ids=["partial", "object-default"],
+)
+def test_code_without_a_fingerprint_raises_step_key_error(fn: Any, culprit: str) -> None:
+    t = task(fn, name="odd")
+    with pytest.raises(StepKeyError, match=f"task 'odd' has no step key: .*{culprit}"):
+        key(t)
+
+
+def test_a_decorated_body_is_keyed_by_its_inner_function() -> None:
+    def logged(fn: Callable[[], int]) -> Callable[[], int]:
+        @functools.wraps(fn)
+        def wrapper() -> int:
+            return fn()
+
+        return wrapper
+
+    @task
+    @logged
+    def one() -> int:
+        return 1
+
+    @task
+    @logged
+    def two() -> int:
+        return 2
+
+    assert key(one) != key(two)
+
+
+def test_flow_step_keys_leave_overridden_tasks_and_their_dependents_uncached() -> None:
+    @task
+    def a() -> int:
+        return 1
+
+    @task(depends_on=[a])
+    def b(a: int) -> int:
+        return a
+
+    @task
+    def c() -> str:
+        return "c"
+
+    flow = Flow(b, c)
+    assert None not in flow.step_keys().values()
+    flow.override(a, 5)
+    keys = flow.step_keys()
+    assert keys["a"] is None and keys["b"] is None and keys["c"] is not None
+
+
+def test_tasks_sharing_a_key_in_one_flow_are_not_cached(caplog: pytest.LogCaptureFixture) -> None:
+    def make(name: str, payload: object) -> TaskDef[..., Any]:
+        def body() -> object:
+            return payload
+
+        return task(body, name=name)
+
+    flow = Flow(make("x", object()), make("y", object()), make("z", "plain"))
+    keys = flow.step_keys()
+    assert keys["x"] is None and keys["y"] is None and keys["z"] is not None
+    assert "have the same step key" in caplog.text
+    assert "'x'" in caplog.text and "'y'" in caplog.text
+
+
+KEYS_SCRIPT = textwrap.dedent(
+    """
+    import json
+    from flowing import Flow, task
+
+    def make(tag):
+        @task(name="t_" + tag)
+        def step(x=1.5):
+            return x in {"a", "b", "c", 3, (1, 2)} and tag
+        return step
+
+    @task(depends_on=[make("one")])
+    def last(t_one):
+        return {k: v for k, v in sorted(globals().items())}
+
+    print(json.dumps(Flow(last).step_keys()))
+    """
+)
+
+
+def test_keys_are_the_same_in_processes_with_different_hash_seeds(tmp_path: Path) -> None:
+    script = tmp_path / "keys.py"
+    script.write_text(KEYS_SCRIPT)
+    outputs = []
+    for seed in ("1", "2", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.append(json.loads(done.stdout))
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert None not in outputs[0].values()
