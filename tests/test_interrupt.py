@@ -1,0 +1,102 @@
+"""Ctrl-C during ``flow.run()``, in a real process sent a real SIGINT.
+
+The run behaves as if cancelled from outside (async bodies cancelled, sync threads
+abandoned, the rest recorded CANCELLED), then KeyboardInterrupt propagates.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, threading
+    import anyio
+    from flowing import Flow, task
+
+    release = threading.Event()
+    sync_started = threading.Event()
+    async_started = threading.Event()
+
+    @task
+    def quick():
+        return 1
+
+    @task(depends_on=[quick])
+    def stalled_sync(quick):
+        sync_started.set()
+        release.wait(30)
+        return 2
+
+    @task(depends_on=[quick])
+    async def stalled_async(quick):
+        async_started.set()
+        await anyio.sleep(30)
+
+    @task(depends_on=[stalled_sync, stalled_async])
+    def last(stalled_sync, stalled_async):
+        return 3
+
+    def announce_when_both_started():
+        sync_started.wait()
+        async_started.wait()
+        print("ready", flush=True)
+
+    threading.Thread(target=announce_when_both_started, daemon=True).start()
+    flow = Flow(last)
+    try:
+        flow.run(backend=sys.argv[1])
+    except KeyboardInterrupt:
+        states = {name: r.state.value for name, r in flow.results.items()}
+        print(json.dumps(states), flush=True)
+        release.set()
+        raise
+    print("run() returned normally", flush=True)
+    """
+)
+
+# A run that waited for the sync thread would take 30 s; an interrupt takes milliseconds.
+PROMPT_S = 5.0
+
+
+def test_ctrl_c_during_run_cancels_the_rest_then_raises_keyboardinterrupt(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    child = subprocess.Popen(
+        [sys.executable, str(script), anyio_backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        report = child.stdout.readline()
+        elapsed = time.monotonic() - sent
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+
+    assert json.loads(report) == {
+        "quick": "succeeded",
+        "stalled_sync": "cancelled",
+        "stalled_async": "cancelled",
+        "last": "cancelled",
+    }
+    assert elapsed < PROMPT_S
+    assert child.returncode == -signal.SIGINT
+    assert stderr.rstrip().endswith("KeyboardInterrupt")
