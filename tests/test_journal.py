@@ -17,13 +17,19 @@ from typing import Any
 import pytest
 
 from flowing import (
+    Event,
     Flow,
     FlowDefinitionError,
+    FlowStarted,
+    PickleSerializer,
     StepState,
     TaskDef,
+    TaskFinished,
     compact_journal,
     task,
 )
+import flowing._journal
+from flowing._journal import Journal, encode_record
 
 PIPELINE = textwrap.dedent(
     """
@@ -262,6 +268,23 @@ def chain(first_value: Any) -> tuple[TaskDef[..., Any], TaskDef[..., Any]]:
 
 
 @pytest.mark.anyio
+async def test_a_replayed_task_is_reported_as_a_cached_task_finished_event(tmp_path: Path) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal).arun()
+    events: list[Event] = []
+    await Flow(second, journal_path=journal, on_event=events.append).arun()
+    started = [e for e in events if isinstance(e, FlowStarted)]
+    finished = [e for e in events if isinstance(e, TaskFinished)]
+    assert started[0].pending == 0 and events.index(started[0]) == 0
+    assert [(e.task, e.result.cached, e.result.value) for e in finished] == [
+        ("first", True, 1),
+        ("second", True, "second"),
+    ]
+    assert CALLS == {"first": 1, "second": 1}
+
+
+@pytest.mark.anyio
 async def test_a_value_pickle_refuses_is_not_journaled_and_runs_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -425,6 +448,26 @@ def test_compaction_keeps_the_latest_valid_record_of_each_wanted_key(tmp_path: P
     assert journal.read_bytes() == good
     results = flow.run()
     assert all(r.cached for r in results.values())
+
+
+def test_an_append_that_raced_a_compaction_lands_in_the_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(encode_record("a" * 64, "old", "pickle", "gARLAS4="))
+    real_lock = flowing._journal._lock
+    raced = []
+
+    def compaction_wins_the_race(fd: int, *, exclusive: bool) -> None:
+        if not raced:  # the appender has opened the old file; compaction replaces it now
+            raced.append(True)
+            compact_journal(journal)
+        real_lock(fd, exclusive=exclusive)
+
+    monkeypatch.setattr(flowing._journal, "_lock", compaction_wins_the_race)
+    line = encode_record("b" * 64, "late", "pickle", "gARLAi4=")
+    Journal(journal, PickleSerializer(), fsync=False).append(line)
+    assert raced and journal.read_bytes().endswith(line)
 
 
 def test_compacting_a_missing_journal_says_so(tmp_path: Path) -> None:
