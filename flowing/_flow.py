@@ -23,6 +23,7 @@ from ._exceptions import (
 from ._graph import build_graph
 from ._journal import Journal, step_keys
 from ._pools import Pool, check_pool_names, check_pools
+from ._progress import showing_progress
 from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
 from ._scheduler import Scheduler
@@ -102,31 +103,41 @@ class Flow:
         backend: Backend = "asyncio",
         timeout_s: float | None = None,
         fresh: bool = False,
+        progress: bool = False,
     ) -> dict[str, StepResult]:
         """Run every task (keeping overrides) and block until done; returns all results.
 
         Tasks the journal holds are replayed; ``fresh=True`` empties the journal first.
+        ``progress=True`` shows live progress on stderr (see the README).
         """
-        return self._block_on(
-            functools.partial(self.arun, timeout_s=timeout_s, fresh=fresh), backend
-        )
+        run = functools.partial(self.arun, timeout_s=timeout_s, fresh=fresh, progress=progress)
+        return self._block_on(run, backend)
 
     async def arun(
-        self, *, timeout_s: float | None = None, fresh: bool = False
+        self, *, timeout_s: float | None = None, fresh: bool = False, progress: bool = False
     ) -> dict[str, StepResult]:
         """Async twin of :meth:`run`, for use inside an async app."""
-        return await self._execute(dict(self._overrides), timeout_s, fresh=fresh)
+        return await self._execute(
+            dict(self._overrides), timeout_s, fresh=fresh, progress=progress
+        )
 
     def resume(
-        self, *, backend: Backend = "asyncio", timeout_s: float | None = None
+        self,
+        *,
+        backend: Backend = "asyncio",
+        timeout_s: float | None = None,
+        progress: bool = False,
     ) -> dict[str, StepResult]:
         """Re-run every task that did not succeed last time; keep the ones that did."""
-        return self._block_on(functools.partial(self.aresume, timeout_s=timeout_s), backend)
+        run = functools.partial(self.aresume, timeout_s=timeout_s, progress=progress)
+        return self._block_on(run, backend)
 
-    async def aresume(self, *, timeout_s: float | None = None) -> dict[str, StepResult]:
+    async def aresume(
+        self, *, timeout_s: float | None = None, progress: bool = False
+    ) -> dict[str, StepResult]:
         """Async twin of :meth:`resume`."""
         kept = {name: r for name, r in self._results.items() if r.succeeded}
-        return await self._execute(kept, timeout_s)
+        return await self._execute(kept, timeout_s, progress=progress)
 
     def override(self, task: TaskDef[..., T], value: T) -> None:
         """Record ``value`` as ``task``'s SUCCEEDED result, for this and later runs."""
@@ -193,7 +204,12 @@ class Flow:
         return f"<Flow of {len(self._graph)} tasks>"
 
     async def _execute(
-        self, kept: dict[str, StepResult], timeout_s: float | None, *, fresh: bool = False
+        self,
+        kept: dict[str, StepResult],
+        timeout_s: float | None,
+        *,
+        fresh: bool = False,
+        progress: bool = False,
     ) -> dict[str, StepResult]:
         _check_timeout(timeout_s)
         if not self._run_lock.acquire(blocking=False):
@@ -214,9 +230,10 @@ class Flow:
                 pools=self.pools,
                 journal=journal,
             )
-            async with self._events.delivering():
-                with anyio.move_on_after(timeout_s) as deadline:
-                    await scheduler.run()
+            with showing_progress(self._events, progress):
+                async with self._events.delivering():
+                    with anyio.move_on_after(timeout_s) as deadline:
+                        await scheduler.run()
             if deadline.cancelled_caught:
                 unfinished = [
                     name

@@ -1,0 +1,275 @@
+"""Live progress on stderr, built on the event stream.
+
+On a terminal with ``rich`` installed (``pip install 'flowing[cli]'``) it is a live
+display: counts, a bar with an ETA, the running tasks with their elapsed time,
+and a line above it for each retry and failure as it happens. Otherwise (stderr
+not a TTY, or no rich) it prints one plain line per event. Either way it only
+reads events: it never changes a result.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, TextIO
+
+from ._events import (
+    Event,
+    FlowFinished,
+    FlowStarted,
+    TaskFinished,
+    TaskRetrying,
+    TaskStarted,
+    ThreadAbandoned,
+)
+from ._results import StepResult, describe_error
+from ._stream import Broadcaster
+
+_MAX_RUNNING_SHOWN = 8
+
+
+class Display(Protocol):
+    """A progress display: an event listener that is started and stopped around a run."""
+
+    def __call__(self, event: Event) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@contextmanager
+def showing_progress(events: Broadcaster, enabled: bool) -> Iterator[None]:
+    """Show progress of the runs inside the block when ``enabled``."""
+    if not enabled:
+        yield
+        return
+    display = make_display(sys.stderr)
+    display.start()
+    try:
+        with events.listening(display, "progress display"):
+            yield
+    finally:
+        display.stop()
+
+
+def make_display(file: TextIO) -> Display:
+    """The rich live display on a terminal when rich is installed, else plain lines."""
+    if _is_terminal(file):
+        try:
+            return RichDisplay(file)
+        except ImportError:
+            pass
+    return PlainDisplay(file)
+
+
+def _is_terminal(file: TextIO) -> bool:
+    try:
+        return file.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class Tally:
+    """Counts and running tasks, updated from events; read by a display."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._reset(time.monotonic(), 0)
+
+    def _reset(self, started_at: float, pending: int) -> None:
+        # Invariant: `running` maps each task with a started, unfinished attempt to
+        # (first start time, attempt, max attempts); counts cover finished tasks.
+        self.started_at = started_at
+        self.pending = pending
+        self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "cancelled": 0}
+        self.retries = 0
+        self.running: dict[str, tuple[float, int, int]] = {}
+        self.finished_at: float | None = None
+
+    def update(self, event: Event) -> None:
+        with self.lock:
+            if isinstance(event, TaskStarted):
+                first = self.running.get(event.task, (event.time, 0, 0))[0]
+                self.running[event.task] = (first, event.attempt, event.max_attempts)
+            elif isinstance(event, TaskFinished):
+                self.running.pop(event.task, None)
+                self.counts[event.result.state.value] += 1
+            elif isinstance(event, TaskRetrying):
+                self.retries += 1
+            elif isinstance(event, FlowStarted):
+                self._reset(event.time, event.pending)
+            elif isinstance(event, FlowFinished):
+                self.finished_at = event.time
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values())
+
+    def elapsed(self, now: float | None = None) -> float:
+        end = self.finished_at if self.finished_at is not None else (now or time.monotonic())
+        return end - self.started_at
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left at the average pace so far; None before the first task finishes."""
+        if self.finished_at is not None:
+            return 0.0
+        done = self.finished
+        if done == 0:
+            return None
+        return self.elapsed(now) / done * max(self.pending - done, 0)
+
+
+class PlainDisplay:
+    """One line per event, for logs and pipes: ``[ 3/12]   0.41s  ok       load  102.3 ms``."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+        self.tally = Tally()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.file.flush()
+
+    def __call__(self, event: Event) -> None:
+        self.tally.update(event)
+        line = self.describe(event)
+        if line:
+            self.file.write(line + "\n")
+
+    def describe(self, event: Event) -> str:
+        tally = self.tally
+        width = len(str(tally.pending))
+        clock = f"[{tally.finished:>{width}}/{tally.pending}] {tally.elapsed(event.time):7.2f}s"
+        if isinstance(event, TaskStarted):
+            attempt = f"  attempt {event.attempt}/{event.max_attempts}" if event.max_attempts > 1 else ""
+            return f"{clock}  start      {event.task}{attempt}"
+        if isinstance(event, TaskFinished):
+            return f"{clock}  {_state_word(event.result):<9}  {event.task}{_outcome(event.result)}"
+        if isinstance(event, TaskRetrying):
+            why = describe_error(event.error) if event.error else "retry_until= said no"
+            return (
+                f"{clock}  retry      {event.task}  attempt {event.attempt}/{event.max_attempts} "
+                f"failed ({why}); next in {event.delay_ms:.0f} ms"
+            )
+        if isinstance(event, ThreadAbandoned):
+            return f"{clock}  abandoned  {event.task}  its thread runs on after a timeout"
+        if isinstance(event, FlowStarted):
+            return f"{clock}  flow       started: {event.pending} of {event.total} tasks to run"
+        return f"{clock}  flow       finished in {event.duration_ms / 1000:.2f} s: {_counts(event.counts)}"
+
+
+def _state_word(result: StepResult) -> str:
+    if result.cached:
+        return "cached"
+    return {"succeeded": "ok", "failed": "FAILED"}.get(result.state.value, result.state.value)
+
+
+def _outcome(result: StepResult) -> str:
+    if result.error is not None:
+        return f"  {describe_error(result.error)}"
+    timing = f"  {result.duration_ms:.1f} ms" if result.attempts else ""
+    attempts = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+    reason = f"  ({result.reason})" if result.reason and not result.succeeded else ""
+    return f"{timing}{attempts}{reason}"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    shown = [f"{n} {state}" for state, n in counts.items() if n]
+    return ", ".join(shown) or "nothing to run"
+
+
+class RichDisplay:
+    """A rich ``Live`` display on stderr, refreshed ten times a second from its own thread."""
+
+    def __init__(self, file: TextIO) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.tally = Tally()
+        self.console = Console(file=file, highlight=False)
+        self.live = Live(
+            get_renderable=self.render,
+            console=self.console,
+            refresh_per_second=10,
+            transient=False,
+            redirect_stdout=False,
+        )
+
+    def start(self) -> None:
+        self.live.start()
+
+    def stop(self) -> None:
+        self.live.stop()
+
+    def __call__(self, event: Event) -> None:
+        self.tally.update(event)
+        if isinstance(event, TaskRetrying):
+            why = describe_error(event.error) if event.error else "retry_until= said no"
+            self.console.print(
+                f"[yellow]↻ {_escape(event.task)}[/]: attempt {event.attempt}/{event.max_attempts} "
+                f"failed ({_escape(why)}); retrying in {event.delay_ms:.0f} ms"
+            )
+        elif isinstance(event, TaskFinished) and event.result.state.value == "failed":
+            detail = describe_error(event.result.error) if event.result.error else event.result.reason
+            self.console.print(f"[bold red]✗ {_escape(event.task)}[/] failed: {_escape(detail or '')}")
+        elif isinstance(event, ThreadAbandoned):
+            self.console.print(
+                f"[yellow]! {_escape(event.task)}[/]: sync body abandoned, its thread runs on"
+            )
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        now = time.monotonic()
+        with self.tally.lock:
+            tally = self.tally
+            counts = dict(tally.counts)
+            running = sorted(tally.running.items(), key=lambda item: item[1][0])
+            finished, pending, retries = tally.finished, tally.pending, tally.retries
+            elapsed, eta = tally.elapsed(now), tally.eta(now)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(total=max(pending, 1), completed=finished, width=40),
+            Text(f"{finished}/{pending}", style="bold"),
+            Text(f"{_clock(elapsed)}  ETA {_clock(eta) if eta is not None else '?'}", style="dim"),
+        )
+        line = Text.assemble(
+            (f"✓ {counts['succeeded']} done", "green"),
+            "   ",
+            (f"● {len(running)} running", "cyan"),
+            "   ",
+            (f"✗ {counts['failed']} failed", "red" if counts["failed"] else "dim"),
+            "   ",
+            (f"⤼ {counts['skipped']} skipped", "yellow" if counts["skipped"] else "dim"),
+            "   ",
+            (f"↻ {retries} retries", "yellow" if retries else "dim"),
+        )
+        if counts["cancelled"]:
+            line.append(f"   ⊘ {counts['cancelled']} cancelled", style="magenta")
+        tasks = Table.grid(padding=(0, 2))
+        for name, (first, attempt, max_attempts) in running[:_MAX_RUNNING_SHOWN]:
+            tries = f"attempt {attempt}/{max_attempts}" if max_attempts > 1 else ""
+            tasks.add_row(Text("  ▸ " + name, style="cyan"), f"{now - first:5.1f}s", Text(tries, style="yellow"))
+        if len(running) > _MAX_RUNNING_SHOWN:
+            tasks.add_row(Text(f"    … and {len(running) - _MAX_RUNNING_SHOWN} more", style="dim"), "", "")
+        return Group(bar, line, tasks)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(max(seconds, 0.0), 60)
+    return f"{int(minutes)}:{secs:04.1f}"
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
