@@ -1,0 +1,143 @@
+"""Progress reads the event stream: a rich live display on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from typing import Any
+
+import pytest
+
+from flowing import Event, Flow, StepState, task
+from flowing._progress import PlainDisplay, RichDisplay, Tally, make_display
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+    def text(self) -> str:
+        """What was written, without colours and line wrapping."""
+        return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", self.getvalue()).split())
+
+
+def build_flow(on_event: Any = None) -> Flow:
+    attempts = {"n": 0}
+
+    @task(retry=1, retry_backoff_base_ms=0)
+    def flaky() -> int:
+        attempts["n"] += 1
+        if attempts["n"] == 1:
+            raise ConnectionError("first call fails")
+        return 1
+
+    @task(depends_on=[flaky])
+    def broken(flaky: int) -> int:
+        raise ValueError("bad row")
+
+    @task(depends_on=[broken])
+    def report(broken: int) -> None: ...
+
+    return Flow(report, on_event=on_event)
+
+
+def test_without_a_terminal_each_event_is_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[Event] = []
+    build_flow(seen.append).run(progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(seen)
+    words = [line.split()[2:4] for line in lines]
+    assert words == [
+        ["flow", "started:"],
+        ["start", "flaky"],
+        ["retry", "flaky"],
+        ["start", "flaky"],
+        ["ok", "flaky"],
+        ["start", "broken"],
+        ["FAILED", "broken"],
+        ["skipped", "report"],
+        ["flow", "finished"],
+    ]
+    assert "failed (ConnectionError: first call fails); next in 0 ms" in lines[2]
+    assert "ValueError: bad row" in lines[6]
+    assert "(dependency 'broken' failed)" in lines[7]
+    assert lines[-1].startswith("[3/3]")
+
+
+def test_progress_never_changes_the_results(capsys: pytest.CaptureFixture[str]) -> None:
+    def outcome(progress: bool) -> dict[str, tuple[StepState, int]]:
+        results = build_flow().run(progress=progress)
+        return {name: (r.state, r.attempts) for name, r in results.items()}
+
+    assert outcome(progress=True) == outcome(progress=False)
+
+
+def test_without_progress_nothing_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    build_flow().run()
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize(
+    "file,rich_installed,expected",
+    [
+        (io.StringIO(), True, PlainDisplay),
+        (FakeTerminal(), True, RichDisplay),
+        (FakeTerminal(), False, PlainDisplay),
+    ],
+    ids=["pipe", "terminal", "terminal-without-rich"],
+)
+def test_the_display_is_chosen_by_terminal_and_rich(
+    file: io.StringIO, rich_installed: bool, expected: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("rich")
+    if not rich_installed:
+        monkeypatch.setitem(sys.modules, "rich.live", None)
+    assert type(make_display(file)) is expected
+
+
+def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    terminal = FakeTerminal()
+    display = RichDisplay(terminal)
+    seen: list[Event] = []
+    build_flow(seen.append).run()
+    for event in seen[:4]:  # up to flaky's second attempt
+        display(event)
+    screen = Console(file=io.StringIO(), width=100, record=True)
+    screen.print(display.render())
+    text = screen.export_text()
+    assert "0/3" in text
+    assert "1 running" in text
+    assert "1 retries" in text
+    assert "flaky" in text and "attempt 2/2" in text
+    assert "↻ flaky: attempt 1/2 failed (ConnectionError: first call fails)" in terminal.text()
+
+
+def test_the_rich_display_prints_failures_as_they_happen() -> None:
+    pytest.importorskip("rich")
+    terminal = FakeTerminal()
+    display = RichDisplay(terminal)
+    seen: list[Event] = []
+    build_flow(seen.append).run()
+    display.start()
+    for event in seen:
+        display(event)
+    display.stop()
+    assert "✗ broken failed: ValueError: bad row" in terminal.text()
+
+
+@pytest.mark.parametrize(
+    "finished,pending,elapsed,expected",
+    [(0, 10, 5.0, None), (5, 10, 5.0, 5.0), (10, 10, 5.0, 0.0)],
+    ids=["nothing-finished", "half-way", "all-finished"],
+)
+def test_the_eta_extrapolates_the_average_pace(
+    finished: int, pending: int, elapsed: float, expected: float | None
+) -> None:
+    tally = Tally()
+    tally.started_at, tally.pending = 100.0, pending
+    tally.counts["succeeded"] = finished
+    assert tally.eta(now=100.0 + elapsed) == expected
