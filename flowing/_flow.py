@@ -72,10 +72,9 @@ class Flow:
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
         self._events.add(self._recorder, "timeline recorder")
+        chosen = resolve_serializer(serializer)
         self._journal = (
-            None
-            if journal_path is None
-            else Journal(journal_path, resolve_serializer(serializer), journal_fsync)
+            None if journal_path is None else Journal(journal_path, chosen, journal_fsync)
         )
 
     @property

@@ -31,10 +31,19 @@ from ._serializers import Serializer
 logger = logging.getLogger("flowing")
 
 if sys.platform != "win32":
+    import errno
     import fcntl
 
+    _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
     def _lock(fd: int, *, exclusive: bool) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                raise
+            # A file system without flock (some network mounts): O_APPEND single
+            # writes still keep concurrent records whole on a local disk.
 
 else:  # pragma: no cover - Windows has no flock; O_APPEND single writes remain
 
@@ -48,7 +57,9 @@ class _Record:
     task: str
     serializer: str
     data: str
-    line: bytes
+
+    def line(self) -> bytes:
+        return encode_record(self.key, self.task, self.serializer, self.data)
 
 
 class Journal:
@@ -76,7 +87,10 @@ class Journal:
             else:
                 records = read_records(self.path)
         except OSError as error:
-            logger.warning("journal %r could not be read, nothing is replayed: %s", self.path, error)
+            action = "emptied" if fresh else "read"
+            logger.warning(
+                "journal %r could not be %s, nothing is replayed: %s", self.path, action, error
+            )
         return JournalRun(self, keys, records)
 
     def clear(self) -> None:
@@ -191,9 +205,9 @@ def step_keys(graph: Graph, untrusted: Collection[str] = ()) -> list[str | None]
             break
         for name, first in clashes.items():
             logger.warning(
-                "tasks %r and %r have the same step key (same code and inputs; they differ "
-                "only in something the key leaves out, such as a captured object); neither "
-                "is cached",
+                "tasks %r and %r have the same step key (the same code and inputs); if they "
+                "differ only in something the key leaves out, such as a captured object or "
+                "a global, one would be replayed for the other, so neither is cached",
                 first,
                 name,
             )
@@ -258,7 +272,7 @@ def compact_journal(
         records = [
             r for r in _parse(path, content).values() if wanted is None or r.key in wanted
         ]
-        body = b"".join(r.line for r in records)
+        body = b"".join(r.line() for r in records)
         _replace_atomically(path, body)
     return sum(1 for line in content.split(b"\n") if line) - len(records)
 
@@ -275,10 +289,12 @@ def _parse(path: str, content: bytes) -> dict[str, _Record]:
     for number, line in enumerate(lines, start=1):
         if not line:
             continue
-        record = _decode(line)
-        if record is None:
+        try:
+            record = _decode(line)
+        except ValueError:
             damaged.append(number)
-        elif record is not _OTHER_VERSION:
+            continue
+        if record is not None:
             records.pop(record.key, None)  # re-insert: the latest record sits last
             records[record.key] = record
     if damaged:
@@ -289,26 +305,20 @@ def _parse(path: str, content: bytes) -> dict[str, _Record]:
     return records
 
 
-_OTHER_VERSION = _Record("", "", "", "", b"")
-
-
 def _decode(line: bytes) -> _Record | None:
-    """A valid record, ``_OTHER_VERSION``, or None for a damaged line."""
-    try:
-        raw: Any = json.loads(line)
-    except ValueError:
+    """The record on ``line``; None for another key version; ValueError if damaged."""
+    raw: Any = json.loads(line)
+    if not isinstance(raw, dict) or not isinstance(raw.get("v"), int):
+        raise ValueError("not a journal record")
+    if raw["v"] != KEY_VERSION:
         return None
-    if not isinstance(raw, dict):
-        return None
-    if raw.get("v") != KEY_VERSION:
-        return _OTHER_VERSION if isinstance(raw.get("v"), int) else None
     fields = [raw.get(name) for name in ("key", "task", "serializer", "data", "check")]
     if not all(isinstance(f, str) for f in fields):
-        return None
+        raise ValueError("a field is missing")
     key, task, serializer, data, check = (str(f) for f in fields)
     if _check(data) != check:
-        return None
-    return _Record(key, task, serializer, data, line + b"\n")
+        raise ValueError("the checksum does not match")
+    return _Record(key, task, serializer, data)
 
 
 def _check(data: str) -> str:

@@ -33,10 +33,11 @@ from flowing._journal import Journal, encode_record
 
 PIPELINE = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, logging, os, sys, time
     import anyio
     from flowing import Flow, task
 
+    logging.basicConfig(level=logging.WARNING)
     journal, log, backend = sys.argv[1:4]
     hold_here = os.environ.get("HOLD") == "1"
 
@@ -116,6 +117,7 @@ class Pipeline:
     def run(self) -> dict[str, list[Any]]:
         done = subprocess.run(self.command(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
+        assert "WARNING" not in done.stderr
         output: dict[str, list[Any]] = json.loads(done.stdout)
         return output
 
@@ -196,9 +198,10 @@ def _wait_for(condition: Any, limit_s: float = 60) -> None:
 
 APPENDER = textwrap.dedent(
     """
-    import os, sys, time
+    import logging, os, sys, time
     from flowing import Flow, task
 
+    logging.basicConfig(level=logging.WARNING)
     journal, go, tag = sys.argv[1:4]
 
     def make(i, tag):
@@ -480,8 +483,9 @@ def test_compacting_a_missing_journal_says_so(tmp_path: Path) -> None:
     [
         ({"journal_path": 3}, "journal_path must be a str or os.PathLike, got 3"),
         ({"journal_path": "j.jsonl", "serializer": "yaml"}, "serializer must be 'pickle', 'json'"),
+        ({"serializer": "yaml"}, "serializer must be 'pickle', 'json'"),
     ],
-    ids=["path", "serializer"],
+    ids=["path", "serializer", "serializer-without-journal"],
 )
 def test_bad_journal_options_are_refused_before_anything_runs(
     options: dict[str, Any], message: str
