@@ -218,7 +218,7 @@ class Flow:
             journal = None
             if self._journal is not None:
                 journal = await self._journal.open_run(
-                    self._graph, set(self._overrides), fresh=fresh
+                    self._graph, set(self._overrides), set(kept), fresh=fresh
                 )
             scheduler = Scheduler(
                 self._graph,

@@ -74,11 +74,20 @@ class Journal:
         self.serializer = serializer
         self.fsync = bool(fsync)
 
-    async def open_run(self, graph: Graph, untrusted: Collection[str], *, fresh: bool) -> JournalRun:
-        """Every task's key and the journal's records, read off the event loop."""
-        return await anyio.to_thread.run_sync(self._open_run, graph, untrusted, fresh)
+    async def open_run(
+        self, graph: Graph, untrusted: Collection[str], kept: Collection[str], *, fresh: bool
+    ) -> JournalRun:
+        """Every task's key, and the replayed result of each task not ``kept``.
 
-    def _open_run(self, graph: Graph, untrusted: Collection[str], fresh: bool) -> JournalRun:
+        Reading, hashing and deserialising all happen in a worker thread, off the
+        event loop. ``untrusted`` names overridden tasks (unkeyed, with their
+        dependents); ``fresh`` empties the journal instead of reading it.
+        """
+        return await anyio.to_thread.run_sync(self._open_run, graph, untrusted, kept, fresh)
+
+    def _open_run(
+        self, graph: Graph, untrusted: Collection[str], kept: Collection[str], fresh: bool
+    ) -> JournalRun:
         keys = step_keys(graph, untrusted)
         records: dict[str, _Record] = {}
         try:
@@ -91,7 +100,37 @@ class Journal:
             logger.warning(
                 "journal %r could not be %s, nothing is replayed: %s", self.path, action, error
             )
-        return JournalRun(self, keys, records)
+        replays = {}
+        for i, (task, key) in enumerate(zip(graph.tasks, keys)):
+            record = records.get(key) if key is not None else None
+            if record is not None and task.name not in kept:
+                result = self._replay(record, task.name, task.detached)
+                if result is not None:
+                    replays[i] = result
+        return JournalRun(self, keys, replays)
+
+    def _replay(self, record: _Record, name: str, detached: bool) -> StepResult | None:
+        if record.serializer != self.serializer.name:
+            return None
+        try:
+            value = self.serializer.loads(record.data)
+        except Exception as error:
+            logger.warning(
+                "task %r: its journaled value could not be loaded (%s: %s); running it again",
+                name,
+                type(error).__name__,
+                error,
+            )
+            return None
+        return StepResult(
+            name,
+            StepState.SUCCEEDED,
+            value=value,
+            reason="replayed from the journal",
+            detached=detached,
+            cached=True,
+            step_key=record.key,
+        )
 
     def clear(self) -> None:
         """Empty the journal (under the lock, so a concurrent writer is not cut in half)."""
@@ -114,39 +153,18 @@ class Journal:
 
 
 class JournalRun:
-    """One run's view of the journal: each task's key, its cached result, its writer."""
+    """One run's view of the journal: each task's key, its replayed result, its writer."""
 
-    def __init__(self, journal: Journal, keys: list[str | None], records: dict[str, _Record]) -> None:
+    def __init__(
+        self, journal: Journal, keys: list[str | None], replays: dict[int, StepResult]
+    ) -> None:
         self.journal = journal
         self.keys = keys  # by task index; None: the task runs and is not journaled
-        self.records = records
+        self.replays = replays  # by task index: results loaded from the journal
 
-    def cached(self, i: int, name: str, detached: bool) -> StepResult | None:
+    def cached(self, i: int) -> StepResult | None:
         """The replayed result of task ``i``, or None when it must run."""
-        key = self.keys[i]
-        record = self.records.get(key) if key is not None else None
-        serializer = self.journal.serializer
-        if record is None or record.serializer != serializer.name:
-            return None
-        try:
-            value = serializer.loads(record.data)
-        except Exception as error:
-            logger.warning(
-                "task %r: its journaled value could not be loaded (%s: %s); running it again",
-                name,
-                type(error).__name__,
-                error,
-            )
-            return None
-        return StepResult(
-            name,
-            StepState.SUCCEEDED,
-            value=value,
-            reason="replayed from the journal",
-            detached=detached,
-            cached=True,
-            step_key=key,
-        )
+        return self.replays.get(i)
 
     async def finish(self, i: int, result: StepResult) -> StepResult:
         """Stamp ``result`` with its key and, if it succeeded, journal it before returning."""

@@ -182,7 +182,7 @@ class Scheduler:
         replayed = []
         for i, task in enumerate(self.graph.tasks):
             if task.name not in self.results:
-                result = self.journal.cached(i, task.name, task.detached)
+                result = self.journal.cached(i)
                 if result is not None:
                     replayed.append((i, result))
         return replayed
