@@ -2,10 +2,11 @@
 
 Layout, in the order a task travels: ``_task`` (the @task definition) ->
 ``_graph`` (collection and validation) -> ``_scheduler`` (the async core) ->
-``_attempt`` (one task's gates, retries and timeouts) with ``_threads`` (thread
-offload) -> ``_results`` and ``_events`` (what a run leaves and tells) ->
-``_flow`` (the Flow facade). Alongside: ``_keys`` (content-addressed step keys),
-``_journal`` and ``_serializers`` (the durable journal). This module only re-exports.
+``_attempt`` (one task's gates, retries and timeouts) with ``_executor`` (where
+a sync body runs: ``_threads`` by default, or the optional ``flowing.dask``) ->
+``_results`` and ``_events`` (what a run leaves and tells) -> ``_flow`` (the
+Flow facade). Alongside: ``_keys`` (content-addressed step keys), ``_journal``
+and ``_serializers`` (the durable journal). This module only re-exports.
 """
 
 from ._events import Event as Event
@@ -17,6 +18,7 @@ from ._events import TaskStarted as TaskStarted
 from ._events import ThreadAbandoned as ThreadAbandoned
 from ._exceptions import DetachedDependencyError as DetachedDependencyError
 from ._exceptions import DuplicateTaskNameError as DuplicateTaskNameError
+from ._exceptions import ExecutorBackendError as ExecutorBackendError
 from ._exceptions import FlowAlreadyRunningError as FlowAlreadyRunningError
 from ._exceptions import FlowCycleError as FlowCycleError
 from ._exceptions import FlowDefinitionError as FlowDefinitionError
@@ -27,10 +29,15 @@ from ._exceptions import InvalidTaskError as InvalidTaskError
 from ._exceptions import MissingExtraError as MissingExtraError
 from ._exceptions import MissingParameterError as MissingParameterError
 from ._exceptions import NoRunError as NoRunError
+from ._exceptions import RemoteTaskLostError as RemoteTaskLostError
 from ._exceptions import StepKeyError as StepKeyError
 from ._exceptions import StepNotSucceededError as StepNotSucceededError
 from ._exceptions import TaskNotRunError as TaskNotRunError
+from ._exceptions import TaskSerializationError as TaskSerializationError
 from ._exceptions import UnknownPoolError as UnknownPoolError
+from ._executor import BodyRunner as BodyRunner
+from ._executor import Executor as Executor
+from ._executor import ThreadExecutor as ThreadExecutor
 from ._flow import Flow as Flow
 from ._journal import compact_journal as compact_journal
 from ._keys import compute_step_key as compute_step_key
@@ -48,10 +55,13 @@ from ._task import task as task
 __version__ = "0.1.0"
 
 __all__ = [
+    "BodyRunner",
     "DetachedDependencyError",
     "DuplicateTaskNameError",
     "Event",
     "EventStream",
+    "Executor",
+    "ExecutorBackendError",
     "Flow",
     "FlowAlreadyRunningError",
     "FlowCycleError",
@@ -68,6 +78,7 @@ __all__ = [
     "NoRunError",
     "PickleSerializer",
     "Pool",
+    "RemoteTaskLostError",
     "Serializer",
     "StepKeyError",
     "StepNotSucceededError",
@@ -77,9 +88,11 @@ __all__ = [
     "TaskFinished",
     "TaskNotRunError",
     "TaskRetrying",
+    "TaskSerializationError",
     "TaskStarted",
     "UnknownPoolError",
     "ThreadAbandoned",
+    "ThreadExecutor",
     "__version__",
     "clear_registry",
     "compact_journal",

@@ -6,7 +6,7 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -17,6 +17,9 @@ from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
 from ._threads import ThreadSlots
 
+if TYPE_CHECKING:
+    from ._executor import BodyRunner
+
 
 @dataclass(frozen=True, slots=True)
 class StepContext:
@@ -26,6 +29,7 @@ class StepContext:
     emit: Callable[[Event], None]
     total: int
     limits: Limits = field(default_factory=Limits)
+    runner: BodyRunner | None = None  # the run's executor; None: sync bodies use ``slots``
 
 
 class _Outcome:
@@ -163,7 +167,9 @@ async def _call_body(
     def report_abandoned() -> None:
         ctx.emit(ThreadAbandoned(task.name, index, ctx.total, time.monotonic(), attempt))
 
-    return await ctx.slots.run(call_in_thread, report_abandoned)
+    if task.local or ctx.runner is None:
+        return await ctx.slots.run(call_in_thread, report_abandoned)
+    return _refuse_coroutine(task, await ctx.runner.run(task, kwargs, report_abandoned))
 
 
 def _refuse_coroutine(task: TaskDef[..., Any], value: Any) -> Any:

@@ -15,7 +15,10 @@
     ├── StepNotSucceededError (RuntimeError) asked for the value of a failed step
     ├── TaskNotRunError (KeyError)           asked for the value of a task with no result
     ├── StepKeyError (ValueError)            a task's code cannot be fingerprinted
-    └── FlowTimeoutError (TimeoutError)      the whole run missed its deadline
+    ├── FlowTimeoutError (TimeoutError)      the whole run missed its deadline
+    ├── ExecutorBackendError (RuntimeError)  the executor cannot run on this async backend
+    ├── TaskSerializationError (TypeError)   a body or value cannot travel to or from a worker
+    └── RemoteTaskLostError (RuntimeError)   the executor lost a submitted body (retryable)
 
 Errors raised *by* task bodies are never wrapped in these: they are recorded on
 the task's StepResult.
@@ -170,3 +173,38 @@ class StepKeyError(FlowingError, ValueError):
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"task {name!r} has no step key: {why}")
         self.name = name
+
+
+class ExecutorBackendError(FlowingError, RuntimeError):
+    """Raised when a run starts on an async backend its executor cannot use."""
+
+    def __init__(self, executor: str, backend: str, needed: str) -> None:
+        super().__init__(
+            f"{executor} cannot run on the {backend} backend, it needs {needed}; "
+            f"run the flow with backend={needed!r}"
+        )
+        self.executor = executor
+        self.backend = backend
+
+
+class TaskSerializationError(FlowingError, TypeError):
+    """Raised (and recorded) when a task's body, inputs or value cannot be serialised."""
+
+    def __init__(self, task: str, what: str, cause: BaseException) -> None:
+        super().__init__(
+            f"task {task!r}: {what} cannot be serialised to travel between this "
+            f"process and the workers ({type(cause).__name__}: {cause}); make it "
+            f"picklable, or keep the task in-process with @task(local=True)"
+        )
+        self.task = task
+
+
+class RemoteTaskLostError(FlowingError, RuntimeError):
+    """Raised (and recorded) when a submitted body's result is lost; ``retry=`` resubmits it."""
+
+    def __init__(self, task: str, status: str) -> None:
+        super().__init__(
+            f"task {task!r}: its remote future ended as {status!r} without a result "
+            f"(cancelled or lost outside flowing); give the task retry= to resubmit it"
+        )
+        self.task = task

@@ -20,6 +20,7 @@ from ._exceptions import (
     StepNotSucceededError,
     TaskNotRunError,
 )
+from ._executor import Executor, is_executor
 from ._graph import build_graph
 from ._journal import Journal, step_keys
 from ._pools import Pool, check_pool_names, check_pools
@@ -56,11 +57,18 @@ class Flow:
         journal_path: str | os.PathLike[str] | None = None,
         serializer: Literal["pickle", "json"] | Serializer = "pickle",
         journal_fsync: bool = False,
+        executor: Executor | None = None,
     ) -> None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if on_event is not None and not callable(on_event):
             raise FlowDefinitionError(f"on_event must be a callable taking an event, got {on_event!r}")
+        if executor is not None and not is_executor(executor):
+            raise FlowDefinitionError(
+                f"executor must be an Executor such as ThreadExecutor() or "
+                f"flowing.dask.DaskExecutor(address), got {executor!r}"
+            )
+        self.executor = executor
         self._graph = build_graph(terminals)
         self.pools = check_pools(pools)
         check_pool_names(self._graph.tasks, self.pools)
@@ -228,6 +236,7 @@ class Flow:
                 emit=self._events.emit,
                 pools=self.pools,
                 journal=journal,
+                executor=self.executor,
             )
             with showing_progress(self._events, progress):
                 async with self._events.delivering():

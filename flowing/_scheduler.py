@@ -10,12 +10,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from contextlib import nullcontext
 
 import anyio
 from anyio.abc import TaskGroup
 
 from ._attempt import StepContext, run_step
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished
+from ._executor import Executor
 from ._graph import Graph
 from ._journal import JournalRun
 from ._pools import Limits, Pool
@@ -39,9 +41,11 @@ class Scheduler:
         emit: Callable[[Event], None],
         pools: Mapping[str, Pool] | None = None,
         journal: JournalRun | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.graph = graph
         self.journal = journal
+        self.executor = executor  # None: sync bodies run in this run's own threads
         self.fail_fast = fail_fast
         self.emit = emit
         # Invariant: `results` holds a final StepResult for exactly the tasks that
@@ -70,16 +74,19 @@ class Scheduler:
         replayed = self._replayed()
         pending = sum(1 for t in self.graph.tasks if t.name not in self.results) - len(replayed)
         self.emit(FlowStarted(len(self.graph), pending, started))
-        self._ctx = StepContext(
-            ThreadSlots(self.max_workers), self.emit, len(self.graph), Limits(self.pools)
-        )
+        threads = ThreadSlots(self.max_workers)
         try:
             for i, result in replayed:
                 self._record(i, result)
                 for d in self.graph.dependents[i]:
                     self._waiting_on[d] -= 1
-            await self._run_phase(detached=False)
-            await self._run_phase(detached=True)
+            session = self.executor.session(threads) if self.executor else nullcontext()
+            async with session as runner:
+                self._ctx = StepContext(
+                    threads, self.emit, len(self.graph), Limits(self.pools), runner=runner
+                )
+                await self._run_phase(detached=False)
+                await self._run_phase(detached=True)
             if self._interrupt is not None:
                 raise self._interrupt
         except BaseException:

@@ -43,6 +43,7 @@ class TaskDef(Generic[P, R]):
         "retry_max_backoff_ms",
         "timeout_s",
         "detached",
+        "local",
         "when",
         "validate",
         "retry_until",
@@ -72,6 +73,7 @@ class TaskDef(Generic[P, R]):
         retry_jitter: float = 0.0,
         pool: str | None = None,
         max_concurrency: int | None = None,
+        local: bool = False,
     ) -> None:
         if not callable(fn):
             raise InvalidTaskError(f"@task needs a function, got {fn!r}")
@@ -87,6 +89,7 @@ class TaskDef(Generic[P, R]):
         )
         self.timeout_s = _check_timeout(self.name, timeout_s)
         self.detached = bool(detached)
+        self.local = bool(local)  # a sync body stays in this process whatever the executor
         self.when = _check_gate(self.name, "when", when)
         self.validate = _check_gate(self.name, "validate", validate)
         self.retry_until = _check_gate(self.name, "retry_until", retry_until)
@@ -133,6 +136,7 @@ def task(
     retry_jitter: float = 0.0,
     pool: str | None = None,
     max_concurrency: int | None = None,
+    local: bool = False,
 ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 
 

@@ -1,0 +1,70 @@
+"""Where a sync task body runs: the executor seam.
+
+An ``Executor`` is opened once per run with that run's in-process thread budget
+and yields a ``BodyRunner`` that runs each sync body. Two implementations:
+``ThreadExecutor`` (the default, worker threads of this process) and
+``flowing.dask.DaskExecutor`` (a Dask cluster). Async bodies, gates and tasks
+declared ``@task(local=True)`` never go through an executor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._attempt import _refuse_coroutine as refuse_coroutine
+from ._task import TaskDef
+from ._threads import ThreadSlots
+
+
+class BodyRunner(Protocol):
+    """Runs the sync bodies of one run."""
+
+    async def run(
+        self, task: TaskDef[..., Any], kwargs: dict[str, Any], on_abandon: Callable[[], None]
+    ) -> Any:
+        """Return ``task.fn(**kwargs)``; when cancelled, stop or abandon the call and re-raise.
+
+        ``on_abandon`` is called when a cancelled call keeps running unwatched.
+        """
+        ...
+
+
+class Executor(Protocol):
+    """Decides where sync task bodies run; pass one as ``Flow(..., executor=...)``."""
+
+    def session(self, threads: ThreadSlots) -> AbstractAsyncContextManager[BodyRunner]:
+        """Open the executor for one run; ``threads`` is the run's in-process thread budget."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadExecutor:
+    """The default executor: sync bodies run in this process's worker threads,
+    at most ``max_workers`` at once."""
+
+    @asynccontextmanager
+    async def session(self, threads: ThreadSlots) -> AsyncIterator[BodyRunner]:
+        yield _InThreads(threads)
+
+
+@dataclass(frozen=True, slots=True)
+class _InThreads:
+    threads: ThreadSlots
+
+    async def run(
+        self, task: TaskDef[..., Any], kwargs: dict[str, Any], on_abandon: Callable[[], None]
+    ) -> Any:
+        return await self.threads.run(functools.partial(_call_here, task, kwargs), on_abandon)
+
+
+def _call_here(task: TaskDef[..., Any], kwargs: dict[str, Any]) -> Any:
+    return refuse_coroutine(task, task.fn(**kwargs))
+
+
+def is_executor(candidate: object) -> bool:
+    """True when ``candidate`` looks like an ``Executor`` (it has a ``session`` method)."""
+    return callable(getattr(candidate, "session", None))

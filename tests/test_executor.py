@@ -1,0 +1,137 @@
+"""The executor seam: where sync bodies run, and which bodies never leave the loop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from flowing import (
+    BodyRunner,
+    Flow,
+    FlowDefinitionError,
+    StepState,
+    ThreadExecutor,
+    task,
+)
+from flowing._threads import ThreadSlots
+
+pytestmark = pytest.mark.anyio
+
+
+class RecordingExecutor:
+    """Runs bodies in-process like the default, remembering which ones it was given."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self.sessions_open = 0
+        self.sessions_opened = 0
+
+    @asynccontextmanager
+    async def session(self, threads: ThreadSlots) -> AsyncIterator[BodyRunner]:
+        self.sessions_open += 1
+        self.sessions_opened += 1
+        try:
+            yield self._Runner(self)
+        finally:
+            self.sessions_open -= 1
+
+    class _Runner:
+        def __init__(self, owner: RecordingExecutor) -> None:
+            self.owner = owner
+
+        async def run(
+            self, task: Any, kwargs: dict[str, Any], on_abandon: Callable[[], None]
+        ) -> Any:
+            self.owner.ran.append(task.name)
+            return task.fn(**kwargs)
+
+
+def mixed_graph() -> Any:
+    @task
+    def source() -> int:
+        return 2
+
+    @task(depends_on=[source])
+    async def doubled(source: int) -> int:
+        return source * 2
+
+    @task(depends_on=[source], local=True)
+    def local_square(source: int) -> int:
+        return source**2
+
+    @task(depends_on=[doubled, local_square])
+    def total(doubled: int, local_square: int) -> int:
+        return doubled + local_square
+
+    return total
+
+
+async def test_only_sync_bodies_not_marked_local_go_through_the_executor() -> None:
+    executor = RecordingExecutor()
+    flow = Flow(mixed_graph(), executor=executor)
+    results = await flow.arun()
+    assert results["total"].value == 8
+    assert sorted(executor.ran) == ["source", "total"]
+
+
+async def test_a_session_is_opened_once_per_run_and_closed_after_it() -> None:
+    executor = RecordingExecutor()
+    flow = Flow(mixed_graph(), executor=executor)
+    await flow.arun()
+    await flow.arun()
+    assert (executor.sessions_opened, executor.sessions_open) == (2, 0)
+
+
+@pytest.mark.parametrize("executor", [None, ThreadExecutor()], ids=["default", "explicit"])
+async def test_the_thread_executor_gives_the_same_results_as_the_default(
+    executor: ThreadExecutor | None,
+) -> None:
+    results = await Flow(mixed_graph(), executor=executor).arun()
+    assert {n: (r.state, r.value) for n, r in results.items()} == {
+        "source": (StepState.SUCCEEDED, 2),
+        "doubled": (StepState.SUCCEEDED, 4),
+        "local_square": (StepState.SUCCEEDED, 4),
+        "total": (StepState.SUCCEEDED, 8),
+    }
+
+
+async def test_a_sync_body_returning_a_coroutine_through_an_executor_fails_clearly() -> None:
+    async def later() -> int:
+        return 1
+
+    @task
+    def mistaken() -> Any:
+        return later()
+
+    results = await Flow(mistaken, executor=ThreadExecutor()).arun()
+    assert results["mistaken"].state is StepState.FAILED
+    assert "task 'mistaken' returned an un-awaited coroutine" in str(results["mistaken"].error)
+
+
+@pytest.mark.parametrize("bad", [42, "tcp://127.0.0.1:8786", object()], ids=repr)
+def test_a_flow_refuses_an_executor_that_is_not_one(bad: object) -> None:
+    with pytest.raises(FlowDefinitionError, match="executor must be an Executor"):
+        Flow(mixed_graph(), executor=bad)  # type: ignore[arg-type]
+
+
+def test_local_defaults_to_false_and_is_kept() -> None:
+    @task
+    def anywhere() -> None: ...
+
+    @task(local=True)
+    def here() -> None: ...
+
+    assert (anywhere.local, here.local) == (False, True)
+
+
+def test_importing_flowing_never_imports_dask() -> None:
+    code = "import sys, flowing; print('distributed' in sys.modules, 'dask' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "False"]
