@@ -2,14 +2,16 @@
 
 A key is a SHA-256 over a version tag, the interpreter's bytecode tag, the task's
 own code (its body and its ``when``/``validate``/``retry_until`` gates: bytecode,
-constants, names, argument layout, default values, recursively for nested code
-and for functions it closes over or wraps) and the name and key of each
-dependency, sorted by name. Closed-over values are in the key only when they are
-plain constants (None, bool, int, float, complex, str, bytes, and tuples and
-frozensets of these). Cosmetic knobs (retry, backoff, timeout_s, detached,
+constants, names, argument layout, default values, recursively for nested code)
+and the name and key of each dependency, sorted by name. Functions the code
+closes over, wraps, or names as a global of its own module are fed in the same
+way, recursively; closed-over values and globals it names are in the key when
+they are plain constants (None, bool, int, float, complex, str, bytes, and tuples
+and frozensets of these). Cosmetic knobs (retry, backoff, timeout_s, detached,
 name) and the function's own name, file and line numbers are left out. Any other
-closed-over object, and every global, is not in the key: a task that reads an
-input from outside its arguments must receive it from a dependency to have it keyed.
+captured object or global (a list, a DataFrame, a module, a function imported
+from another module) is not in the key: a task that reads such an input from
+outside its arguments must receive it from a dependency to have it keyed.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class _Feeder:
                 tuple(sorted((fn.__kwdefaults__ or {}).items())), f"a default of the {role}"
             )
             self._closure(role, fn)
+            self._globals(role, fn)
             wrapped = getattr(fn, "__wrapped__", None)
             if wrapped is not None:
                 self.callable(role, wrapped)  # a decorator's inner function
@@ -114,6 +117,20 @@ class _Feeder:
                 self.constant(value, "a closed-over value")
             else:
                 self.text("opaque")
+
+    def _globals(self, role: str, fn: types.FunctionType) -> None:
+        """Globals the code names that are plain constants or functions of its own module."""
+        namespace = fn.__globals__
+        for name in sorted(_names(fn.__code__)):
+            if name not in namespace:
+                continue
+            value = namespace[name]
+            if isinstance(value, types.FunctionType) and value.__module__ == fn.__module__:
+                self.text(f"global:{name}")
+                self.callable(role, value)
+            elif _is_plain(value):
+                self.text(f"global:{name}")
+                self.constant(value, f"global {name!r}")
 
     def code(self, code: types.CodeType) -> None:
         self.text("code")
@@ -162,6 +179,15 @@ class _Feeder:
             _Feeder(inner, self._task).constant(item, what)
             parts.append(inner.hexdigest())
         self.text("frozenset:" + ",".join(sorted(parts)))
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Every global or attribute name used by ``code`` and the code nested in it."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _names(constant)
+    return names
 
 
 def _is_plain(value: Any) -> bool:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,47 @@ def closed_over_constant() -> TaskDef[..., Any]:
         return [x * factor for _ in range(3)][0]
 
     return step
+
+
+def helper() -> int:
+    return 1
+
+
+def edited_helper() -> int:
+    return 2
+
+
+def with_globals(**namespace: Any) -> TaskDef[..., Any]:
+    """A task whose body reads the globals ``LIMIT`` and ``helper`` from ``namespace``."""
+
+    def step() -> Any:
+        return helper() * LIMIT  # type: ignore[name-defined]  # noqa: F821
+
+    body = types.FunctionType(step.__code__, {"__name__": __name__, **namespace}, "step")
+    return task(body)
+
+
+@pytest.mark.parametrize(
+    "one, other, same",
+    [
+        ({"LIMIT": 3, "helper": helper}, {"LIMIT": 3, "helper": helper}, True),
+        ({"LIMIT": 3, "helper": helper}, {"LIMIT": 4, "helper": helper}, False),
+        ({"LIMIT": 3, "helper": helper}, {"LIMIT": 3, "helper": edited_helper}, False),
+        ({"LIMIT": [3], "helper": helper}, {"LIMIT": [4], "helper": helper}, True),
+        ({"LIMIT": 3, "helper": math.floor}, {"LIMIT": 3, "helper": math.ceil}, True),
+    ],
+    ids=[
+        "unchanged",
+        "plain-constant-global-edited",
+        "same-module-helper-edited",
+        "list-global-is-not-keyed",
+        "function-from-another-module-is-not-keyed",
+    ],
+)
+def test_globals_in_the_key_are_plain_constants_and_functions_of_the_same_module(
+    one: dict[str, Any], other: dict[str, Any], same: bool
+) -> None:
+    assert (key(with_globals(**one)) == key(with_globals(**other))) is same
 
 
 @pytest.mark.parametrize("case", COSMETIC.values(), ids=COSMETIC.keys())
