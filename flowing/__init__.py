@@ -12,6 +12,7 @@ and ``_serializers`` (the durable journal). This module only re-exports.
 from ._events import Event as Event
 from ._events import FlowFinished as FlowFinished
 from ._events import FlowStarted as FlowStarted
+from ._events import InstanceFinished as InstanceFinished
 from ._events import TaskFinished as TaskFinished
 from ._events import TaskRetrying as TaskRetrying
 from ._events import TaskStarted as TaskStarted
@@ -26,6 +27,7 @@ from ._exceptions import FlowingError as FlowingError
 from ._exceptions import FlowTimeoutError as FlowTimeoutError
 from ._exceptions import InvalidPoolError as InvalidPoolError
 from ._exceptions import InvalidTaskError as InvalidTaskError
+from ._exceptions import MapOverError as MapOverError
 from ._exceptions import MissingExtraError as MissingExtraError
 from ._exceptions import MissingParameterError as MissingParameterError
 from ._exceptions import NoRunError as NoRunError
@@ -70,9 +72,11 @@ __all__ = [
     "FlowStarted",
     "FlowTimeoutError",
     "FlowingError",
+    "InstanceFinished",
     "InvalidPoolError",
     "InvalidTaskError",
     "JsonSerializer",
+    "MapOverError",
     "MissingExtraError",
     "MissingParameterError",
     "NoRunError",

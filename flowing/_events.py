@@ -76,7 +76,23 @@ class TaskFinished(_TaskEvent):
     result: StepResult
 
 
-Event = Union[FlowStarted, FlowFinished, TaskStarted, TaskRetrying, ThreadAbandoned, TaskFinished]
+@dataclass(frozen=True, slots=True)
+class InstanceFinished(_TaskEvent):
+    """Instance ``item`` of a mapped task (``task`` is ``"name[item]"``) reached a final state."""
+
+    item: int
+    result: StepResult
+
+
+Event = Union[
+    FlowStarted,
+    FlowFinished,
+    TaskStarted,
+    TaskRetrying,
+    ThreadAbandoned,
+    TaskFinished,
+    InstanceFinished,
+]
 
 
 def log_event(event: Event) -> None:
@@ -114,6 +130,19 @@ def log_event(event: Event) -> None:
             "thread keeps running and holds its worker slot until the function returns",
             event.task,
         )
+    elif isinstance(event, InstanceFinished):
+        result = event.result
+        level = logging.WARNING if result.error is not None else logging.DEBUG
+        if logger.isEnabledFor(level):
+            detail = describe_error(result.error) if result.error else (result.reason or "")
+            logger.log(
+                level,
+                "instance %r %s after %d attempt(s)%s",
+                event.task,
+                result.state.value,
+                result.attempts,
+                f": {detail}" if detail else "",
+            )
     elif isinstance(event, FlowStarted):
         logger.info("flow started: %d of %d tasks to run", event.pending, event.total)
     else:

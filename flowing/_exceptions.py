@@ -9,6 +9,7 @@
     │   ├── InvalidPoolError                 a bad pool given to Flow(pools=...)
     │   ├── UnknownPoolError                 a task names a pool its Flow does not define
     │   └── FlowCycleError                   the graph has a cycle
+    ├── MapOverError (TypeError)          recorded on a mapped step whose input cannot be mapped
     ├── FlowAlreadyRunningError (RuntimeError)
     ├── NoRunError (RuntimeError)            asked about the last run before any run
     ├── MissingExtraError (ImportError)      an optional dependency is not installed
@@ -26,6 +27,7 @@ the task's StepResult.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -98,6 +100,19 @@ class FlowCycleError(FlowDefinitionError):
             "the tasks form a cycle: " + " -> ".join(repr(name) for name in cycle)
         )
         self.cycle = tuple(cycle)
+
+
+class MapOverError(FlowingError, TypeError):
+    """Recorded on a mapped task (FAILED) when the value it maps over is not a sequence of elements."""
+
+    def __init__(self, task: str, map_over: str, value: object, hint: str) -> None:
+        shown = reprlib.repr(value)
+        super().__init__(
+            f"task {task!r} maps over {map_over!r}, whose value {shown} "
+            f"({type(value).__name__}) cannot be mapped: {hint}"
+        )
+        self.task = task
+        self.map_over = map_over
 
 
 class FlowAlreadyRunningError(FlowingError, RuntimeError):

@@ -1,11 +1,11 @@
-"""Concurrency limits: named pools shared by tasks, per-task limits, and start rates.
+"""Concurrency limits: named pools shared by tasks, with an optional start rate.
 
-Every attempt of a task waits, in this fixed order, for a token of its own
-``max_concurrency`` limiter, then for a token of its pool, then for its turn in the
-pool's start rate; the attempt's ``TaskStarted`` is emitted only after that. The
-fixed order means two tasks can never hold tokens the other one waits for. Waiting
+Every attempt of a task in a pool waits for a token of the pool, then for its turn
+in the pool's start rate; the attempt's ``TaskStarted`` is emitted only after that.
+An attempt holds at most one pool token, so tasks cannot deadlock on pools. Waiting
 is done on anyio primitives (``CapacityLimiter``, ``Lock``, ``sleep_until``): no
-polling. Limits belong to one run of one Flow.
+polling. Limits belong to one run of one Flow. A task's own ``max_concurrency``
+bounds its mapped instances and lives in ``_mapping``.
 """
 
 from __future__ import annotations
@@ -86,11 +86,18 @@ def check_pool(name: str, pool: Any) -> str | None:
     return pool
 
 
-def check_max_concurrency(name: str, limit: Any) -> int | None:
-    """``@task(max_concurrency=...)``: None or an int >= 1."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+def check_max_concurrency(name: str, limit: Any, map_over: str | None) -> int | None:
+    """``@task(max_concurrency=...)``: None, or an int >= 1 on a mapped task."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidTaskError(
             f"max_concurrency of task {name!r} must be None or an int >= 1, got {limit!r}"
+        )
+    if map_over is None:
+        raise InvalidTaskError(
+            f"max_concurrency of task {name!r} bounds its mapped instances, but it has no "
+            f"map_over; to limit several tasks together, give them a pool"
         )
     return limit
 
@@ -129,29 +136,18 @@ class Limits:
 
     def __init__(self, pools: Mapping[str, Pool] | None = None) -> None:
         self._pools = {name: _PoolGate(pool) for name, pool in (pools or {}).items()}
-        # Invariant: one limiter per task name with a max_concurrency, made on first use.
-        self._per_task: dict[str, anyio.CapacityLimiter] = {}
 
     def hold(self, task: TaskDef[..., Any]) -> AbstractAsyncContextManager[None]:
         """Hold ``task``'s limits for the duration of one attempt."""
-        if task.max_concurrency is None and task.pool is None:
+        if task.pool is None:
             return _NO_LIMITS
-        return self._hold(task)
+        return self._hold(self._pools[task.pool])
 
     @asynccontextmanager
-    async def _hold(self, task: TaskDef[..., Any]) -> AsyncIterator[None]:
+    async def _hold(self, gate: _PoolGate) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            if task.max_concurrency is not None:
-                limiter = self._per_task.get(task.name)
-                if limiter is None:
-                    limiter = self._per_task[task.name] = anyio.CapacityLimiter(
-                        task.max_concurrency
-                    )
-                await stack.enter_async_context(limiter)
-            if task.pool is not None:
-                gate = self._pools[task.pool]
-                if gate.limiter is not None:
-                    await stack.enter_async_context(gate.limiter)
-                if gate.rate is not None:
-                    await gate.rate.wait_turn()
+            if gate.limiter is not None:
+                await stack.enter_async_context(gate.limiter)
+            if gate.rate is not None:
+                await gate.rate.wait_turn()
             yield

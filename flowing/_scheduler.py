@@ -20,6 +20,7 @@ from ._events import Event, FlowFinished, FlowStarted, TaskFinished
 from ._executor import Executor
 from ._graph import Graph
 from ._journal import JournalRun
+from ._mapping import run_mapped
 from ._pools import Limits, Pool
 from ._results import StepResult, StepState
 from ._threads import ThreadSlots
@@ -143,7 +144,17 @@ class Scheduler:
         names = [self.graph.tasks[d].name for d in self.graph.deps[i]]
         kwargs = {name: self.results[name].value for name in names}
         try:
-            result = await run_step(task, i, kwargs, self._ctx)
+            if task.map_over is None:
+                result = await run_step(task, i, kwargs, self._ctx)
+            else:
+                result = await run_mapped(
+                    task,
+                    i,
+                    kwargs,
+                    self._ctx,
+                    fail_fast=self.fail_fast and not task.detached,
+                    halted=lambda: self._stopped_by is not None and not task.detached,
+                )
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as exc:  # run_step records every Exception itself

@@ -51,6 +51,7 @@ class TaskDef(Generic[P, R]):
         "retry_jitter",
         "pool",
         "max_concurrency",
+        "map_over",
         "is_async",
         "__wrapped__",
     )
@@ -74,6 +75,7 @@ class TaskDef(Generic[P, R]):
         pool: str | None = None,
         max_concurrency: int | None = None,
         local: bool = False,
+        map_over: str | TaskDef[..., Any] | None = None,
     ) -> None:
         if not callable(fn):
             raise InvalidTaskError(f"@task needs a function, got {fn!r}")
@@ -96,7 +98,8 @@ class TaskDef(Generic[P, R]):
         self.retry_on = check_retry_on(self.name, retry_on)
         self.retry_jitter = check_jitter(self.name, retry_jitter)
         self.pool = check_pool(self.name, pool)
-        self.max_concurrency = check_max_concurrency(self.name, max_concurrency)
+        self.map_over = _check_map_over(self.name, map_over, self.depends_on)
+        self.max_concurrency = check_max_concurrency(self.name, max_concurrency, self.map_over)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__wrapped__ = fn
         _check_parameters(self.name, fn, self.depends_on)
@@ -137,6 +140,7 @@ def task(
     pool: str | None = None,
     max_concurrency: int | None = None,
     local: bool = False,
+    map_over: str | TaskDef[..., Any] | None = None,
 ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 
 
@@ -205,6 +209,33 @@ def _check_dependencies(
             )
         unique.setdefault(id(dep), dep)
     return tuple(unique.values())
+
+
+def _check_map_over(
+    name: str, map_over: Any, depends_on: tuple[TaskDef[..., Any], ...]
+) -> str | None:
+    """``map_over`` names one of the task's dependencies (by name or as the task itself)."""
+    if map_over is None:
+        return None
+    deps = depends_on
+    if isinstance(map_over, TaskDef):
+        if not any(dep is map_over for dep in deps):
+            raise InvalidTaskError(
+                f"map_over of task {name!r} is task {map_over.name!r}, which is not in its "
+                f"depends_on; add it there"
+            )
+        return map_over.name
+    if not isinstance(map_over, str):
+        raise InvalidTaskError(
+            f"map_over of task {name!r} must name one of its dependencies, got {map_over!r}"
+        )
+    if map_over not in {dep.name for dep in deps}:
+        listed = ", ".join(repr(dep.name) for dep in deps) or "nothing"
+        raise InvalidTaskError(
+            f"map_over={map_over!r} of task {name!r} is not one of its dependencies "
+            f"(depends_on: {listed}); add that task to depends_on"
+        )
+    return map_over
 
 
 def _check_retry(name: str, retry: int) -> int:

@@ -19,7 +19,7 @@ from flowing import (
     UnknownPoolError,
     task,
 )
-from flowing._pools import Limits, StartRate
+from flowing._pools import StartRate
 
 WAIT_S = 10  # a generous bound: only reached when a limit is broken
 
@@ -108,33 +108,6 @@ async def test_tasks_outside_the_pool_are_not_limited_by_it() -> None:
     results = await flow.arun()
     assert results["controller"].value is True
     assert tracker.peak == 4
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
-async def test_max_concurrency_bounds_the_attempts_of_one_task(is_async: bool) -> None:
-    step = task(max_concurrency=2)(lambda: None)
-    tracker = Tracker(limit=2)
-    limits = Limits()
-
-    async def attempt() -> None:
-        async with limits.hold(step):
-            tracker.enter()
-            try:
-                if is_async:
-                    await tracker.wait_released()
-                else:
-                    await anyio.to_thread.run_sync(tracker.release.wait, WAIT_S)
-            finally:
-                tracker.leave()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(5):
-            tg.start_soon(attempt)
-        filled = await anyio.to_thread.run_sync(tracker.full.wait, WAIT_S)
-        tracker.release.set()
-        tracker.async_release.set()
-    assert filled and tracker.peak == 2
 
 
 @pytest.mark.anyio
@@ -230,6 +203,7 @@ async def test_a_pool_rate_spaces_attempt_starts_in_a_real_run() -> None:
         (lambda: task(pool="")(lambda: 0), InvalidTaskError, "must be None or the name"),
         (lambda: task(max_concurrency=0)(lambda: 0), InvalidTaskError, "max_concurrency"),
         (lambda: task(max_concurrency=True)(lambda: 0), InvalidTaskError, "got True"),
+        (lambda: task(max_concurrency=2)(lambda: 0), InvalidTaskError, "but it has no map_over"),
     ],
     ids=lambda value: value.__name__ if isinstance(value, type) else None,
 )

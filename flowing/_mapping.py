@@ -1,0 +1,254 @@
+"""Dynamic fan-out: run a task once per element of a dependency's value.
+
+A mapped task (``@task(depends_on=[src], map_over="src")``) becomes, at run time,
+one *instance* per element of ``src``'s value, each a full run of the task (gates,
+retries, timeout, events) named ``"task[k]"`` that receives the element as ``src``.
+The step's value is the list of the instances' values, in element order.
+
+At most ``window`` instances are in progress at once: the task's ``max_concurrency``,
+else (sync bodies) ``max_workers``, else no bound. Under fail_fast, once an instance
+fails (or the run stops) no new instance starts; the unstarted ones are SKIPPED.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ._attempt import StepContext, run_step
+from ._events import InstanceFinished
+from ._exceptions import MapOverError
+from ._results import StepResult, StepState
+from ._task import TaskDef
+
+_SLOTS = tuple(getattr(TaskDef, slot) for slot in TaskDef.__slots__ if slot != "__weakref__")
+
+
+class TaskInstance(TaskDef[..., Any]):
+    """One element's run of a mapped task: the task's policies under the name ``task[k]``."""
+
+    __slots__ = ("of", "item")
+
+    of: TaskDef[..., Any]
+    item: int
+
+    @classmethod
+    def of_element(cls, task: TaskDef[..., Any], k: int, values: list[Any]) -> TaskInstance:
+        """Instance ``k`` of ``task``; ``values`` are ``task_slot_values(task)``."""
+        instance = object.__new__(cls)
+        for slot, value in zip(_SLOTS, values):
+            slot.__set__(instance, value)
+        instance.name = f"{task.name}[{k}]"
+        instance.map_over = None
+        instance.of = task
+        instance.item = k
+        return instance
+
+
+def task_slot_values(task: TaskDef[..., Any]) -> list[Any]:
+    """Every attribute of ``task``, read once per mapped step for its instances."""
+    return [slot.__get__(task) for slot in _SLOTS]
+
+
+def launch_window(task: TaskDef[..., Any], ctx: StepContext) -> int | None:
+    """How many instances may be in progress at once; None for no bound."""
+    if task.max_concurrency is not None:
+        return task.max_concurrency
+    if not task.is_async:
+        return int(ctx.slots.limiter.total_tokens)
+    return None
+
+
+async def run_mapped(
+    task: TaskDef[..., Any],
+    index: int,
+    kwargs: dict[str, Any],
+    ctx: StepContext,
+    *,
+    fail_fast: bool,
+    halted: Callable[[], bool],
+) -> StepResult:
+    """Run one instance of ``task`` per element of ``kwargs[task.map_over]``."""
+    assert task.map_over is not None
+    started_at = time.monotonic()
+    try:
+        items = _elements(task, task.map_over, kwargs[task.map_over])
+    except Exception as error:
+        return _step_result(
+            task, started_at, StepState.FAILED, error=error, reason=f"cannot map over {task.map_over!r}"
+        )
+    fan_out = _FanOut(task, index, kwargs, ctx, fail_fast, halted)
+    await fan_out.run(items)
+    return fan_out.outcome(started_at)
+
+
+class _FanOut:
+    """The instances of one mapped step.
+
+    Invariant: ``results[k]`` is None until instance ``k`` has a final result;
+    ``failed`` is True once any instance FAILED.
+    """
+
+    def __init__(
+        self,
+        task: TaskDef[..., Any],
+        index: int,
+        kwargs: dict[str, Any],
+        ctx: StepContext,
+        fail_fast: bool,
+        halted: Callable[[], bool],
+    ) -> None:
+        assert task.map_over is not None
+        self.task = task
+        self.source = task.map_over
+        self.index = index
+        self.kwargs = kwargs
+        self.ctx = ctx
+        self.fail_fast = fail_fast
+        self.halted = halted
+        self.slot_values = task_slot_values(task)
+        self.results: list[StepResult | None] = []
+        self.failed = False
+        self._interrupt: BaseException | None = None
+
+    async def run(self, items: list[Any]) -> None:
+        self.results = [None] * len(items)
+        window = launch_window(self.task, self.ctx)
+        slots = anyio.Semaphore(window) if window is not None else None
+        async with anyio.create_task_group() as tg:
+            for k, item in enumerate(items):
+                if slots is not None:
+                    await slots.acquire()
+                if self._stopping():
+                    if slots is not None:
+                        slots.release()
+                    self._skip_from(k)
+                    break
+                tg.start_soon(self._instance, k, item, slots, tg.cancel_scope)
+        if self._interrupt is not None:
+            raise self._interrupt
+
+    async def _instance(
+        self, k: int, item: Any, slots: anyio.Semaphore | None, scope: anyio.CancelScope
+    ) -> None:
+        instance = TaskInstance.of_element(self.task, k, self.slot_values)
+        kwargs = {**self.kwargs, self.source: item}
+        try:
+            result = await run_step(instance, self.index, kwargs, self.ctx)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # KeyboardInterrupt and the like: stop, re-raise later
+            self._interrupt = self._interrupt or exc
+            scope.cancel()
+            return
+        finally:
+            if slots is not None:
+                slots.release()
+        self._finish(k, result)
+
+    def _stopping(self) -> bool:
+        return self._interrupt is not None or self.halted() or (self.fail_fast and self.failed)
+
+    def _skip_from(self, first: int) -> None:
+        culprit = next(
+            (r.name for r in self.results if r is not None and r.state is StepState.FAILED),
+            None,
+        )
+        why = f"{culprit!r} failed" if culprit else "the run stopped"
+        reason = f"not started: fail_fast stopped the mapping after {why}"
+        for k in range(first, len(self.results)):
+            name = f"{self.task.name}[{k}]"
+            skipped = StepResult(name, StepState.SKIPPED, reason=reason, detached=self.task.detached)
+            self._finish(k, skipped)
+
+    def _finish(self, k: int, result: StepResult) -> None:
+        self.results[k] = result
+        if result.state is StepState.FAILED:
+            self.failed = True
+        self.ctx.emit(
+            InstanceFinished(result.name, self.index, self.ctx.total, time.monotonic(), k, result)
+        )
+
+    def outcome(self, started_at: float) -> StepResult:
+        """The mapped step's result: its instances' values in order, or why not."""
+        done = [r for r in self.results if r is not None]
+        attempts = sum(r.attempts for r in done)
+        failed = [r for r in done if r.state is StepState.FAILED]
+        if failed:
+            first = failed[0]
+            return _step_result(
+                self.task,
+                started_at,
+                StepState.FAILED,
+                error=first.error,
+                attempts=attempts,
+                reason=f"{len(failed)} of {len(self.results)} instance(s) failed, first "
+                f"{first.name!r}" + (f": {first.reason}" if first.reason else ""),
+            )
+        skipped = [r for r in done if r.state is not StepState.SUCCEEDED]
+        if skipped:
+            return _step_result(
+                self.task,
+                started_at,
+                StepState.SKIPPED,
+                attempts=attempts,
+                reason=f"{len(skipped)} of {len(self.results)} instance(s) did not succeed, "
+                f"first {skipped[0].name!r}: {skipped[0].reason}",
+            )
+        return _step_result(
+            self.task,
+            started_at,
+            StepState.SUCCEEDED,
+            value=[r.value for r in done],
+            attempts=attempts,
+            reason=f"mapped over {len(done)} element(s)",
+        )
+
+
+def _elements(task: TaskDef[..., Any], source: str, value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes, bytearray)):
+        raise MapOverError(
+            task.name,
+            source,
+            value,
+            f"mapping over a {type(value).__name__} would run once per character; "
+            f"return a list (e.g. [value]) instead",
+        )
+    try:
+        iterator = iter(value)
+    except TypeError:
+        raise MapOverError(
+            task.name,
+            source,
+            value,
+            f"it is not iterable; return a list (or any iterable) from {source!r}",
+        ) from None
+    return list(iterator)
+
+
+def _step_result(
+    task: TaskDef[..., Any],
+    started_at: float,
+    state: StepState,
+    *,
+    value: Any = None,
+    error: BaseException | None = None,
+    attempts: int = 0,
+    reason: str | None = None,
+) -> StepResult:
+    finished_at = time.monotonic()
+    return StepResult(
+        name=task.name,
+        state=state,
+        value=value,
+        error=error,
+        duration_ms=(finished_at - started_at) * 1000,
+        attempts=attempts,
+        started_at=started_at,
+        finished_at=finished_at,
+        reason=reason,
+        detached=task.detached,
+    )

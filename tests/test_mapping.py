@@ -1,0 +1,405 @@
+"""Dynamic fan-out: a mapped task runs once per element, and its step holds the values in order."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from flowing import (
+    Event,
+    Flow,
+    InstanceFinished,
+    InvalidTaskError,
+    MapOverError,
+    StepState,
+    TaskFinished,
+    TaskRetrying,
+    TaskStarted,
+    task,
+)
+
+WAIT_S = 10  # a generous bound: only reached when something is broken
+
+
+def _source(value: Any, name: str = "items") -> Any:
+    return task(name=name)(lambda: value)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_results_keep_element_order_when_instances_finish_in_reverse(is_async: bool) -> None:
+    count = 4
+    items = _source(list(range(count)))
+    # Instance k may finish only after instance k + 1 has: the last one finishes first.
+    done = [threading.Event() for _ in range(count + 1)]
+    async_done = [anyio.Event() for _ in range(count + 1)]
+    done[count].set()
+    async_done[count].set()
+    finished: list[int] = []
+
+    if is_async:
+
+        @task(depends_on=[items], map_over="items")
+        async def square(items: int) -> int:
+            with anyio.fail_after(WAIT_S):
+                await async_done[items + 1].wait()
+            finished.append(items)
+            async_done[items].set()
+            return items * items
+
+    else:
+
+        @task(depends_on=[items], map_over="items")
+        def square(items: int) -> int:
+            assert done[items + 1].wait(WAIT_S)
+            finished.append(items)
+            done[items].set()
+            return items * items
+
+    @task(depends_on=[square])
+    def collect(square: list[int]) -> list[int]:
+        return square
+
+    results = await Flow(collect, max_workers=count).arun()
+    assert finished == [3, 2, 1, 0]
+    assert results["collect"].value == [0, 1, 4, 9]
+    assert results["square"].reason == "mapped over 4 element(s)"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "value",
+    [[], (), range(0), {}, iter([])],
+    ids=["list", "tuple", "range", "dict", "iterator"],
+)
+async def test_an_empty_input_gives_an_empty_list_and_downstream_runs(value: Any) -> None:
+    items = _source(value)
+
+    @task(depends_on=[items], map_over=items)
+    def double(items: int) -> int:
+        return 2 * items
+
+    @task(depends_on=[double])
+    def count(double: list[int]) -> int:
+        return len(double)
+
+    results = await Flow(count).arun()
+    assert (results["double"].value, results["count"].value) == ([], 0)
+
+
+@pytest.mark.anyio
+async def test_other_dependencies_arrive_whole_in_every_instance() -> None:
+    items = _source(["a", "b"])
+    prefix = _source(">", "prefix")
+
+    @task(depends_on=[items, prefix], map_over="items")
+    def label(items: str, prefix: str) -> str:
+        return prefix + items
+
+    results = await Flow(label).arun()
+    assert results["label"].value == [">a", ">b"]
+
+
+@pytest.mark.anyio
+async def test_each_instance_retries_on_its_own_and_emits_its_own_events() -> None:
+    items = _source(["x", "y", "z"])
+    failures = {"y": 2}
+
+    @task(depends_on=[items], map_over="items", retry=2, retry_backoff_base_ms=0)
+    def fetch(items: str) -> str:
+        if failures.get(items, 0):
+            failures[items] -= 1
+            raise ConnectionError(items)
+        return items.upper()
+
+    events: list[Event] = []
+    results = await Flow(fetch, on_event=events.append).arun()
+    assert results["fetch"].value == ["X", "Y", "Z"]
+    assert results["fetch"].attempts == 5  # 1 + 3 + 1
+    retried = [e.task for e in events if isinstance(e, TaskRetrying)]
+    assert retried == ["fetch[1]", "fetch[1]"]
+    started = sorted(e.task for e in events if isinstance(e, TaskStarted) and e.task != "items")
+    assert started == ["fetch[0]", "fetch[1]", "fetch[1]", "fetch[1]", "fetch[2]"]
+    instances = sorted(
+        (e.item, e.task, e.result.state, e.result.attempts)
+        for e in events
+        if isinstance(e, InstanceFinished)
+    )
+    assert instances == [
+        (0, "fetch[0]", StepState.SUCCEEDED, 1),
+        (1, "fetch[1]", StepState.SUCCEEDED, 3),
+        (2, "fetch[2]", StepState.SUCCEEDED, 1),
+    ]
+    finished = [e.task for e in events if isinstance(e, TaskFinished)]
+    assert finished == ["items", "fetch"]
+
+
+@pytest.mark.anyio
+async def test_each_instance_has_its_own_timeout() -> None:
+    items = _source([0, 1, 2])
+
+    @task(depends_on=[items], map_over="items", timeout_s=0.2)
+    async def wait(items: int) -> int:
+        if items == 1:
+            await anyio.sleep_forever()
+        return items
+
+    results = await Flow(wait, fail_fast=False).arun()
+    step = results["wait"]
+    assert step.state is StepState.FAILED
+    assert isinstance(step.error, TimeoutError)
+    assert "task 'wait[1]' timed out after 0.2 s" in str(step.error)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_a_failed_instance_fails_the_step_and_without_fail_fast_the_others_finish(
+    is_async: bool,
+) -> None:
+    items = _source(list(range(5)))
+    calls: list[int] = []
+
+    def body(items: int) -> int:
+        calls.append(items)
+        if items == 2:
+            raise ValueError(f"element {items} is bad")
+        return items
+
+    async def async_body(items: int) -> int:
+        return body(items)
+
+    mapped = task(depends_on=[items], map_over="items", name="check")(
+        async_body if is_async else body
+    )
+
+    @task(depends_on=[mapped])
+    def after(check: list[int]) -> int:
+        return len(check)
+
+    events: list[Event] = []
+    results = await Flow(after, fail_fast=False, on_event=events.append).arun()
+    step = results["check"]
+    assert step.state is StepState.FAILED
+    assert isinstance(step.error, ValueError) and str(step.error) == "element 2 is bad"
+    assert step.reason == "1 of 5 instance(s) failed, first 'check[2]'"
+    assert sorted(calls) == [0, 1, 2, 3, 4]
+    states = {e.item: e.result.state for e in events if isinstance(e, InstanceFinished)}
+    assert states == {k: StepState.FAILED if k == 2 else StepState.SUCCEEDED for k in range(5)}
+    assert results["after"].state is StepState.SKIPPED
+    assert results["after"].reason == "dependency 'check' failed"
+
+
+@pytest.mark.anyio
+async def test_under_fail_fast_no_instance_starts_after_one_failed() -> None:
+    items = _source(list(range(6)))
+    calls: list[int] = []
+
+    @task(depends_on=[items], map_over="items", max_concurrency=1)
+    def check(items: int) -> int:
+        calls.append(items)
+        if items == 1:
+            raise ValueError("bad")
+        return items
+
+    events: list[Event] = []
+    results = await Flow(check, on_event=events.append).arun()
+    assert calls == [0, 1]
+    assert results["check"].state is StepState.FAILED
+    skipped = [e for e in events if isinstance(e, InstanceFinished) and e.item >= 2]
+    assert [e.result.state for e in skipped] == [StepState.SKIPPED] * 4
+    assert skipped[0].result.reason == (
+        "not started: fail_fast stopped the mapping after 'check[1]' failed"
+    )
+
+
+@pytest.mark.anyio
+async def test_a_skipped_instance_skips_the_step_and_its_dependents() -> None:
+    items = _source([1, -1, 2])
+
+    @task(depends_on=[items], map_over="items", when=lambda items: items > 0)
+    def root(items: int) -> float:
+        return float(items) ** 0.5
+
+    @task(depends_on=[root])
+    def after(root: list[float]) -> int:
+        return len(root)
+
+    results = await Flow(after).arun()
+    assert results["root"].state is StepState.SKIPPED
+    assert results["root"].reason == (
+        "1 of 3 instance(s) did not succeed, first 'root[1]': when= returned a falsy value"
+    )
+    assert results["after"].state is StepState.SKIPPED
+
+
+class Tracker:
+    """Counts instances running at once; ``full`` is set when ``limit`` of them are."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+        self.full = threading.Event()
+        self.release = threading.Event()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            if self.active >= self.limit:
+                self.full.set()
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_max_concurrency_bounds_how_many_instances_run_at_once(is_async: bool) -> None:
+    tracker = Tracker(limit=2)
+    items = _source(list(range(6)))
+    released = anyio.Event()
+
+    def sync_body(items: int) -> int:
+        tracker.enter()
+        try:
+            tracker.release.wait(WAIT_S)
+        finally:
+            tracker.leave()
+        return items
+
+    async def async_body(items: int) -> int:
+        tracker.enter()
+        try:
+            with anyio.move_on_after(WAIT_S):
+                await released.wait()
+        finally:
+            tracker.leave()
+        return items
+
+    mapped = task(depends_on=[items], map_over="items", max_concurrency=2, name="call")(
+        async_body if is_async else sync_body
+    )
+
+    @task
+    async def controller() -> bool:
+        filled = await anyio.to_thread.run_sync(tracker.full.wait, WAIT_S)
+        tracker.release.set()
+        released.set()
+        return filled
+
+    results = await Flow(mapped, controller, max_workers=8).arun()
+    assert results["call"].value == list(range(6))
+    assert results["controller"].value is True  # two instances did run at once ...
+    assert tracker.peak == 2  # ... and never more
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (42, "task 'use' maps over 'items', whose value 42 (int) cannot be mapped: it is "
+         "not iterable; return a list (or any iterable) from 'items'"),
+        (None, "whose value None (NoneType) cannot be mapped: it is not iterable"),
+        ("abc", "mapping over a str would run once per character"),
+        (b"abc", "mapping over a bytes would run once per character"),
+    ],
+    ids=["int", "None", "str", "bytes"],
+)
+async def test_a_value_that_cannot_be_mapped_fails_the_step_with_a_clear_error(
+    value: Any, message: str
+) -> None:
+    items = _source(value)
+
+    @task(depends_on=[items], map_over="items")
+    def use(items: Any) -> Any:
+        return items
+
+    results = await Flow(use).arun()
+    step = results["use"]
+    assert step.state is StepState.FAILED
+    assert isinstance(step.error, MapOverError) and isinstance(step.error, TypeError)
+    assert message in str(step.error)
+    assert step.reason == "cannot map over 'items'"
+
+
+@pytest.mark.anyio
+async def test_an_iterable_that_raises_while_listed_fails_the_step_with_its_error() -> None:
+    def broken() -> Iterator[int]:
+        yield 1
+        raise OSError("disk gone")
+
+    items = _source(broken())
+
+    @task(depends_on=[items], map_over="items")
+    def use(items: int) -> int:
+        return items
+
+    step = (await Flow(use).arun())["use"]
+    assert step.state is StepState.FAILED
+    assert isinstance(step.error, OSError) and str(step.error) == "disk gone"
+
+
+def test_map_over_must_name_a_dependency() -> None:
+    items = _source([1])
+    other = _source([2], "other")
+
+    def use(items: int) -> int:
+        return items
+
+    with pytest.raises(InvalidTaskError) as info:
+        task(depends_on=[items], map_over="itmes")(use)
+    assert str(info.value) == (
+        "map_over='itmes' of task 'use' is not one of its dependencies "
+        "(depends_on: 'items'); add that task to depends_on"
+    )
+    with pytest.raises(InvalidTaskError, match="is task 'other', which is not in its depends_on"):
+        task(depends_on=[items], map_over=other)(use)
+    with pytest.raises(InvalidTaskError, match="must name one of its dependencies, got 3"):
+        task(depends_on=[items], map_over=3)(use)  # type: ignore[arg-type]
+
+
+def test_a_failed_instance_is_logged_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    items = _source([0, 1])
+
+    @task(depends_on=[items], map_over="items")
+    def use(items: int) -> int:
+        if items:
+            raise ValueError("nope")
+        return items
+
+    with caplog.at_level(logging.DEBUG, logger="flowing"):
+        Flow(use, fail_fast=False).run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("instance")]
+    assert sorted(lines) == [
+        "instance 'use[0]' succeeded after 1 attempt(s)",
+        "instance 'use[1]' failed after 1 attempt(s): ValueError: nope",
+    ]
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_keyboardinterrupt_in_an_instance_stops_the_run_then_propagates(
+    exc_type: type[BaseException], anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = _source([0, 1, 2])
+
+    @task(depends_on=[items], map_over="items")
+    async def use(items: int) -> int:
+        if items == 1:
+            raise exc_type
+        await anyio.sleep_forever()
+        return items
+
+    flow = Flow(use)
+    with caplog.at_level(logging.ERROR, logger="asyncio"), pytest.raises(exc_type):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+    assert flow.results["use"].state is StepState.FAILED
+    assert isinstance(flow.results["use"].error, exc_type)
+    assert not caplog.records
