@@ -175,7 +175,7 @@ class _FanOut:
     def outcome(self, started_at: float) -> StepResult:
         """The mapped step's result: its instances' values in order, or why not."""
         done = [r for r in self.results if r is not None]
-        attempts = sum(r.attempts for r in done)
+        attempts = max((r.attempts for r in done), default=0)
         failed = [r for r in done if r.state is StepState.FAILED]
         if failed:
             first = failed[0]

@@ -20,6 +20,7 @@ from ._events import (
     Event,
     FlowFinished,
     FlowStarted,
+    InstanceFinished,
     TaskFinished,
     TaskRetrying,
     TaskStarted,
@@ -98,6 +99,8 @@ class Tally:
             elif isinstance(event, TaskFinished):
                 self.running.pop(event.task, None)
                 self.counts[event.result.state.value] += 1
+            elif isinstance(event, InstanceFinished):
+                self.running.pop(event.task, None)  # mapped instances count with their step
             elif isinstance(event, TaskRetrying):
                 self.retries += 1
             elif isinstance(event, FlowStarted):
@@ -161,6 +164,8 @@ class PlainDisplay:
             return f"{clock}  abandoned  {event.task}  its thread runs on after a timeout"
         if isinstance(event, FlowStarted):
             return f"{clock}  flow       started: {event.pending} of {event.total} tasks to run"
+        if isinstance(event, InstanceFinished):
+            return f"{clock}  {_state_word(event.result):<9}  {event.task}{_outcome(event.result)}"
         return f"{clock}  flow       finished in {event.duration_ms / 1000:.2f} s: {_counts(event.counts)}"
 
 
