@@ -99,7 +99,8 @@ class _Feeder:
             return
         raise StepKeyError(
             self._task,
-            f"its {role} {fn!r} is not a plain function, so its code cannot be read",
+            f"its {role} {fn!r} is not a plain function, so its code cannot be read; "
+            f"wrap it in a def or lambda to have the task cached",
         )
 
     def _closure(self, role: str, fn: types.FunctionType) -> None:
