@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TextIO
 
@@ -26,7 +26,7 @@ from ._events import (
     TaskStarted,
     ThreadAbandoned,
 )
-from ._results import StepResult, describe_error
+from ._results import StepResult, describe_error, format_summary
 from ._stream import Broadcaster
 
 _MAX_RUNNING_SHOWN = 8
@@ -217,8 +217,8 @@ class RichDisplay:
         if isinstance(event, TaskRetrying):
             why = describe_error(event.error) if event.error else "retry_until= said no"
             self.console.print(
-                f"[yellow]↻ {_escape(event.task)}[/]: attempt {event.attempt}/{event.max_attempts} "
-                f"failed ({_escape(why)}); retrying in {event.delay_ms:.0f} ms"
+                f"[yellow]↻ {_escape(event.task)}[/] attempt {event.attempt}/{event.max_attempts} "
+                f"failed: {_escape(why)} [dim](retry in {event.delay_ms:.0f} ms)[/]"
             )
         elif isinstance(event, TaskFinished) and event.result.state.value == "failed":
             detail = describe_error(event.result.error) if event.result.error else event.result.reason
@@ -266,7 +266,7 @@ class RichDisplay:
             tasks.add_row(Text("  ▸ " + name, style="cyan"), f"{now - first:5.1f}s", Text(tries, style="yellow"))
         if len(running) > _MAX_RUNNING_SHOWN:
             tasks.add_row(Text(f"    … and {len(running) - _MAX_RUNNING_SHOWN} more", style="dim"), "", "")
-        return Group(bar, line, tasks)
+        return Group(bar, line, tasks) if running else Group(bar, line)
 
 
 def _clock(seconds: float) -> str:
@@ -278,3 +278,41 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+def print_summary(results: Iterable[StepResult], verdict: str, file: TextIO) -> None:
+    """The results table and a verdict line: coloured with rich on a terminal, else plain."""
+    if _is_terminal(file):
+        try:
+            _print_rich_summary(list(results), verdict, file)
+            return
+        except ImportError:
+            pass
+    file.write(format_summary(results) + "\n" + verdict + "\n")
+
+
+_STATE_STYLES = {"succeeded": "green", "failed": "bold red", "skipped": "yellow", "cancelled": "magenta"}
+
+
+def _print_rich_summary(results: list[StepResult], verdict: str, file: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold dim")
+    for column in ("state", "task", "duration", "attempts", "", "error / reason"):
+        table.add_column(column, justify="right" if column in ("duration", "attempts") else "left")
+    for r in results:
+        state = "cached" if r.cached and r.succeeded else r.state.value
+        style = "blue" if state == "cached" else _STATE_STYLES[r.state.value]
+        table.add_row(
+            f"[{style}]{state.upper()}[/]",
+            _escape(r.name),
+            f"{r.duration_ms:.1f} ms" if r.attempts else "",
+            str(r.attempts) if r.attempts else "",
+            "[dim]detached[/]" if r.detached else "",
+            _escape(describe_error(r.error) if r.error is not None else r.reason or ""),
+        )
+    console = Console(file=file, highlight=False)
+    console.print(table)
+    ok = verdict.startswith("ok")
+    console.print(f"[{'bold green' if ok else 'bold red'}]{_escape(verdict)}[/]")

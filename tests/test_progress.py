@@ -113,7 +113,7 @@ def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
     assert "1 running" in text
     assert "1 retries" in text
     assert "flaky" in text and "attempt 2/2" in text
-    assert "↻ flaky: attempt 1/2 failed (ConnectionError: first call fails)" in terminal.text()
+    assert "↻ flaky attempt 1/2 failed: ConnectionError: first call fails (retry in 0 ms)" in terminal.text()
 
 
 def test_the_rich_display_prints_failures_as_they_happen() -> None:

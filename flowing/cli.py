@@ -1,0 +1,286 @@
+"""The ``flowing`` command: run or draw the tasks of a Python file.
+
+    flowing run FILE.py[:TASK,...] [--max-workers N] [--no-fail-fast] [--journal PATH]
+                [--backend asyncio|trio] [--timeline PATH] [--quiet] [--json] [--debug]
+    flowing graph FILE.py[:TASK,...] [--format mermaid|dot]
+    flowing --version
+
+Exit status: 0 when every task succeeded (or was skipped by its ``when=``), 1 when
+a task failed or was cancelled, 2 for bad input (one line on stderr, no traceback
+unless ``--debug``), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
+
+from . import __version__
+from ._exceptions import FlowDefinitionError, MissingExtraError, StepKeyError
+from ._flow import Flow
+from ._progress import print_summary
+from ._results import StepResult, StepState, describe_error
+from ._task import TaskDef
+from ._timeline import IMAGE_SUFFIXES, TEXT_SUFFIXES
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _BadInput(Exception):
+    """Raised for input the command cannot use; main() prints it as one line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flowing`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        status: int = args.command(args)
+        return status
+    except _BadInput as error:
+        return _bad_input(str(error), args.debug)
+    except (FlowDefinitionError, MissingExtraError, StepKeyError) as error:
+        return _bad_input(str(error), args.debug)
+    except KeyboardInterrupt:
+        print("flowing: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _bad_input(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"flowing: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="flowing", description="Run or draw the @task functions of a Python file."
+    )
+    parser.add_argument("--version", action="version", version=f"flowing {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "target",
+        metavar="FILE.py[:TASK,...]",
+        help="a Python file; optionally the terminal tasks to use, else every task nothing depends on",
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(title="commands", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", parents=[common], help="run the tasks, with live progress")
+    run.add_argument("--max-workers", type=_positive_int, default=5, metavar="N",
+                     help="threads for sync tasks (default 5)")
+    run.add_argument("--no-fail-fast", action="store_true",
+                     help="keep starting independent tasks after a failure")
+    run.add_argument("--journal", type=Path, metavar="PATH",
+                     help="replay successes recorded in PATH and record new ones")
+    run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    run.add_argument("--timeline", type=Path, metavar="PATH",
+                     help="write the run's Gantt chart: .png/.svg/.pdf (matplotlib) or .mmd")
+    run.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    run.add_argument("--json", action="store_true",
+                     help="print the results as JSON on stdout (non-JSON values as repr)")
+    run.set_defaults(command=_run)
+
+    graph = commands.add_parser("graph", parents=[common], help="print the graph as text")
+    graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    graph.set_defaults(command=_graph)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_run_options(args)
+    terminals = _load_terminals(args.target)
+    flow = Flow(
+        *terminals,
+        max_workers=args.max_workers,
+        fail_fast=not args.no_fail_fast,
+        journal_path=args.journal,
+    )
+    started = time.monotonic()
+    interrupted = False
+    try:
+        flow.run(backend=args.backend, progress=not args.quiet)
+    except KeyboardInterrupt:
+        interrupted = True
+    results = flow.results
+    if args.json:
+        print(json.dumps(_as_json(results, time.monotonic() - started), indent=2))
+    elif not args.quiet:
+        _print_summary(results, time.monotonic() - started)
+    if args.timeline is not None and results:
+        flow.timeline(args.timeline)
+        if not args.quiet:
+            print(f"timeline written to {args.timeline}", file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
+    return EXIT_OK if _all_ok(results) else EXIT_FAILED
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
+    """Refuse unusable options before anything runs."""
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        raise _BadInput("--backend trio needs the trio package: pip install trio")
+    if args.timeline is not None:
+        suffix = args.timeline.suffix.lower()
+        if suffix not in IMAGE_SUFFIXES + TEXT_SUFFIXES:
+            raise _BadInput(
+                f"--timeline {str(args.timeline)!r} must end in one of "
+                f"{', '.join(IMAGE_SUFFIXES + TEXT_SUFFIXES)}"
+            )
+        if suffix in IMAGE_SUFFIXES and importlib.util.find_spec("matplotlib") is None:
+            raise MissingExtraError(f"--timeline {str(args.timeline)!r}", "matplotlib", "plot")
+        _check_parent(args.timeline, "--timeline")
+    if args.journal is not None:
+        if args.journal.is_dir():
+            raise _BadInput(f"--journal {str(args.journal)!r} is a directory; give a file path")
+        _check_parent(args.journal, "--journal")
+
+
+def _check_parent(path: Path, option: str) -> None:
+    if not path.absolute().parent.is_dir():
+        raise _BadInput(f"{option} {str(path)!r}: the directory {str(path.parent)!r} does not exist")
+
+
+def _graph(args: argparse.Namespace) -> int:
+    flow = Flow(*_load_terminals(args.target))
+    print(flow.to_mermaid() if args.format == "mermaid" else flow.to_dot(), end="")
+    return EXIT_OK
+
+
+def _load_terminals(target: str) -> list[TaskDef[..., Any]]:
+    """The tasks named after ``FILE.py:``, or every task of the file nothing depends on."""
+    file, names = _split_target(target)
+    module = _import_file(file)
+    tasks = _module_tasks(module)
+    if not tasks:
+        raise _BadInput(f"{file} defines no task; decorate its functions with @task")
+    if not names:
+        needed = {id(dep) for t in tasks for dep in t.depends_on}
+        return [t for t in tasks if id(t) not in needed]
+    by_name = {t.name: t for t in tasks}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise _BadInput(
+            f"{file} has no task named {unknown[0]!r}; its tasks are: {', '.join(sorted(by_name))}"
+        )
+    return [by_name[name] for name in names]
+
+
+def _split_target(target: str) -> tuple[str, list[str]]:
+    file, colon, names = target.rpartition(":")
+    if not colon or not file.endswith(".py"):
+        return target, []
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    if not chosen:
+        raise _BadInput(f"no task name after ':' in {target!r}")
+    return file, chosen
+
+
+def _import_file(file: str) -> ModuleType:
+    path = Path(file)
+    if not path.is_file():
+        raise _BadInput(f"no such file: {file!r}")
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else "__flowing_main__"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise _BadInput(f"cannot import {file!r}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.absolute().parent))
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise _BadInput(
+            f"cannot import {file}: SyntaxError: {error.msg} (line {error.lineno})"
+        ) from error
+    except (Exception, SystemExit) as error:
+        line = _line_in(error, path)
+        raise _BadInput(f"cannot import {file}{line}: {describe_error(error)}") from error
+    return module
+
+
+def _line_in(error: BaseException, path: Path) -> str:
+    """`` (line N)`` for the deepest frame of ``error`` inside ``path``."""
+    here = path.resolve()
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == here
+    ]
+    return f" (line {frames[-1].lineno})" if frames else ""
+
+
+def _module_tasks(module: ModuleType) -> list[TaskDef[..., Any]]:
+    unique: dict[int, TaskDef[..., Any]] = {}
+    for value in vars(module).values():
+        if isinstance(value, TaskDef):
+            unique.setdefault(id(value), value)
+    return list(unique.values())
+
+
+def _all_ok(results: dict[str, StepResult]) -> bool:
+    return not any(r.state in (StepState.FAILED, StepState.CANCELLED) for r in results.values())
+
+
+def _as_json(results: dict[str, StepResult], seconds: float) -> dict[str, Any]:
+    return {
+        "ok": _all_ok(results),
+        "duration_s": round(seconds, 3),
+        "tasks": {
+            name: {
+                "state": r.state.value,
+                "value": _json_value(r.value),
+                "error": describe_error(r.error) if r.error is not None else None,
+                "reason": r.reason,
+                "duration_ms": round(r.duration_ms, 1),
+                "attempts": r.attempts,
+                "detached": r.detached,
+                "cached": r.cached,
+            }
+            for name, r in results.items()
+        },
+    }
+
+
+def _json_value(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+    return value
+
+
+def _print_summary(results: dict[str, StepResult], seconds: float) -> None:
+    counts = {state.value: 0 for state in StepState}
+    for result in results.values():
+        counts[result.state.value] += 1
+    shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    verdict = "ok" if _all_ok(results) else "FAILED"
+    print_summary(results.values(), f"{verdict}: {shown} in {seconds:.2f} s", sys.stdout)

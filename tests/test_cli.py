@@ -1,0 +1,202 @@
+"""The ``flowing`` command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flowing import __version__
+from test_render import by_name, parse_dot, parse_mermaid
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "etl.py"
+
+PIPELINE = """
+    from flowing import task
+
+    @task
+    def extract():
+        return [1, 2, 3]
+
+    @task(depends_on=[extract])
+    def total(extract):
+        return sum(extract)
+
+    @task(depends_on=[extract])
+    def as_set(extract):
+        return set(extract)
+
+    @task(depends_on=[total], when=lambda total: total > 100)
+    def alert(total):
+        return "big"
+"""
+
+
+def flowing(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m flowing ARGS`` with stderr a pipe, as a script or CI would."""
+    env = {**os.environ, "PYTHONWARNINGS": "", "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "flowing", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def write(tmp_path: Path, source: str, name: str = "pipeline.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source), encoding="utf-8")
+    return path
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "flowing"
+    if not script.exists():
+        pytest.skip("no console script beside this interpreter (not a pip-installed venv)")
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"flowing {__version__}\n")
+
+
+def test_the_example_pipeline_runs_with_a_retry_a_skip_and_a_detached_task() -> None:
+    done = flowing("run", str(EXAMPLE))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("ok: 10 succeeded, 1 skipped in ")
+    progress = done.stderr.splitlines()
+    assert progress[0].endswith("flow       started: 11 of 11 tasks to run")
+    assert any("retry      fetch_exchange_rates  attempt 1/3 failed" in line for line in progress)
+    assert any("ok         fetch_exchange_rates" in line and "after 2 attempts" in line for line in progress)
+    assert any("skipped    page_on_call  (when= returned a falsy value)" in line for line in progress)
+    assert "ok         notify_team" in progress[-2]
+    assert "flow       finished in" in progress[-1]
+
+
+def test_json_prints_every_result_and_reprs_what_json_cannot_hold(tmp_path: Path) -> None:
+    done = flowing("run", str(write(tmp_path, PIPELINE)), "--json", "--quiet")
+    assert (done.returncode, done.stderr) == (0, "")
+    report = json.loads(done.stdout)
+    assert report["ok"] is True
+    assert {name: (t["state"], t["value"]) for name, t in report["tasks"].items()} == {
+        "extract": ("succeeded", [1, 2, 3]),
+        "total": ("succeeded", 6),
+        "as_set": ("succeeded", "{1, 2, 3}"),
+        "alert": ("skipped", None),
+    }
+
+
+def test_named_tasks_run_only_what_they_need(tmp_path: Path) -> None:
+    done = flowing("run", f"{write(tmp_path, PIPELINE)}:total", "--json", "--quiet")
+    assert list(json.loads(done.stdout)["tasks"]) == ["extract", "total"]
+
+
+def test_a_failed_task_exits_1_and_shows_in_the_summary(tmp_path: Path) -> None:
+    source = """
+        from flowing import task
+
+        @task
+        def load():
+            raise ValueError("bad row 7")
+    """
+    done = flowing("run", str(write(tmp_path, source)))
+    assert done.returncode == 1
+    assert "FAILED     load" in done.stderr
+    assert "ValueError: bad row 7" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("FAILED: 1 failed in ")
+
+
+def test_quiet_prints_nothing_and_still_sets_the_status(tmp_path: Path) -> None:
+    done = flowing("run", str(write(tmp_path, PIPELINE)), "--quiet", "--no-fail-fast", "--max-workers", "2")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_either_backend_runs_the_flow(tmp_path: Path, backend: str) -> None:
+    done = flowing("run", str(write(tmp_path, PIPELINE)), "--quiet", "--json", "--backend", backend)
+    assert json.loads(done.stdout)["tasks"]["total"]["value"] == 6
+
+
+def test_a_journal_replays_successes_in_the_next_process(tmp_path: Path) -> None:
+    pipeline, journal = write(tmp_path, PIPELINE), tmp_path / "run.journal"
+    first = flowing("run", str(pipeline), "--journal", str(journal), "--json", "--quiet")
+    second = flowing("run", str(pipeline), "--journal", str(journal), "--json", "--quiet")
+    cached = {name: t["cached"] for name, t in json.loads(second.stdout)["tasks"].items()}
+    assert first.returncode == second.returncode == 0
+    assert cached["extract"] is True and cached["total"] is True
+
+
+@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".mmd", b"gantt")])
+def test_timeline_writes_the_chart(tmp_path: Path, suffix: str, magic: bytes) -> None:
+    pytest.importorskip("matplotlib")
+    chart = tmp_path / f"run{suffix}"
+    done = flowing("run", str(write(tmp_path, PIPELINE)), "--timeline", str(chart))
+    assert done.returncode == 0, done.stderr
+    assert chart.read_bytes().startswith(magic)
+    assert f"timeline written to {chart}" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "fmt,parse", [("mermaid", parse_mermaid), ("dot", parse_dot)], ids=["mermaid", "dot"]
+)
+def test_graph_prints_the_graph_without_running_it(tmp_path: Path, fmt: str, parse) -> None:  # type: ignore[no-untyped-def]
+    source = PIPELINE.replace("return [1, 2, 3]", "raise SystemExit('must not run')")
+    done = flowing("graph", str(write(tmp_path, source)), "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    picture = by_name(parse(done.stdout))
+    assert picture.edges == {
+        ("extract", "total", False),
+        ("extract", "as_set", False),
+        ("total", "alert", False),
+    }
+
+
+def test_version_prints_the_package_version() -> None:
+    done = flowing("--version")
+    assert (done.returncode, done.stdout) == (0, f"flowing {__version__}\n")
+
+
+BAD_INPUTS = {
+    "missing-file": (["run", "nope.py"], "", "no such file: 'nope.py'"),
+    "syntax-error": (["run", "bad.py"], "def broken(:\n", "cannot import bad.py: SyntaxError: "),
+    "import-error": (["run", "bad.py"], "import not_a_module_xyz\n", "No module named 'not_a_module_xyz'"),
+    "raises-on-import": (["run", "bad.py"], "x = 1\nraise RuntimeError('boom')\n", "bad.py (line 2): RuntimeError: boom"),
+    "no-task": (["run", "bad.py"], "x = 1\n", "bad.py defines no task"),
+    "unknown-task": (["run", "bad.py:nope"], PIPELINE, "has no task named 'nope'; its tasks are: alert, as_set"),
+    "empty-task-list": (["run", "bad.py:"], PIPELINE, "no task name after ':'"),
+    "bad-workers": (["run", "bad.py", "--max-workers", "0"], PIPELINE, "--max-workers: must be an int >= 1, got '0'"),
+    "bad-backend": (["run", "bad.py", "--backend", "curio"], PIPELINE, "invalid choice: 'curio'"),
+    "bad-format": (["graph", "bad.py", "--format", "png"], PIPELINE, "invalid choice: 'png'"),
+    "bad-timeline": (["run", "bad.py", "--timeline", "run.gif"], PIPELINE, "must end in one of .png"),
+    "no-journal-dir": (["run", "bad.py", "--journal", "no/such/dir/j"], PIPELINE, "the directory 'no/such/dir' does not exist"),
+    "cycle-free-but-bad-task": (["run", "bad.py"], "from flowing import task\n@task(retry=-1)\ndef a(): pass\n", "retry of task 'a' must be an int >= 0"),
+    "no-command": ([], "", "the following arguments are required"),
+}
+
+
+@pytest.mark.parametrize("args,source,message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_one_clear_line_and_exit_2(
+    tmp_path: Path, args: list[str], source: str, message: str
+) -> None:
+    if source:
+        write(tmp_path, source, "bad.py")
+    done = flowing(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("flowing")
+    assert message in lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    write(tmp_path, "x = 1\nraise RuntimeError('boom')\n", "bad.py")
+    done = flowing("run", "bad.py", "--debug", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback (most recent call last)" in done.stderr
+    assert done.stderr.splitlines()[-1] == "flowing: error: cannot import bad.py (line 2): RuntimeError: boom"
