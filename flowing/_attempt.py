@@ -18,6 +18,7 @@ from ._task import TaskDef, call_gate
 from ._threads import ThreadSlots
 
 if TYPE_CHECKING:
+    from ._cache import ResultCache
     from ._executor import BodyRunner
 
 
@@ -29,6 +30,7 @@ class StepContext:
     emit: Callable[[Event], None]
     total: int
     limits: Limits = field(default_factory=Limits)
+    cache: ResultCache | None = None  # where @task(cache=True) results live
     runner: BodyRunner | None = None  # the run's executor; None: sync bodies use ``slots``
 
 
@@ -80,6 +82,10 @@ async def run_step(
             await call_gate(task.validate, **kwargs)
         except Exception as error:
             return outcome(StepState.FAILED, error=error, reason="validate= rejected the inputs")
+    if task.cache and ctx.cache is not None:
+        return await ctx.cache.run(
+            task, kwargs, lambda: _attempts(task, index, kwargs, ctx, outcome)
+        )
     return await _attempts(task, index, kwargs, ctx, outcome)
 
 

@@ -76,6 +76,7 @@ class Flow:
         self.fail_fast = bool(fail_fast)
         self._results: dict[str, StepResult] = {}
         self._overrides: dict[str, StepResult] = {}
+        self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
@@ -237,6 +238,7 @@ class Flow:
                 pools=self.pools,
                 journal=journal,
                 executor=self.executor,
+                cache=self._cache,
             )
             with showing_progress(self._events, progress):
                 async with self._events.delivering():

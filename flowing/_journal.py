@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -107,7 +107,7 @@ class Journal:
                 result = self._replay(record, task.name, task.detached)
                 if result is not None:
                     replays[i] = result
-        return JournalRun(self, keys, replays)
+        return JournalRun(self, keys, replays, records)
 
     def _replay(self, record: _Record, name: str, detached: bool) -> StepResult | None:
         if record.serializer != self.serializer.name:
@@ -156,15 +156,31 @@ class JournalRun:
     """One run's view of the journal: each task's key, its replayed result, its writer."""
 
     def __init__(
-        self, journal: Journal, keys: list[str | None], replays: dict[int, StepResult]
+        self,
+        journal: Journal,
+        keys: list[str | None],
+        replays: dict[int, StepResult],
+        records: Mapping[str, _Record] | None = None,
     ) -> None:
         self.journal = journal
         self.keys = keys  # by task index; None: the task runs and is not journaled
         self.replays = replays  # by task index: results loaded from the journal
+        self.records = records or {}  # every record read when the run opened, by key
 
     def cached(self, i: int) -> StepResult | None:
         """The replayed result of task ``i``, or None when it must run."""
         return self.replays.get(i)
+
+    async def load(self, key: str, name: str, detached: bool) -> StepResult | None:
+        """The result recorded under any ``key`` (a cache or instance key), or None."""
+        record = self.records.get(key)
+        if record is None:
+            return None
+        return await anyio.to_thread.run_sync(self.journal._replay, record, name, detached)
+
+    async def save(self, key: str, result: StepResult) -> None:
+        """Journal a succeeded ``result`` under any ``key`` (a cache or instance key)."""
+        await anyio.to_thread.run_sync(self._save, key, result)
 
     async def finish(self, i: int, result: StepResult) -> StepResult:
         """Stamp ``result`` with its key and, if it succeeded, journal it before returning."""

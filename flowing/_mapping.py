@@ -12,6 +12,7 @@ fails (or the run stops) no new instance starts; the unstarted ones are SKIPPED.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -107,6 +108,7 @@ class _FanOut:
         self.index = index
         self.kwargs = kwargs
         self.ctx = ctx
+        self.journal = ctx.cache.journal if ctx.cache is not None else None
         self.fail_fast = fail_fast
         self.halted = halted
         self.slot_values = task_slot_values(task)
@@ -136,8 +138,14 @@ class _FanOut:
     ) -> None:
         instance = TaskInstance.of_element(self.task, k, self.slot_values)
         kwargs = {**self.kwargs, self.source: item}
+        key = self._journal_key(k)
         try:
-            result = await run_step(instance, self.index, kwargs, self.ctx)
+            result = await self._replayed(key, instance)
+            if result is None:
+                result = await run_step(instance, self.index, kwargs, self.ctx)
+                if key is not None and self.journal is not None and result.succeeded:
+                    with anyio.CancelScope(shield=True):  # journaled before it counts
+                        await self.journal.save(key, result)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as exc:  # KeyboardInterrupt and the like: stop, re-raise later
@@ -148,6 +156,18 @@ class _FanOut:
             if slots is not None:
                 slots.release()
         self._finish(k, result)
+
+    def _journal_key(self, k: int) -> str | None:
+        """Instance ``k``'s journal key: derived from the step's key, None without one."""
+        step_key = self.journal.keys[self.index] if self.journal is not None else None
+        if step_key is None:
+            return None
+        return hashlib.sha256(f"flowing-instance/{step_key}/{k}".encode()).hexdigest()
+
+    async def _replayed(self, key: str | None, instance: TaskInstance) -> StepResult | None:
+        if key is None or self.journal is None:
+            return None
+        return await self.journal.load(key, instance.name, instance.detached)
 
     def _stopping(self) -> bool:
         return self._interrupt is not None or self.halted() or (self.fail_fast and self.failed)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import nullcontext
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -18,6 +19,7 @@ from anyio.abc import TaskGroup
 from ._attempt import StepContext, run_step
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished
 from ._executor import Executor
+from ._cache import ResultCache
 from ._graph import Graph
 from ._journal import JournalRun
 from ._mapping import run_mapped
@@ -43,8 +45,10 @@ class Scheduler:
         pools: Mapping[str, Pool] | None = None,
         journal: JournalRun | None = None,
         executor: Executor | None = None,
+        cache: MutableMapping[str, Any] | None = None,
     ) -> None:
         self.graph = graph
+        self.cache = {} if cache is None else cache  # @task(cache=True) results, by cache key
         self.journal = journal
         self.executor = executor  # None: sync bodies run in this run's own threads
         self.fail_fast = fail_fast
@@ -84,7 +88,12 @@ class Scheduler:
             session = self.executor.session(threads) if self.executor else nullcontext()
             async with session as runner:
                 self._ctx = StepContext(
-                    threads, self.emit, len(self.graph), Limits(self.pools), runner=runner
+                    threads,
+                    self.emit,
+                    len(self.graph),
+                    Limits(self.pools),
+                    runner=runner,
+                    cache=ResultCache(self.cache, self.journal),
                 )
                 await self._run_phase(detached=False)
                 await self._run_phase(detached=True)

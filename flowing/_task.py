@@ -52,6 +52,7 @@ class TaskDef(Generic[P, R]):
         "pool",
         "max_concurrency",
         "map_over",
+        "cache",
         "is_async",
         "__wrapped__",
     )
@@ -76,6 +77,7 @@ class TaskDef(Generic[P, R]):
         max_concurrency: int | None = None,
         local: bool = False,
         map_over: str | TaskDef[..., Any] | None = None,
+        cache: bool = False,
     ) -> None:
         if not callable(fn):
             raise InvalidTaskError(f"@task needs a function, got {fn!r}")
@@ -100,6 +102,7 @@ class TaskDef(Generic[P, R]):
         self.pool = check_pool(self.name, pool)
         self.map_over = _check_map_over(self.name, map_over, self.depends_on)
         self.max_concurrency = check_max_concurrency(self.name, max_concurrency, self.map_over)
+        self.cache = _check_flag(self.name, "cache", cache)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__wrapped__ = fn
         _check_parameters(self.name, fn, self.depends_on)
@@ -141,6 +144,7 @@ def task(
     max_concurrency: int | None = None,
     local: bool = False,
     map_over: str | TaskDef[..., Any] | None = None,
+    cache: bool = False,
 ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 
 
@@ -209,6 +213,12 @@ def _check_dependencies(
             )
         unique.setdefault(id(dep), dep)
     return tuple(unique.values())
+
+
+def _check_flag(name: str, option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidTaskError(f"{option} of task {name!r} must be True or False, got {value!r}")
+    return value
 
 
 def _check_map_over(

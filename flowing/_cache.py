@@ -1,0 +1,221 @@
+"""Caching a task's result on its code and input values: ``@task(cache=True)``.
+
+The cache key is the task's step key (``_keys``: its body and gates, fingerprinted)
+computed with each input's *value digest* in place of the dependency's step key, so
+"same code, same inputs" hits across different graphs and different upstream code.
+A value digest is a SHA-256 of a stable, type-tagged encoding that does not depend
+on the process (no ``hash()``, no ``id()``, sets and dicts sorted by encoding):
+
+    None, bool, int, float, complex, str, bytes, bytearray, range, Decimal, Fraction,
+    UUID, date/time/datetime/timedelta, pure paths, enum members, and tuples, lists,
+    dicts, sets, frozensets, named tuples and dataclass instances of these.
+
+Any other value (or a subclass of a listed container, or a cycle) cannot be encoded
+stably: the task then runs as if uncached and its result is not stored: never a hit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import hashlib
+import logging
+import pathlib
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from ._keys import compute_step_key
+from ._results import StepResult, StepState
+
+if TYPE_CHECKING:
+    from ._journal import JournalRun
+    from ._task import TaskDef
+
+logger = logging.getLogger("flowing")
+
+CACHE_VERSION = 1
+"""Bumped whenever the encoding changes; entries of other versions never match."""
+
+
+class Unencodable(Exception):
+    """A value has no stable encoding, so its task is not cached."""
+
+
+def cache_key(task: TaskDef[..., Any], kwargs: Mapping[str, Any]) -> str:
+    """The key of ``task`` run on ``kwargs``; raises when it cannot be computed stably."""
+    digests = {
+        name: f"value/{CACHE_VERSION}:{value_digest(value)}" for name, value in kwargs.items()
+    }
+    return compute_step_key(task, digests)
+
+
+def value_digest(value: Any, active: set[int] | None = None) -> str:
+    """A SHA-256 of ``value``'s stable encoding; raises Unencodable for anything else."""
+    digest = hashlib.sha256()
+    _Encoder(digest.update, active if active is not None else set()).encode(value)
+    return digest.hexdigest()
+
+
+_SCALARS: dict[type, Callable[[Any], str]] = {
+    type(None): lambda v: "",
+    bool: repr,
+    int: repr,
+    float: lambda v: v.hex(),
+    complex: lambda v: f"{v.real.hex()},{v.imag.hex()}",
+    str: lambda v: v,
+    decimal.Decimal: str,
+    fractions.Fraction: str,
+    uuid.UUID: str,
+    datetime.date: lambda v: v.isoformat(),
+    datetime.datetime: lambda v: v.isoformat(),
+    datetime.time: lambda v: v.isoformat(),
+    datetime.timedelta: lambda v: f"{v.days},{v.seconds},{v.microseconds}",
+    range: lambda v: f"{v.start},{v.stop},{v.step}",
+    pathlib.PurePosixPath: str,
+    pathlib.PureWindowsPath: str,
+    pathlib.PosixPath: str,
+    pathlib.WindowsPath: str,
+}
+
+
+class _Encoder:
+    """Writes a length-prefixed, type-tagged encoding; ``_active`` guards against cycles."""
+
+    def __init__(self, update: Callable[[bytes], None], active: set[int]) -> None:
+        self._update = update
+        self._active = active  # ids of the containers being encoded, outermost first
+
+    def _write(self, tag: str, data: bytes = b"") -> None:
+        self._update(b"%s:%d:" % (tag.encode(), len(data)))
+        self._update(data)
+
+    def encode(self, value: Any) -> None:
+        kind = type(value)
+        scalar = _SCALARS.get(kind)
+        if scalar is not None:
+            self._write(kind.__qualname__, scalar(value).encode("utf-8", "surrogatepass"))
+        elif kind in (bytes, bytearray):
+            self._write(kind.__qualname__, bytes(value))
+        elif isinstance(value, enum.Enum):
+            self._write(f"enum:{_qualified(kind)}", value.name.encode())
+        else:
+            if id(value) in self._active:
+                raise Unencodable("a value contains itself")
+            self._active.add(id(value))
+            try:
+                self._container(kind, value)
+            finally:
+                self._active.discard(id(value))
+
+    def _container(self, kind: type, value: Any) -> None:
+        if kind in (tuple, list):
+            self._items(kind.__qualname__, value)
+        elif kind is dict:
+            self._unordered("dict", [self._pair(k, v) for k, v in value.items()])
+        elif kind in (set, frozenset):
+            self._unordered(kind.__qualname__, [self._digest(item) for item in value])
+        elif isinstance(value, tuple) and hasattr(kind, "_fields"):
+            self._items(f"namedtuple:{_qualified(kind)}", value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = dataclasses.fields(value)
+            self._write(f"dataclass:{_qualified(kind)}", str(len(fields)).encode())
+            for field in fields:
+                self.encode(field.name)
+                self.encode(getattr(value, field.name))
+        else:
+            raise Unencodable(
+                f"an input of type {_qualified(kind)} has no stable encoding"
+            )
+
+    def _items(self, tag: str, items: Any) -> None:
+        self._write(tag, str(len(items)).encode())
+        for item in items:
+            self.encode(item)
+
+    def _pair(self, key: Any, value: Any) -> str:
+        return self._digest(key) + self._digest(value)
+
+    def _digest(self, value: Any) -> str:
+        return value_digest(value, self._active)
+
+    def _unordered(self, tag: str, digests: list[str]) -> None:
+        self._write(tag, ",".join(sorted(digests)).encode())
+
+
+def _qualified(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+class ResultCache:
+    """Where ``cache=True`` results live: ``memory`` (the Flow's, for its life) and,
+    when the Flow has one, the journal (across processes)."""
+
+    def __init__(
+        self, memory: MutableMapping[str, Any], journal: JournalRun | None = None
+    ) -> None:
+        self.memory = memory
+        self.journal = journal
+        self._told: set[str] = set()  # tasks already warned about a missing key
+
+    async def run(
+        self,
+        task: TaskDef[..., Any],
+        kwargs: Mapping[str, Any],
+        attempts: Callable[[], Awaitable[StepResult]],
+    ) -> StepResult:
+        """A hit for ``task`` on ``kwargs``, else ``attempts()``, remembered if it succeeded.
+
+        The key is computed in a worker thread: hashing large inputs never blocks the loop.
+        """
+        try:
+            key = await anyio.to_thread.run_sync(cache_key, task, kwargs)
+        except Exception as error:  # Unencodable, or StepKeyError for code without a fingerprint
+            self._tell(task, error)
+            return await attempts()
+        hit = await self.get(key, task)
+        if hit is not None:
+            return hit
+        result = await attempts()
+        if result.succeeded:
+            await self.put(key, result)
+        return result
+
+    def _tell(self, task: TaskDef[..., Any], error: Exception) -> None:
+        name = getattr(task, "of", task).name  # one warning per mapped task, not per instance
+        if name not in self._told:
+            self._told.add(name)
+            logger.warning("task %r runs uncached: %s", name, error)
+
+    async def get(self, key: str, task: TaskDef[..., Any]) -> StepResult | None:
+        """The cached result for ``key``, or None."""
+        if key in self.memory:
+            return _hit(task, self.memory[key])
+        if self.journal is not None:
+            replayed = await self.journal.load(key, task.name, task.detached)
+            if replayed is not None:
+                self.memory[key] = replayed.value
+                return _hit(task, replayed.value)
+        return None
+
+    async def put(self, key: str, result: StepResult) -> None:
+        """Remember a succeeded ``result`` under ``key``."""
+        self.memory[key] = result.value
+        if self.journal is not None:
+            await self.journal.save(key, result)
+
+
+def _hit(task: TaskDef[..., Any], value: Any) -> StepResult:
+    return StepResult(
+        task.name,
+        StepState.SUCCEEDED,
+        value=value,
+        reason="cached on its code and inputs",
+        detached=task.detached,
+        cached=True,
+    )
