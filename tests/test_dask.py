@@ -27,17 +27,19 @@ from flowing.dask import DaskExecutor  # noqa: E402
 WORKERS = 2
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    """One cluster for the session. ``allowed-failures: 0`` makes a dead worker fail
-    the task at once, so the retry seen in the tests is flowing's, not Dask's."""
+    """One cluster, started once: only this module uses it, so it stops with the module.
+
+    ``allowed-failures: 0`` makes a dead worker fail the task at once, so the retry
+    seen in the tests is flowing's, not Dask's."""
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         local = distributed.LocalCluster(
             n_workers=WORKERS,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",
         )
     with local, distributed.Client(local, set_as_default=False) as client:
         client.run(os.getpid)  # every worker is up and has imported what tests need
