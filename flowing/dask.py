@@ -109,9 +109,9 @@ class _DaskRunner:
         try:
             return await _outcome(task.name, future)
         except BaseException:
-            # A timeout, fail-fast or run cancellation: the remote future goes too.
-            with anyio.move_on_after(_CANCEL_GRACE_S, shield=True):
-                await self.client.cancel(future)  # type: ignore[no-untyped-call]
+            if future.status == "pending":  # a timeout or a cancelled run: cancel it remotely
+                with anyio.move_on_after(_CANCEL_GRACE_S, shield=True):
+                    await self.client.cancel(future)  # type: ignore[no-untyped-call]
             raise
 
 

@@ -293,3 +293,18 @@ async def test_an_asynchronous_client_on_the_running_loop_is_used_and_left_open(
 def test_dask_executor_needs_an_address_a_client_or_a_cluster(bad: Any) -> None:
     with pytest.raises(TypeError, match="scheduler address"):
         DaskExecutor(bad)
+
+
+def test_a_journal_replays_what_ran_on_the_cluster(client: Any, tmp_path: Path) -> None:
+    @task
+    def remote_pid() -> int:
+        return os.getpid()
+
+    journal = tmp_path / "run.jsonl"
+    first = Flow(remote_pid, executor=DaskExecutor(client), journal_path=journal).run()
+    again = Flow(remote_pid, executor=DaskExecutor(client), journal_path=journal).run()
+    assert first["remote_pid"].value != os.getpid()
+    assert (again["remote_pid"].value, again["remote_pid"].cached) == (
+        first["remote_pid"].value,
+        True,
+    )
