@@ -2,16 +2,17 @@
 
 A key is a SHA-256 over a version tag, the interpreter's bytecode tag, the task's
 own code (its body and its ``when``/``validate``/``retry_until`` gates: bytecode,
-constants, names, argument layout, default values, recursively for nested code)
-and the name and key of each dependency, sorted by name. Functions the code
-closes over, wraps, or names as a global of its own module are fed in the same
-way, recursively; closed-over values and globals it names are in the key when
-they are plain constants (None, bool, int, float, complex, str, bytes, and tuples
-and frozensets of these). Cosmetic knobs (retry, backoff, timeout_s, detached,
-name) and the function's own name, file and line numbers are left out. Any other
-captured object or global (a list, a DataFrame, a module, a function imported
-from another module) is not in the key: a task that reads such an input from
-outside its arguments must receive it from a dependency to have it keyed.
+constants, names, argument layout, default values, recursively for nested code),
+its ``map_over`` dependency if any, and the name and key of each dependency,
+sorted by name. Functions the code closes over, wraps, or names as a global of
+its own module are fed in the same way, recursively; closed-over values and
+globals it names are in the key when they are plain constants (None, bool, int,
+float, complex, str, bytes, and tuples and frozensets of these). Cosmetic knobs
+(retry and its policies, backoff, timeout_s, detached, pool, max_concurrency,
+local, name) and the function's own name, file and line numbers are left out.
+Any other captured object or global (a list, a DataFrame, a module, a function
+imported from another module) is not in the key: a task that reads such an input
+from outside its arguments must receive it from a dependency to have it keyed.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def compute_step_key(task: TaskDef[..., Any], dependency_keys: Mapping[str, str]
         feed.text(role)
         if gate is not None:
             feed.callable(role, gate)
+    feed.text(f"map_over:{getattr(task, 'map_over', None)}")  # a list of values, or one
     for name in sorted(dependency_keys):
         feed.text(f"dep:{name}={dependency_keys[name]}")
     return digest.hexdigest()

@@ -288,6 +288,24 @@ async def test_a_replayed_task_is_reported_as_a_cached_task_finished_event(tmp_p
 
 
 @pytest.mark.anyio
+async def test_a_mapped_step_is_journaled_and_replayed_as_its_list_of_values(
+    tmp_path: Path,
+) -> None:
+    src = counted("src", [1, 2, 3])
+
+    @task(depends_on=[src], map_over="src")
+    def each(src: int) -> int:
+        CALLS["each"] += 1
+        return src * 10
+
+    journal = tmp_path / "run.jsonl"
+    await Flow(each, journal_path=journal).arun()
+    results = await Flow(each, journal_path=journal).arun()
+    assert results["each"].cached and results["each"].value == [10, 20, 30]
+    assert CALLS == {"src": 1, "each": 3}
+
+
+@pytest.mark.anyio
 async def test_a_value_pickle_refuses_is_not_journaled_and_runs_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -242,6 +242,22 @@ def test_the_key_chains_through_dependency_names_and_keys() -> None:
     assert key(b, a="k1") != key(b, a="k2")
 
 
+def test_mapping_over_a_dependency_changes_the_key() -> None:
+    @task
+    def src() -> list[int]:
+        return [1, 2]
+
+    def make(**options: Any) -> TaskDef[..., Any]:
+        @task(depends_on=[src], **options)
+        def each(src: Any) -> Any:
+            return src
+
+        return each
+
+    assert key(make(), src="k") == key(make(max_concurrency=None), src="k")
+    assert key(make(), src="k") != key(make(map_over="src"), src="k")
+
+
 def test_wrong_dependency_keys_are_refused_by_name() -> None:
     @task
     def a() -> int:
