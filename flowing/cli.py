@@ -2,6 +2,7 @@
 
     flowing run FILE.py[:TASK,...] [--max-workers N] [--no-fail-fast] [--journal PATH]
                 [--backend asyncio|trio] [--timeline PATH] [--quiet] [--json] [--debug]
+                [--dask ADDRESS]
     flowing graph FILE.py[:TASK,...] [--format mermaid|dot]
     flowing --version
 
@@ -98,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress and no summary")
     run.add_argument("--json", action="store_true",
                      help="print the results as JSON on stdout (non-JSON values as repr)")
+    run.add_argument("--dask", metavar="ADDRESS",
+                     help="run sync task bodies on the Dask scheduler at ADDRESS (flowing[dask])")
     run.set_defaults(command=_run)
 
     graph = commands.add_parser("graph", parents=[common], help="print the graph as text")
@@ -124,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         fail_fast=not args.no_fail_fast,
         journal_path=args.journal,
+        executor=_dask_executor(args.dask, terminals) if args.dask else None,
     )
     started = time.monotonic()
     interrupted = False
@@ -159,10 +163,23 @@ def _check_run_options(args: argparse.Namespace) -> None:
         if suffix in IMAGE_SUFFIXES and importlib.util.find_spec("matplotlib") is None:
             raise MissingExtraError(f"--timeline {str(args.timeline)!r}", "matplotlib", "plot")
         _check_parent(args.timeline, "--timeline")
+    if args.dask is not None:
+        if importlib.util.find_spec("distributed") is None:
+            raise MissingExtraError("--dask", "distributed", "dask")
+        if args.backend != "asyncio":
+            raise _BadInput("--dask needs --backend asyncio: Dask's asynchronous client runs on asyncio")
     if args.journal is not None:
         if args.journal.is_dir():
             raise _BadInput(f"--journal {str(args.journal)!r} is a directory; give a file path")
         _check_parent(args.journal, "--journal")
+
+
+def _dask_executor(address: str, terminals: list[TaskDef[..., Any]]) -> Any:
+    """A DaskExecutor; the file's own functions travel by value, as workers cannot import it."""
+    from .dask import DaskExecutor, send_by_value
+
+    send_by_value({t.fn.__module__ for t in terminals})
+    return DaskExecutor(address)
 
 
 def _check_parent(path: Path, option: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import pickle
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,7 +23,12 @@ from typing import Any
 
 import anyio
 
-from ._exceptions import ExecutorBackendError, RemoteTaskLostError, TaskSerializationError
+from ._exceptions import (
+    ExecutorBackendError,
+    MissingExtraError,
+    RemoteTaskLostError,
+    TaskSerializationError,
+)
 from ._executor import BodyRunner
 from ._task import TaskDef
 from ._threads import ThreadSlots
@@ -30,9 +36,7 @@ from ._threads import ThreadSlots
 try:
     import distributed
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "flowing.dask needs the 'dask' extra: pip install 'flowing[dask]'"
-    ) from error
+    raise MissingExtraError("flowing.dask", "distributed", "dask") from error
 
 __all__ = ["DaskExecutor"]
 
@@ -126,6 +130,16 @@ async def _outcome(name: str, future: distributed.Future[Any]) -> Any:
         return await future.result()
     except _SERIALISATION_ERRORS as error:
         raise TaskSerializationError(name, "its return value", error) from error
+
+
+def send_by_value(module_names: set[str]) -> None:
+    """Pickle the functions of these modules by value, for workers that cannot import them."""
+    import cloudpickle  # type: ignore[import-untyped]
+
+    for name in module_names:
+        module = sys.modules.get(name)
+        if module is not None and not name.startswith("flowing"):
+            cloudpickle.register_pickle_by_value(module)
 
 
 def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:

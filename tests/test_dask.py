@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -308,3 +311,53 @@ def test_a_journal_replays_what_ran_on_the_cluster(client: Any, tmp_path: Path) 
         first["remote_pid"].value,
         True,
     )
+
+
+CLI_PIPELINE = '''
+import os
+from flowing import task
+
+def helper(n):
+    return n * 2
+
+@task
+def where():
+    return os.getpid()
+
+@task(depends_on=[where])
+def doubled(where):
+    return helper(21)
+'''
+
+
+def test_the_cli_runs_a_file_on_the_cluster_with_dask(
+    cluster: Any, client: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "pipeline.py").write_text(CLI_PIPELINE)
+    done = subprocess.run(
+        [sys.executable, "-m", "flowing", "run", "pipeline.py", "--dask",
+         cluster.scheduler_address, "--json", "--quiet"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    tasks = json.loads(done.stdout)["tasks"]
+    assert tasks["where"]["value"] in set(client.run(os.getpid).values())
+    assert tasks["doubled"]["value"] == 42
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--backend", "trio"], "--dask needs --backend asyncio")],
+    ids=["trio"],
+)
+def test_the_cli_refuses_dask_options_it_cannot_honour(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    (tmp_path / "pipeline.py").write_text(CLI_PIPELINE)
+    done = subprocess.run(
+        [sys.executable, "-m", "flowing", "run", "pipeline.py", "--dask", "tcp://127.0.0.1:1",
+         *extra],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
