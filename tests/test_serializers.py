@@ -15,7 +15,9 @@ from flowing._serializers import resolve_serializer
     [None, True, 3, 2.5, "text", [1, "a", None], {"k": [1, {"n": 2.0}]}],
     ids=["none", "bool", "int", "float", "str", "list", "nested"],
 )
-@pytest.mark.parametrize("serializer", [PickleSerializer(), JsonSerializer()], ids=["pickle", "json"])
+@pytest.mark.parametrize(
+    "serializer", [PickleSerializer(), JsonSerializer()], ids=["pickle", "json"]
+)
 def test_plain_data_round_trips(serializer: Serializer, value: Any) -> None:
     back = serializer.loads(serializer.dumps(value))
     assert back == value and type(back) is type(value)
