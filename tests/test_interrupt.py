@@ -1,7 +1,8 @@
 """Ctrl-C during ``flow.run()``, in a real process sent a real SIGINT.
 
 The run behaves as if cancelled from outside (async bodies cancelled, sync threads
-abandoned, the rest recorded CANCELLED), then KeyboardInterrupt propagates.
+abandoned, the rest recorded CANCELLED), then KeyboardInterrupt propagates, and
+the journal stays valid for the next process.
 """
 
 from __future__ import annotations
@@ -24,38 +25,52 @@ CHILD = textwrap.dedent(
     import anyio
     from flowing import Flow, task
 
+    backend, journal_path, mode = sys.argv[1:]
+    blocking = mode == "interrupt"
     release = threading.Event()
     sync_started = threading.Event()
     async_started = threading.Event()
+    ran = []
 
     @task
     def quick():
+        ran.append("quick")
         return 1
 
     @task(depends_on=[quick])
     def stalled_sync(quick):
+        ran.append("stalled_sync")
         sync_started.set()
-        release.wait(30)
+        if blocking:
+            release.wait(30)
         return 2
 
     @task(depends_on=[quick])
     async def stalled_async(quick):
+        ran.append("stalled_async")
         async_started.set()
-        await anyio.sleep(30)
+        if blocking:
+            await anyio.sleep(30)
+        return 3
 
     @task(depends_on=[stalled_sync, stalled_async])
     def last(stalled_sync, stalled_async):
-        return 3
+        ran.append("last")
+        return stalled_sync + stalled_async
 
     def announce_when_both_started():
         sync_started.wait()
         async_started.wait()
         print("ready", flush=True)
 
+    flow = Flow(last, journal_path=journal_path)
+    if not blocking:
+        flow.run(backend=backend)
+        print(json.dumps({"ran": sorted(ran), "last": flow.value(last)}), flush=True)
+        sys.exit()
     threading.Thread(target=announce_when_both_started, daemon=True).start()
-    flow = Flow(last)
     try:
-        flow.run(backend=sys.argv[1])
+        flow.run(backend=backend)
     except KeyboardInterrupt:
         states = {name: r.state.value for name, r in flow.results.items()}
         print(json.dumps(states), flush=True)
@@ -74,8 +89,9 @@ def test_ctrl_c_during_run_cancels_the_rest_then_raises_keyboardinterrupt(
 ) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
+    journal = tmp_path / "journal.jsonl"
     child = subprocess.Popen(
-        [sys.executable, str(script), anyio_backend],
+        [sys.executable, str(script), anyio_backend, str(journal), "interrupt"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -100,3 +116,17 @@ def test_ctrl_c_during_run_cancels_the_rest_then_raises_keyboardinterrupt(
     assert elapsed < PROMPT_S
     assert child.returncode == -signal.SIGINT
     assert stderr.rstrip().endswith("KeyboardInterrupt")
+
+    # The journal stays valid: a later process replays what finished, runs the rest.
+    assert [json.loads(line)["task"] for line in journal.read_text().splitlines()] == ["quick"]
+    replay = subprocess.run(
+        [sys.executable, str(script), anyio_backend, str(journal), "replay"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(replay.stdout) == {
+        "ran": ["last", "stalled_async", "stalled_sync"],
+        "last": 5,
+    }
