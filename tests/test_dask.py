@@ -161,15 +161,18 @@ def test_cpu_bound_pure_python_bodies_run_in_parallel_on_two_worker_processes(
         return time.monotonic() - start, results
 
     timings = []
-    for _ in range(2):  # best of two: load from elsewhere can only make a run slower
+    for _ in range(3):  # best of three: load from elsewhere can only make a run slower
         solo, _ = timed_run(1)
         elapsed, results = timed_run(4)
         assert all(r.state is StepState.SUCCEEDED for r in results.values())
         assert len({r.value for r in results.values()}) == 2
-        timings.append((elapsed, solo))
+        timings.append((round(elapsed, 2), round(solo, 2)))
         if elapsed < 3.5 * solo:
             return
-    pytest.fail(f"4 bodies vs one alone took (s): {timings}; serial would be 4x")
+    message = f"4 bodies vs one alone took (s): {timings}; serial would be 4x"
+    if os.getloadavg()[0] > 2 * (os.cpu_count() or 1):
+        pytest.skip(f"the machine is too busy to measure a speedup ({message})")
+    pytest.fail(message)
 
 
 _LOCK = threading.Lock()
