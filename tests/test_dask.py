@@ -140,8 +140,7 @@ def test_cpu_bound_pure_python_bodies_run_in_parallel_on_two_worker_processes(
     """Four 1 s bodies take about two solo runs, not four: the GIL is not in the way.
 
     The bound is relative to one body run alone just before, so that other load
-    on this 2-core machine slows both sides alike; serial would be 4x. On an idle
-    machine that is about 2.1 s against 1.05 s.
+    on this 2-core machine slows both sides alike; serial would be 4x.
     """
 
     def burners(count: int) -> list[Any]:
