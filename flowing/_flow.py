@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 import sys
@@ -24,6 +25,7 @@ from ._executor import Executor, is_executor
 from ._graph import build_graph
 from ._journal import Journal, step_keys
 from ._pools import Pool, check_pool_names, check_pools
+from ._otel import SpanRecorder
 from ._progress import showing_progress
 from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
@@ -45,7 +47,8 @@ class Flow:
     Detached tasks whose dependencies are all in the graph join it on their own.
     With ``journal_path``, every success is appended to that file as it happens
     and later runs, in any process, replay it instead of running the task again
-    (see the README's "Durable journal").
+    (see the README's "Durable journal"). ``on_event`` receives every event of every
+    run; ``tracing=True`` records OpenTelemetry spans (``pip install 'flowing[otel]'``).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class Flow:
         max_workers: int = 5,
         fail_fast: bool = True,
         on_event: OnEvent | None = None,
+        tracing: bool = False,
         pools: Mapping[str, Pool | int] | None = None,
         journal_path: str | os.PathLike[str] | None = None,
         serializer: Literal["pickle", "json"] | Serializer = "pickle",
@@ -82,6 +86,8 @@ class Flow:
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
         self._events.add(self._recorder, "timeline recorder")
+        if tracing:
+            self._events.add(SpanRecorder(), "OpenTelemetry spans")
         chosen = resolve_serializer(serializer)
         self._journal = (
             None if journal_path is None else Journal(journal_path, chosen, journal_fsync)
@@ -265,7 +271,8 @@ class Flow:
             # Jupyter or an async app called the blocking API: give the flow its
             # own loop in a helper thread rather than nesting loops.
             with ThreadPoolExecutor(1, thread_name_prefix="flowing-run") as pool:
-                return pool.submit(_run_on_new_loop, run, backend).result()
+                context = contextvars.copy_context()  # e.g. the caller's current span
+                return pool.submit(context.run, _run_on_new_loop, run, backend).result()
         return _run_on_new_loop(run, backend)
 
     def _ordered(self, results: Mapping[str, StepResult]) -> dict[str, StepResult]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -141,3 +142,16 @@ def test_the_eta_extrapolates_the_average_pace(
     tally.started_at, tally.pending = 100.0, pending
     tally.counts["succeeded"] = finished
     assert tally.eta(now=100.0 + elapsed) == expected
+
+
+def test_plain_lines_are_written_soon_without_waiting_for_more_events() -> None:
+    out = io.StringIO()
+    display = PlainDisplay(out, flush_s=0.01)
+    seen: list[Event] = []
+    build_flow(seen.append).run()
+    display(seen[0])
+    deadline = time.monotonic() + 10
+    while not out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert out.getvalue().count("\n") == 1
+    display.stop()
