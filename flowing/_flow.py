@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import os
 import sys
@@ -271,8 +270,7 @@ class Flow:
             # Jupyter or an async app called the blocking API: give the flow its
             # own loop in a helper thread rather than nesting loops.
             with ThreadPoolExecutor(1, thread_name_prefix="flowing-run") as pool:
-                context = contextvars.copy_context()  # e.g. the caller's current span
-                return pool.submit(context.run, _run_on_new_loop, run, backend).result()
+                return pool.submit(_run_on_new_loop, run, backend).result()
         return _run_on_new_loop(run, backend)
 
     def _ordered(self, results: Mapping[str, StepResult]) -> dict[str, StepResult]:
