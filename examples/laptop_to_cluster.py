@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import anyio
 
-from flowing import Flow, task
+from flowing import Flow, TaskDef, task
 
 CHUNKS = 4
 LIMIT = 650_000
@@ -21,7 +22,8 @@ LIMIT = 650_000
 @task
 async def plan() -> list[range]:
     await anyio.sleep(0.1)  # stands in for an API call: async bodies stay on the local loop
-    return [range(3 + 2 * i, LIMIT, 2 * CHUNKS) for i in range(CHUNKS)]  # odd numbers, equal shares
+    # The odd numbers in equal, interleaved shares: every chunk gets as much work.
+    return [range(3 + 2 * i, LIMIT, 2 * CHUNKS) for i in range(CHUNKS)]
 
 
 def count_primes(numbers: range) -> int:
@@ -29,7 +31,7 @@ def count_primes(numbers: range) -> int:
     return sum(1 for n in numbers if n > 1 and all(n % d for d in range(2, int(n**0.5) + 1)))
 
 
-def chunk(i: int) -> object:
+def chunk(i: int) -> TaskDef[..., Any]:
     @task(name=f"primes_{i}", depends_on=[plan])
     def primes(plan: list[range]) -> int:
         return count_primes(plan[i])

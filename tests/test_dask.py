@@ -17,6 +17,7 @@ import pytest
 from flowing import (
     ExecutorBackendError,
     Flow,
+    RemoteTaskLostError,
     StepState,
     TaskRetrying,
     TaskSerializationError,
@@ -363,3 +364,32 @@ def test_the_cli_refuses_dask_options_it_cannot_honour(
     )
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_a_future_cancelled_outside_flowing_fails_the_attempt_clearly(
+    client: Any, tmp_path: Path
+) -> None:
+    started, release = tmp_path / "started", tmp_path / "release"
+
+    @task
+    def lost() -> str:
+        started.touch()
+        deadline = time.monotonic() + 20
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return "never seen"
+
+    flow = Flow(lost, executor=DaskExecutor(client))
+    runner = threading.Thread(target=flow.run, kwargs={"timeout_s": 30})
+    runner.start()
+    try:
+        assert wait_until(started.exists)
+        keys = scheduler_keys(client, "lost-")
+        client.cancel([distributed.Future(key, client) for key in keys], force=True)
+        runner.join(timeout=20)
+    finally:
+        release.touch()
+    result = flow.results["lost"]
+    assert result.state is StepState.FAILED
+    assert isinstance(result.error, RemoteTaskLostError)
+    assert "task 'lost'" in str(result.error)
