@@ -1,22 +1,27 @@
 """Running a sync body in a worker thread under the run's ``max_workers`` limiter.
 
-anyio's ``to_thread.run_sync(limiter=...)`` gives the token back as soon as the
-awaiting task is cancelled, even though an abandoned thread cannot be stopped and
-keeps running. To keep ``max_workers`` a true bound, the token is borrowed here on
-behalf of the call, and a call that was abandoned gives it back from its own
-thread when the function finally returns.
+Each run has its own few worker threads, fed from a queue: a call costs a queue
+put and one wake-up of the event loop, several times less than
+``anyio.to_thread.run_sync``, and wake-ups are shared by calls that return
+together. The threads end when the run's ThreadSlots is garbage-collected.
+
+An abandoned call (its awaiting task was cancelled or timed out) cannot be
+stopped and keeps running: to keep ``max_workers`` a true bound, its limiter
+token is given back only when the function finally returns.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
+import contextvars
+import queue
 import threading
+import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.to_thread
 
 
 class ThreadSlots:
@@ -24,9 +29,8 @@ class ThreadSlots:
 
     def __init__(self, max_workers: int) -> None:
         self.limiter = anyio.CapacityLimiter(max_workers)
-        # Threads are bounded by `limiter`; this one only keeps anyio's global
-        # default limiter (40 threads) out of the way.
-        self._unbounded = anyio.CapacityLimiter(math.inf)
+        self._workers = _Workers(self.limiter)
+        weakref.finalize(self, self._workers.close)
 
     async def run(self, fn: Callable[[], Any], on_abandon: Callable[[], None]) -> Any:
         """Return ``fn()``, called in a worker thread.
@@ -35,57 +39,108 @@ class ThreadSlots:
         thread keeps its token until the function returns, and the cancellation
         propagates.
         """
-        call = _BorrowedCall(self.limiter, fn)
+        call = _Call(fn)
         await self.limiter.acquire_on_behalf_of(call)
-        abandoned = False
+        self._workers.submit(call)
         try:
-            return await anyio.to_thread.run_sync(
-                call.run, abandon_on_cancel=True, limiter=self._unbounded
-            )
+            await call.done.wait()
         except BaseException:
-            abandoned = call.abandon()
-            if abandoned:
-                on_abandon()
-            raise
-        finally:
-            if not abandoned:
+            if call.done.is_set():  # cancelled just after the report: release here
                 self.limiter.release_on_behalf_of(call)
+            else:
+                call.abandoned = True  # the worker's report gives the token back
+                if not call.returned:
+                    on_abandon()
+            raise
+        self.limiter.release_on_behalf_of(call)
+        return call.outcome()
 
 
-class _BorrowedCall:
-    """One sync call holding a limiter token; decides who gives the token back.
+class _Call:
+    """One sync call; ``returned`` is set by its worker, everything else on the event loop."""
 
-    Invariant: exactly one side releases the token. ``_state`` moves from
-    "running" to either "returned" (the event loop releases) or "abandoned"
-    (the worker thread releases when the function returns).
+    __slots__ = ("fn", "context", "done", "value", "error", "returned", "abandoned")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.context = contextvars.copy_context()
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.returned = False
+        self.abandoned = False
+
+    def run(self) -> None:
+        try:
+            self.value = self.context.run(self.fn)
+        except BaseException as error:  # re-raised in the awaiting task
+            self.error = error
+        self.returned = True
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Workers:
+    """The worker threads of one run, and the way back to its event loop.
+
+    Invariants: ``_busy`` (event loop only) counts calls submitted and not yet
+    reported back, and there are at least as many threads, so a submitted call
+    never waits for a thread; ``_returned`` (under ``_lock``) holds calls whose
+    function returned, and one report is scheduled whenever it is not empty.
     """
 
-    def __init__(self, limiter: anyio.CapacityLimiter, fn: Callable[[], Any]) -> None:
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
         self._limiter = limiter
-        self._fn = fn
+        self._call_soon = _call_soon_threadsafe()
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._threads = 0
+        self._busy = 0
+        self._returned: deque[_Call] = deque()
         self._lock = threading.Lock()
-        self._state = "running"
 
-    def run(self) -> Any:
-        try:
-            return self._fn()
-        finally:
+    def submit(self, call: _Call) -> None:
+        self._busy += 1
+        if self._busy > self._threads:
+            self._threads += 1
+            threading.Thread(target=self._work, name="flowing worker", daemon=True).start()
+        self._calls.put(call)
+
+    def close(self) -> None:
+        for _ in range(self._threads):
+            self._calls.put(None)
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call.run()
             with self._lock:
-                abandoned = self._state == "abandoned"
-                self._state = "returned"
-            if abandoned:
-                self._release_from_thread()
+                self._returned.append(call)
+                first = len(self._returned) == 1
+            if first:
+                try:
+                    self._call_soon(self._report)
+                except RuntimeError:
+                    pass  # the run's event loop is gone: nobody waits for the result
 
-    def abandon(self) -> bool:
-        """Called on cancellation; True when the thread is still running and now owns the release."""
+    def _report(self) -> None:
         with self._lock:
-            if self._state == "returned":
-                return False
-            self._state = "abandoned"
-            return True
+            returned = list(self._returned)
+            self._returned.clear()
+        self._busy -= len(returned)
+        for call in returned:
+            if call.abandoned:
+                self._limiter.release_on_behalf_of(call)
+            else:
+                call.done.set()
 
-    def _release_from_thread(self) -> None:
-        try:
-            anyio.from_thread.run_sync(self._limiter.release_on_behalf_of, self)
-        except Exception:
-            pass  # the run and its event loop are gone: nobody needs the token back
+
+def _call_soon_threadsafe() -> Callable[[Callable[[], None]], Any]:
+    """How a worker thread schedules a callback on the current event loop."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:
+        import trio  # the only other anyio backend
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
