@@ -65,6 +65,21 @@ class _Outcome:
         )
 
 
+def waits_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
+    """True when ``task``'s run waits for nothing but a worker thread: a sync body
+    with no gates, retries, pool or concurrency limit. The scheduler may hold such
+    a task back until a thread is free without delaying anything it would await."""
+    return not (
+        task.is_async
+        or task.when is not None
+        or task.validate is not None
+        or task.retry
+        or task.retry_until is not None
+        or task.pool is not None
+        or task.max_concurrency is not None
+    )
+
+
 async def run_step(
     task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext
 ) -> StepResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import nullcontext
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from ._attempt import StepContext, run_step
+from ._attempt import StepContext, run_step, waits_only_for_a_thread
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished
 from ._executor import Executor
 from ._cache import ResultCache
@@ -65,6 +66,13 @@ class Scheduler:
             sum(1 for d in deps if not self._succeeded(d)) for deps in graph.deps
         ]
         self._running: dict[int, float] = {}  # index -> monotonic start, while running
+        # Tasks whose run waits for nothing but a worker thread (see _start): at most
+        # max_workers of them run at once, the others wait in _queued without an
+        # anyio task. Invariant: _thread_bound_running == number of such tasks in _running.
+        self._thread_bound = [waits_only_for_a_thread(t) for t in graph.tasks]
+        self._thread_bound_running = 0
+        self._queued: deque[int] = deque()
+        self._ready: deque[int] = deque()  # made ready by a finished task, not yet claimed
         self._phase_detached = False
         self._stopped_by: str | None = None  # first main-graph failure under fail_fast
         # The first BaseException (KeyboardInterrupt, SystemExit, ...) a task raised:
@@ -131,11 +139,53 @@ class Scheduler:
             self._skip_never_started(detached)
 
     def _start(self, i: int) -> None:
+        """Start task ``i`` in a new runner (see _run_tasks), or queue it for a worker thread."""
+        if self._claim(i):
+            assert self._task_group is not None
+            self._task_group.start_soon(self._run_tasks, i, name=self.graph.tasks[i].name)
+
+    def _claim(self, i: int) -> bool:
+        """Mark task ``i`` as running, unless fail_fast stopped the run or it must queue."""
         if self._stopped_by is not None and not self._phase_detached:
-            return  # fail_fast: nothing new starts; _skip_never_started records it
-        assert self._task_group is not None
+            return False  # fail_fast: nothing new starts; _skip_never_started records it
+        if self._thread_bound[i]:
+            if self._thread_bound_running >= self.max_workers:
+                self._queued.append(i)  # an anyio task would only wait for the limiter
+                return False
+            self._thread_bound_running += 1
         self._running[i] = time.monotonic()
-        self._task_group.start_soon(self._run_task, i, name=self.graph.tasks[i].name)
+        return True
+
+    async def _run_tasks(self, i: int) -> None:
+        """A runner: run task ``i``, then go on with one task that became ready meanwhile.
+
+        A chain of tasks thus costs no new anyio task per step, and a finished
+        thread-bound task hands its worker-thread turn to a queued one.
+        """
+        current: int | None = i
+        while current is not None:
+            await self._run_task(current)
+            if self._thread_bound[current]:
+                self._thread_bound_running -= 1
+            current = self._next_for_runner()
+
+    def _next_for_runner(self) -> int | None:
+        """Start every ready task; keep one for the calling runner (None: it ends)."""
+        kept: int | None = None
+        while self._ready or (
+            self._queued and self._thread_bound_running < self.max_workers
+        ):
+            candidate = self._ready.popleft() if self._ready else self._queued.popleft()
+            if not self._claim(candidate):
+                continue
+            if kept is None:
+                kept = candidate
+            else:
+                assert self._task_group is not None
+                self._task_group.start_soon(
+                    self._run_tasks, candidate, name=self.graph.tasks[candidate].name
+                )
+        return kept
 
     async def _run_task(self, i: int) -> None:
         # Nothing but a cancellation may leave this task: on asyncio, a
@@ -222,7 +272,7 @@ class Scheduler:
                 and self.graph.tasks[d].detached == self._phase_detached
                 and self.graph.tasks[d].name not in self.results
             ):
-                self._start(d)
+                self._ready.append(d)  # started by the runner of task i
 
     def _skip_descendants(self, i: int, state: StepState) -> None:
         """Record every unfinished descendant of ``i`` as SKIPPED, naming its own blocked dependency."""

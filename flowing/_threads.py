@@ -1,9 +1,13 @@
 """Running a sync body in a worker thread under the run's ``max_workers`` limiter.
 
-Each run has its own few worker threads, fed from a queue: a call costs a queue
-put and one wake-up of the event loop, several times less than
-``anyio.to_thread.run_sync``, and wake-ups are shared by calls that return
-together. The threads end when the run's ThreadSlots is garbage-collected.
+On asyncio each run has its own few worker threads, fed from a queue: a call
+costs a queue put and one wake-up of the event loop, several times less than
+``anyio.to_thread.run_sync``, and calls that return together share a wake-up.
+The threads end when the run's ThreadSlots is garbage-collected. Bodies may call
+``anyio.from_thread`` as in anyio's own worker threads: each thread holds the
+run's event-loop token where anyio looks for it (a private detail of anyio,
+covered by the tests). On trio, ``anyio.from_thread`` relies on trio's own
+thread-locals, so calls go through ``anyio.to_thread.run_sync`` there.
 
 An abandoned call (its awaiting task was cancelled or timed out) cannot be
 stopped and keeps running: to keep ``max_workers`` a true bound, its limiter
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import queue
 import threading
 import weakref
@@ -22,6 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+import anyio.to_thread
+from anyio._core._eventloop import threadlocals as _anyio_threadlocals
 
 
 class ThreadSlots:
@@ -29,8 +37,14 @@ class ThreadSlots:
 
     def __init__(self, max_workers: int) -> None:
         self.limiter = anyio.CapacityLimiter(max_workers)
-        self._workers = _Workers(self.limiter)
-        weakref.finalize(self, self._workers.close)
+        self._report = _Reporter(self.limiter)
+        self._workers: _Workers | None = None
+        if self._report.on_asyncio:
+            self._workers = _Workers(self._report)
+            weakref.finalize(self, self._workers.close)
+        # Threads are bounded by `limiter`; this one only keeps anyio's global
+        # default limiter (40 threads) out of the way on trio.
+        self._unbounded = anyio.CapacityLimiter(math.inf)
 
     async def run(self, fn: Callable[[], Any], on_abandon: Callable[[], None]) -> Any:
         """Return ``fn()``, called in a worker thread.
@@ -39,16 +53,21 @@ class ThreadSlots:
         thread keeps its token until the function returns, and the cancellation
         propagates.
         """
-        call = _Call(fn)
+        call = _Call(fn, self._report)
         await self.limiter.acquire_on_behalf_of(call)
-        self._workers.submit(call)
         try:
-            await call.done.wait()
+            if self._workers is not None:
+                self._workers.submit(call)
+                await call.reported.wait()
+            else:
+                await anyio.to_thread.run_sync(
+                    call.run, abandon_on_cancel=True, limiter=self._unbounded
+                )
         except BaseException:
-            if call.done.is_set():  # cancelled just after the report: release here
+            if call.reported.is_set():  # cancelled just after the report: release here
                 self.limiter.release_on_behalf_of(call)
             else:
-                call.abandoned = True  # the worker's report gives the token back
+                call.abandoned = True  # the report gives the token back
                 if not call.returned:
                     on_abandon()
             raise
@@ -57,25 +76,28 @@ class ThreadSlots:
 
 
 class _Call:
-    """One sync call; ``returned`` is set by its worker, everything else on the event loop."""
+    """One sync call; ``returned`` is set by its thread, everything else on the event loop."""
 
-    __slots__ = ("fn", "context", "done", "value", "error", "returned", "abandoned")
+    __slots__ = ("fn", "context", "report", "reported", "value", "error", "returned", "abandoned")
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], report: _Reporter) -> None:
         self.fn = fn
         self.context = contextvars.copy_context()
-        self.done = anyio.Event()
+        self.report = report
+        self.reported = anyio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
         self.returned = False
         self.abandoned = False
 
     def run(self) -> None:
+        """In the worker thread: call the function, then report back to the event loop."""
         try:
             self.value = self.context.run(self.fn)
         except BaseException as error:  # re-raised in the awaiting task
             self.error = error
         self.returned = True
+        self.report.returned(self)
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -83,23 +105,62 @@ class _Call:
         return self.value
 
 
-class _Workers:
-    """The worker threads of one run, and the way back to its event loop.
+class _Reporter:
+    """Brings returned calls back to the event loop, one wake-up per batch.
 
-    Invariants: ``_busy`` (event loop only) counts calls submitted and not yet
-    reported back, and there are at least as many threads, so a submitted call
-    never waits for a thread; ``_returned`` (under ``_lock``) holds calls whose
-    function returned, and one report is scheduled whenever it is not empty.
+    Invariant: ``_returned`` (under ``_lock``) holds calls whose function returned
+    and that the event loop has not seen; a report is scheduled whenever it is not empty.
     """
 
     def __init__(self, limiter: anyio.CapacityLimiter) -> None:
         self._limiter = limiter
-        self._call_soon = _call_soon_threadsafe()
+        self.token = anyio.lowlevel.current_token()
+        native: Any = self.token.native_token  # an asyncio loop or a trio.lowlevel.TrioToken
+        self.on_asyncio = isinstance(native, asyncio.AbstractEventLoop)
+        self._call_soon: Callable[[Callable[[], None]], Any] = (
+            native.call_soon_threadsafe if self.on_asyncio else native.run_sync_soon
+        )
+        self._returned: deque[_Call] = deque()
+        self._lock = threading.Lock()
+        self.on_report: Callable[[int], None] = lambda count: None
+
+    def returned(self, call: _Call) -> None:
+        """In a worker thread: ``call`` returned."""
+        with self._lock:
+            self._returned.append(call)
+            first = len(self._returned) == 1
+        if first:
+            try:
+                self._call_soon(self._report)
+            except RuntimeError:
+                pass  # the run's event loop is gone: nobody waits for the result
+
+    def _report(self) -> None:
+        with self._lock:
+            returned = list(self._returned)
+            self._returned.clear()
+        self.on_report(len(returned))
+        for call in returned:
+            if call.abandoned:
+                self._limiter.release_on_behalf_of(call)
+            else:
+                call.reported.set()
+
+
+class _Workers:
+    """The worker threads of one run on asyncio, fed from a queue.
+
+    Invariant: ``_busy`` (event loop only) counts calls submitted and not yet
+    reported back, and there are at least as many threads, so a submitted call
+    never waits for a thread.
+    """
+
+    def __init__(self, report: _Reporter) -> None:
+        self._token = report.token
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._threads = 0
         self._busy = 0
-        self._returned: deque[_Call] = deque()
-        self._lock = threading.Lock()
+        report.on_report = self._reported
 
     def submit(self, call: _Call) -> None:
         self._busy += 1
@@ -112,35 +173,10 @@ class _Workers:
         for _ in range(self._threads):
             self._calls.put(None)
 
+    def _reported(self, count: int) -> None:
+        self._busy -= count
+
     def _work(self) -> None:
+        _anyio_threadlocals.current_token = self._token
         while (call := self._calls.get()) is not None:
             call.run()
-            with self._lock:
-                self._returned.append(call)
-                first = len(self._returned) == 1
-            if first:
-                try:
-                    self._call_soon(self._report)
-                except RuntimeError:
-                    pass  # the run's event loop is gone: nobody waits for the result
-
-    def _report(self) -> None:
-        with self._lock:
-            returned = list(self._returned)
-            self._returned.clear()
-        self._busy -= len(returned)
-        for call in returned:
-            if call.abandoned:
-                self._limiter.release_on_behalf_of(call)
-            else:
-                call.done.set()
-
-
-def _call_soon_threadsafe() -> Callable[[Callable[[], None]], Any]:
-    """How a worker thread schedules a callback on the current event loop."""
-    try:
-        return asyncio.get_running_loop().call_soon_threadsafe
-    except RuntimeError:
-        import trio  # the only other anyio backend
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
