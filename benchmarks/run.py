@@ -50,6 +50,8 @@ class Case:
 
     def runners(self, quick: bool) -> list[str]:
         names = [self.floor, "flowing"]
+        if self.workload == "W1":
+            names.append("flowing-mapped")  # the same fan-out as one mapped task
         if self.sync_only:
             names.append("dask")
             # Hamilton's driver is superlinear (seconds at 10k) and recursive along a chain.

@@ -92,6 +92,41 @@ def flowing(spec: Spec) -> Run:
     return run
 
 
+def flowing_mapped(spec: Spec) -> Run:
+    """flowing with W1's n middle tasks as one task mapped over n elements (``map_over``)."""
+    from flowing import Flow, task
+
+    root_node, *middle, sink_node = spec.nodes
+    if not middle or any(node.deps != (root_node.name,) for node in middle):
+        raise ValueError("flowing-mapped runs the fan-out workload (W1) only")
+    n = len(middle)
+    root_fn, sink_fn = body(root_node), body(sink_node)
+    if root_node.kind == "async":
+
+        async def root() -> list[Any]:
+            return [await root_fn()] * n
+
+        async def sink(each: list[Any]) -> Any:
+            return await sink_fn(*each)
+
+    else:
+
+        def root() -> list[Any]:
+            return [root_fn()] * n
+
+        def sink(each: list[Any]) -> Any:
+            return sink_fn(*each)
+
+    made_root = task(root, name="root")
+    each = task(body(middle[0]), name="each", depends_on=[made_root], map_over="root")
+    flow = Flow(task(sink, name="sink", depends_on=[each]), max_workers=MAX_WORKERS)
+
+    def run() -> Any:
+        return flow.run()["sink"].value
+
+    return run
+
+
 def dask(spec: Spec) -> Run:
     """dask's threaded scheduler on a dict graph, 5 workers."""
     import dask.threaded
@@ -124,6 +159,7 @@ RUNNERS: dict[str, Callable[[Spec], Run]] = {
     "floor-threads": floor_threads,
     "floor-asyncio": floor_asyncio,
     "flowing": flowing,
+    "flowing-mapped": flowing_mapped,
     "dask": dask,
     "hamilton": hamilton,
 }

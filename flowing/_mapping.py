@@ -6,7 +6,7 @@ retries, timeout, events) named ``"task[k]"`` that receives the element as ``src
 The step's value is the list of the instances' values, in element order.
 
 At most ``window`` instances are in progress at once: the task's ``max_concurrency``,
-else (sync bodies) ``max_workers``, else no bound. Under fail_fast, once an instance
+else (sync bodies) ``4 * max_workers``, else no bound. Under fail_fast, once an instance
 fails (or the run stops) no new instance starts; the unstarted ones are SKIPPED.
 """
 
@@ -25,6 +25,7 @@ from ._exceptions import MapOverError
 from ._results import StepResult, StepState
 from ._task import TaskDef
 
+QUEUED_PER_THREAD = 4
 _SLOTS = tuple(getattr(TaskDef, slot) for slot in TaskDef.__slots__ if slot != "__weakref__")
 
 
@@ -59,7 +60,9 @@ def launch_window(task: TaskDef[..., Any], ctx: StepContext) -> int | None:
     if task.max_concurrency is not None:
         return task.max_concurrency
     if not task.is_async:
-        return int(ctx.slots.limiter.total_tokens)
+        # A few per thread stay queued on the thread limiter, so a thread that frees up
+        # takes the next instance at once; one per thread left threads idle between them.
+        return QUEUED_PER_THREAD * int(ctx.slots.limiter.total_tokens)
     return None
 
 
