@@ -81,9 +81,8 @@ async def run_mapped(
     try:
         items = _elements(task, task.map_over, kwargs[task.map_over])
     except Exception as error:
-        return _step_result(
-            task, started_at, StepState.FAILED, error=error, reason=f"cannot map over {task.map_over!r}"
-        )
+        reason = f"cannot map over {task.map_over!r}"
+        return _step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
     fan_out = _FanOut(task, index, kwargs, ctx, fail_fast, halted)
     await fan_out.run(items)
     return fan_out.outcome(started_at)
@@ -184,8 +183,8 @@ class _FanOut:
         reason = f"not started: fail_fast stopped the mapping after {why}"
         for k in range(first, len(self.results)):
             name = f"{self.task.name}[{k}]"
-            skipped = StepResult(name, StepState.SKIPPED, reason=reason, detached=self.task.detached)
-            self._finish(k, skipped)
+            detached = self.task.detached
+            self._finish(k, StepResult(name, StepState.SKIPPED, reason=reason, detached=detached))
 
     def _finish(self, k: int, result: StepResult) -> None:
         self.results[k] = result

@@ -128,7 +128,10 @@ def test_a_digest_is_the_same_in_another_process_with_another_hash_seed(tmp_path
         '"id": uuid.UUID(int=7), "tags": frozenset({"x", "y"})}'
     )
     value = eval(expression)
-    code = f"import datetime, uuid\nfrom flowing._cache import value_digest\nprint(value_digest({expression}))"
+    code = (
+        "import datetime, uuid\nfrom flowing._cache import value_digest\n"
+        f"print(value_digest({expression}))"
+    )
     digests = {
         subprocess.run(
             [sys.executable, "-c", code],
@@ -331,7 +334,8 @@ def test_mapped_instances_replay_from_the_journal_in_a_new_flow(tmp_path: Path) 
 
         return square
 
-    assert Flow(build(), journal_path=journal, fail_fast=False).run()["square"].state is StepState.FAILED
+    first = Flow(build(), journal_path=journal, fail_fast=False).run()["square"]
+    assert first.state is StepState.FAILED
     broken.clear()
     result = Flow(build(), journal_path=journal).run()["square"]
     assert result.value == [0, 1, 4]

@@ -16,6 +16,7 @@ from flowing import (
     InvalidTaskError,
     Pool,
     StepState,
+    TaskStarted,
     UnknownPoolError,
     task,
 )
@@ -241,3 +242,28 @@ def test_a_task_naming_an_undefined_pool_is_rejected_before_anything_runs() -> N
         "(defined: 'api', 'db'); add Flow(pools={'apii': <size>})"
     )
     assert (info.value.task, info.value.pool) == ("fetch", "apii")
+
+
+@pytest.mark.anyio
+async def test_an_attempt_reports_started_only_once_it_holds_a_pool_slot() -> None:
+    log: list[str] = []
+
+    def make(name: str) -> Any:
+        @task(name=name, pool="one")
+        async def body() -> None:
+            log.append(f"{name} body ends")
+
+        return body
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, TaskStarted):
+            log.append(f"{event.task} started")
+
+    await Flow(make("a"), make("b"), pools={"one": 1}, on_event=on_event).arun()
+    first, second = log[0].split()[0], log[2].split()[0]
+    assert log == [
+        f"{first} started",
+        f"{first} body ends",
+        f"{second} started",
+        f"{second} body ends",
+    ]

@@ -48,7 +48,9 @@ def test_jitter_takes_at_most_its_fraction_off_the_backoff(u: float, expected_ms
 def test_jitter_never_compounds_across_attempts() -> None:
     policy = _policy(retry=5, retry_jitter=0.9, retry_max_backoff_ms=10**9)
     draws = iter([0.999] * 5)
-    delays = [retry_delay_ms(policy, k, ValueError(), uniform=lambda: next(draws)) for k in range(1, 6)]
+    delays = [
+        retry_delay_ms(policy, k, ValueError(), uniform=lambda: next(draws)) for k in range(1, 6)
+    ]
     # Each delay is the un-jittered backoff of its own attempt, shortened once.
     for k, delay in enumerate(delays, start=1):
         assert delay == pytest.approx(1000 * 2 ** (k - 1) * (1 - 0.9 * 0.999))
@@ -94,10 +96,12 @@ def test_an_unusable_retry_after_hint_is_ignored_with_a_warning(
     ],
     ids=lambda value: repr(value)[:40],
 )
-def test_bad_retry_policies_are_rejected_at_declaration(options: dict[str, Any], message: str) -> None:
+def test_bad_retry_policies_are_rejected_at_declaration(
+    options: dict[str, Any], message: str
+) -> None:
     def step() -> None: ...
 
-    with pytest.raises(InvalidTaskError, match=None) as info:
+    with pytest.raises(InvalidTaskError) as info:
         task(**options)(step)
     assert message in str(info.value)
 
