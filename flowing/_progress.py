@@ -181,7 +181,7 @@ class PlainDisplay:
     def describe(self, event: Event) -> str:
         tally = self.tally
         width = len(str(tally.pending))
-        clock = f"[{tally.finished:>{width}}/{tally.pending}] {tally.elapsed(event.time):7.2f}s"
+        clock = f"[{tally.finished:>{width}}/{tally.pending}] {event.time - tally.started_at:7.2f}s"
         if isinstance(event, TaskStarted):
             attempt = f"  attempt {event.attempt}/{event.max_attempts}" if event.max_attempts > 1 else ""
             return f"{clock}  start      {event.task}{attempt}"
