@@ -168,6 +168,8 @@ async def _call_with_timeout(
     """One attempt: wait for the task's concurrency limits, then its body under the timeout."""
     async with ctx.limits.hold(task):
         ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+        if task.timeout_s is None:  # no cancel scope to pay for
+            return await _call_body(task, index, kwargs, ctx, attempt)
         with anyio.move_on_after(task.timeout_s):
             return await _call_body(task, index, kwargs, ctx, attempt)
     raise TimeoutError(

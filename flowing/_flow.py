@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import sys
@@ -298,11 +297,11 @@ def _check_timeout(timeout_s: float | None) -> None:
 
 
 def _event_loop_running_here() -> bool:
-    try:
-        asyncio.get_running_loop()
+    # Through sys.modules: `import flowing` stays free of asyncio and trio, and a
+    # loop of a library that was never imported cannot be running.
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and asyncio._get_running_loop() is not None:
         return True
-    except RuntimeError:
-        pass
     trio = sys.modules.get("trio")
     in_trio_run = getattr(getattr(trio, "lowlevel", None), "in_trio_run", None)
     return in_trio_run is not None and bool(in_trio_run())

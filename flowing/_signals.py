@@ -11,19 +11,23 @@ loop wakes up to run the handler. trio does this on its own.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import asyncio
 
 T = TypeVar("T")
 
 
 async def waking_on_signals(run: Callable[[], Awaitable[T]]) -> T:
     """Await ``run()`` with the running asyncio loop woken by every signal."""
+    import asyncio  # here, so that `import flowing` does not import asyncio
+
     with _wakeup_fd(asyncio.get_running_loop()):
         return await run()
 

@@ -16,10 +16,10 @@ token is given back only when the function finally returns.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import math
 import queue
+import sys
 import threading
 import weakref
 from collections import deque
@@ -54,7 +54,10 @@ class ThreadSlots:
         propagates.
         """
         call = _Call(fn, self._report)
-        await self.limiter.acquire_on_behalf_of(call)
+        try:  # a free token costs no trip through the event loop
+            self.limiter.acquire_on_behalf_of_nowait(call)
+        except anyio.WouldBlock:
+            await self.limiter.acquire_on_behalf_of(call)
         try:
             if self._workers is not None:
                 self._workers.submit(call)
@@ -116,7 +119,8 @@ class _Reporter:
         self._limiter = limiter
         self.token = anyio.lowlevel.current_token()
         native: Any = self.token.native_token  # an asyncio loop or a trio.lowlevel.TrioToken
-        self.on_asyncio = isinstance(native, asyncio.AbstractEventLoop)
+        asyncio = sys.modules.get("asyncio")  # imported by whoever runs the loop
+        self.on_asyncio = asyncio is not None and isinstance(native, asyncio.AbstractEventLoop)
         self._call_soon: Callable[[Callable[[], None]], Any] = (
             native.call_soon_threadsafe if self.on_asyncio else native.run_sync_soon
         )
