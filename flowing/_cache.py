@@ -1,10 +1,11 @@
 """Caching a task's result on its code and input values: ``@task(cache=True)``.
 
-The cache key is the task's step key (``_keys``: its body and gates, fingerprinted)
-computed with each input's *value digest* in place of the dependency's step key, so
-"same code, same inputs" hits across different graphs and different upstream code.
-A value digest is a SHA-256 of a stable, type-tagged encoding that does not depend
-on the process (no ``hash()``, no ``id()``, sets and dicts sorted by encoding):
+The cache key is a SHA-256 of the task's *code key* (its step key from ``_keys`` --
+body, gates, dependency names -- with every dependency's key left empty) and each
+input's name and *value digest*, so "same code, same inputs" hits across different
+graphs and different upstream code. A value digest is a SHA-256 of a stable,
+type-tagged encoding that does not depend on the process (no ``hash()``, no ``id()``,
+sets and dicts sorted by encoding):
 
     None, bool, int, float, complex, str, bytes, bytearray, range, Decimal, Fraction,
     UUID, date/time/datetime/timedelta, pure paths, enum members, and tuples, lists,
@@ -12,6 +13,9 @@ on the process (no ``hash()``, no ``id()``, sets and dicts sorted by encoding):
 
 Any other value (or a subclass of a listed container, or a cycle) cannot be encoded
 stably: the task then runs as if uncached and its result is not stored: never a hit.
+
+Small inputs are hashed on the event loop; once the encoding passes ``INLINE_BUDGET``
+units of work it starts over in a worker thread, so large inputs never block the loop.
 """
 
 from __future__ import annotations
@@ -43,22 +47,46 @@ CACHE_VERSION = 1
 """Bumped whenever the encoding changes; entries of other versions never match."""
 
 
+INLINE_BUDGET = 2000
+"""Encoding work done on the event loop: one unit per value, plus one per 4 KiB of text."""
+
+
 class Unencodable(Exception):
     """A value has no stable encoding, so its task is not cached."""
 
 
-def cache_key(task: TaskDef[..., Any], kwargs: Mapping[str, Any]) -> str:
-    """The key of ``task`` run on ``kwargs``; raises when it cannot be computed stably."""
-    digests = {
-        name: f"value/{CACHE_VERSION}:{value_digest(value)}" for name, value in kwargs.items()
-    }
-    return compute_step_key(task, digests)
+class _OverBudget(Exception):
+    """The encoding needs more work than may be done on the event loop."""
 
 
-def value_digest(value: Any, active: set[int] | None = None) -> str:
+class _Budget:
+    def __init__(self, units: int) -> None:
+        self.left = units
+
+    def spend(self, units: int) -> None:
+        self.left -= units
+        if self.left < 0:
+            raise _OverBudget()
+
+
+def code_key(task: TaskDef[..., Any]) -> str:
+    """The part of the cache key that depends on the task's code alone."""
+    return compute_step_key(task, {dep.name: "" for dep in task.depends_on})
+
+
+def cache_key(code: str, kwargs: Mapping[str, Any], budget: _Budget | None = None) -> str:
+    """The key of a task with code key ``code`` run on ``kwargs``; raises Unencodable."""
+    digest = hashlib.sha256(f"flowing-cache/{CACHE_VERSION}/{code}".encode())
+    for name in sorted(kwargs):
+        digest.update(f"{len(name)}:{name}=".encode())
+        digest.update(value_digest(kwargs[name], budget=budget).encode())
+    return digest.hexdigest()
+
+
+def value_digest(value: Any, active: set[int] | None = None, budget: _Budget | None = None) -> str:
     """A SHA-256 of ``value``'s stable encoding; raises Unencodable for anything else."""
     digest = hashlib.sha256()
-    _Encoder(digest.update, active if active is not None else set()).encode(value)
+    _Encoder(digest.update, active if active is not None else set(), budget).encode(value)
     return digest.hexdigest()
 
 
@@ -87,11 +115,16 @@ _SCALARS: dict[type, Callable[[Any], str]] = {
 class _Encoder:
     """Writes a length-prefixed, type-tagged encoding; ``_active`` guards against cycles."""
 
-    def __init__(self, update: Callable[[bytes], None], active: set[int]) -> None:
+    def __init__(
+        self, update: Callable[[bytes], None], active: set[int], budget: _Budget | None
+    ) -> None:
         self._update = update
         self._active = active  # ids of the containers being encoded, outermost first
+        self._budget = budget
 
     def _write(self, tag: str, data: bytes = b"") -> None:
+        if self._budget is not None:
+            self._budget.spend(1 + len(data) // 4096)
         self._update(b"%s:%d:" % (tag.encode(), len(data)))
         self._update(data)
 
@@ -142,7 +175,7 @@ class _Encoder:
         return self._digest(key) + self._digest(value)
 
     def _digest(self, value: Any) -> str:
-        return value_digest(value, self._active)
+        return value_digest(value, self._active, self._budget)
 
     def _unordered(self, tag: str, digests: list[str]) -> None:
         self._write(tag, ",".join(sorted(digests)).encode())
@@ -162,6 +195,8 @@ class ResultCache:
         self.memory = memory
         self.journal = journal
         self._told: set[str] = set()  # tasks already warned about a missing key
+        # Code keys by task (a mapped task's instances share their task's entry).
+        self._code_keys: dict[TaskDef[..., Any], str] = {}
 
     async def run(
         self,
@@ -171,11 +206,15 @@ class ResultCache:
     ) -> StepResult:
         """A hit for ``task`` on ``kwargs``, else ``attempts()``, remembered if it succeeded.
 
-        The key is computed in a worker thread: hashing large inputs never blocks the loop.
+        Without a key (an input without a stable encoding, code without a fingerprint)
+        the task simply runs, and nothing is stored.
         """
         try:
-            key = await anyio.to_thread.run_sync(cache_key, task, kwargs)
-        except Exception as error:  # Unencodable, or StepKeyError for code without a fingerprint
+            try:
+                key = self._key(task, kwargs, _Budget(INLINE_BUDGET))
+            except _OverBudget:
+                key = await anyio.to_thread.run_sync(self._key, task, kwargs, None)
+        except Exception as error:  # Unencodable, or StepKeyError
             self._tell(task, error)
             return await attempts()
         hit = await self.get(key, task)
@@ -185,6 +224,15 @@ class ResultCache:
         if result.succeeded:
             await self.put(key, result)
         return result
+
+    def _key(
+        self, task: TaskDef[..., Any], kwargs: Mapping[str, Any], budget: _Budget | None
+    ) -> str:
+        owner = getattr(task, "of", task)
+        code = self._code_keys.get(owner)
+        if code is None:
+            code = self._code_keys[owner] = code_key(task)
+        return cache_key(code, kwargs, budget)
 
     def _tell(self, task: TaskDef[..., Any], error: Exception) -> None:
         name = getattr(task, "of", task).name  # one warning per mapped task, not per instance

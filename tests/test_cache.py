@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from flowing import Flow, InvalidTaskError, StepState, task
-from flowing._cache import Unencodable, value_digest
+from flowing._cache import INLINE_BUDGET, Unencodable, _Budget, _OverBudget, value_digest
 
 
 class Colour(enum.Enum):
@@ -143,6 +143,32 @@ def test_a_digest_is_the_same_in_another_process_with_another_hash_seed(tmp_path
         for seed in ("1", "2", "3")
     }
     assert digests == {value_digest(value)}
+
+
+def test_an_encoding_over_the_inline_budget_stops_early() -> None:
+    big = list(range(INLINE_BUDGET * 2))
+    with pytest.raises(_OverBudget):
+        value_digest(big, budget=_Budget(INLINE_BUDGET))
+    assert value_digest(list(range(10)), budget=_Budget(INLINE_BUDGET))
+
+
+@pytest.mark.anyio
+async def test_a_large_input_hashed_in_a_worker_thread_still_hits() -> None:
+    calls: list[int] = []
+
+    @task
+    def big() -> dict[str, list[int]]:
+        return {"values": list(range(INLINE_BUDGET * 3))}
+
+    @task(depends_on=[big], cache=True)
+    def total(big: dict[str, list[int]]) -> int:
+        calls.append(1)
+        return sum(big["values"])
+
+    flow = Flow(total)
+    await flow.arun()
+    result = (await flow.arun())["total"]
+    assert (result.cached, len(calls)) == (True, 1)
 
 
 def _counting(calls: list[Any], **options: Any) -> tuple[Any, Any]:
