@@ -112,6 +112,7 @@ class Scheduler:
                 self._cancel_unfinished()
             raise
         finally:
+            threads.close()
             finished = time.monotonic()
             self.emit(
                 FlowFinished(len(self.graph), self._counts(), finished, (finished - started) * 1000)

@@ -3,7 +3,7 @@
 On asyncio each run has its own few worker threads, fed from a queue: a call
 costs a queue put and one wake-up of the event loop, several times less than
 ``anyio.to_thread.run_sync``, and calls that return together share a wake-up.
-The threads end when the run's ThreadSlots is garbage-collected. Bodies may call
+The threads end with the run (an abandoned one once its call returns). Bodies may call
 ``anyio.from_thread`` as in anyio's own worker threads: each thread holds the
 run's event-loop token where anyio looks for it (a private detail of anyio,
 covered by the tests). On trio, ``anyio.from_thread`` relies on trio's own
@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+from anyio._core._eventloop import set_current_async_library as _set_async_library
 from anyio._core._eventloop import threadlocals as _anyio_threadlocals
 
 
@@ -39,9 +40,11 @@ class ThreadSlots:
         self.limiter = anyio.CapacityLimiter(max_workers)
         self._report = _Reporter(self.limiter)
         self._workers: _Workers | None = None
+        # close(): idle threads end now, busy ones when their call returns; idempotent.
+        self.close: Callable[[], None] = lambda: None
         if self._report.on_asyncio:
             self._workers = _Workers(self._report)
-            weakref.finalize(self, self._workers.close)
+            self.close = weakref.finalize(self, self._workers.close)
         # Threads are bounded by `limiter`; this one only keeps anyio's global
         # default limiter (40 threads) out of the way on trio.
         self._unbounded = anyio.CapacityLimiter(math.inf)
@@ -86,6 +89,9 @@ class _Call:
     def __init__(self, fn: Callable[[], Any], report: _Reporter) -> None:
         self.fn = fn
         self.context = contextvars.copy_context()
+        # Like anyio's worker threads: no event loop runs in the thread, so a body
+        # may start its own (a nested ``Flow.run()``).
+        self.context.run(_set_async_library, None)
         self.report = report
         self.reported = anyio.Event()
         self.value: Any = None
