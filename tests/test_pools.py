@@ -267,3 +267,32 @@ async def test_an_attempt_reports_started_only_once_it_holds_a_pool_slot() -> No
         f"{second} started",
         f"{second} body ends",
     ]
+
+
+@pytest.mark.anyio
+async def test_waiting_for_a_pool_slot_does_not_count_against_timeout_s() -> None:
+    holder_started = anyio.Event()
+    release = anyio.Event()
+
+    @task(pool="one")
+    async def holder() -> None:
+        holder_started.set()
+        with anyio.move_on_after(WAIT_S):
+            await release.wait()
+
+    @task
+    async def holder_has_the_slot() -> None:
+        await holder_started.wait()
+
+    @task(depends_on=[holder_has_the_slot], pool="one", timeout_s=0.2)
+    async def quick(holder_has_the_slot: None) -> str:
+        return "ok"
+
+    @task
+    async def controller() -> None:
+        await holder_started.wait()
+        await anyio.sleep(0.5)  # quick waits for the slot well past its timeout_s
+        release.set()
+
+    results = await Flow(holder, quick, controller, pools={"one": 1}).arun()
+    assert (results["quick"].state, results["quick"].attempts) == (StepState.SUCCEEDED, 1)
