@@ -65,6 +65,7 @@ class DaskExecutor:
             address = client_or_address
         else:
             address = getattr(client_or_address, "scheduler_address", None)
+            self._security = getattr(client_or_address, "security", None)
         if not isinstance(address, str) or not address:
             raise TypeError(
                 f"DaskExecutor needs a scheduler address, a distributed.Client or a "
