@@ -224,7 +224,8 @@ def test_a_timeout_cancels_the_remote_future(
 ) -> None:
     started, release = tmp_path / "started", tmp_path / "release"
 
-    @task(timeout_s=1.0 if limit == "task timeout_s" else None)
+    # 2 s: time enough for the body to start on a worker even on a busy machine
+    @task(timeout_s=2.0 if limit == "task timeout_s" else None)
     def stuck() -> str:
         started.touch()
         deadline = time.monotonic() + 20
@@ -239,7 +240,7 @@ def test_a_timeout_cancels_the_remote_future(
             assert (result.state, type(result.error)) == (StepState.FAILED, TimeoutError)
         else:
             with pytest.raises(TimeoutError):
-                flow.run(timeout_s=1.0)
+                flow.run(timeout_s=2.0)
             assert flow.results["stuck"].state is StepState.CANCELLED
         assert started.exists(), "the body never started on a worker"
         assert wait_until(lambda: not scheduler_keys(client, "stuck-"))
