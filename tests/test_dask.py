@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
+import distributed
 import pytest
 
 from flowing import (
@@ -24,9 +26,7 @@ from flowing import (
     task,
 )
 
-dask = pytest.importorskip("dask")
-distributed = pytest.importorskip("distributed")
-from flowing.dask import DaskExecutor  # noqa: E402
+from flowing.dask import DaskExecutor
 
 WORKERS = 2
 
@@ -46,7 +46,7 @@ def cluster() -> Iterator[Any]:
             dashboard_address=":0",
         )
     with local, distributed.Client(local, set_as_default=False) as client:
-        client.run(os.getpid)  # every worker is up and has imported what tests need
+        client.run(os.getpid)  # every worker answers
         yield local
 
 
