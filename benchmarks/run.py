@@ -52,6 +52,8 @@ class Case:
         names = [self.floor, "flowing"]
         if self.workload == "W1":
             names.append("flowing-mapped")  # the same fan-out as one mapped task
+        if self.n == 10_000 and self.workload in ("W1", "W2"):
+            names += ["flowing+plain", "flowing+rich"]  # the cost of run(progress=True)
         if self.sync_only:
             names.append("dask")
             # Hamilton's driver is superlinear (seconds at 10k) and recursive along a chain.
