@@ -9,7 +9,7 @@
     │   ├── InvalidPoolError                 a bad pool given to Flow(pools=...)
     │   ├── UnknownPoolError                 a task names a pool its Flow does not define
     │   └── FlowCycleError                   the graph has a cycle
-    ├── MapOverError (TypeError)          recorded on a mapped step whose input cannot be mapped
+    ├── MapOverError (TypeError)             a mapped step's input cannot be mapped (recorded)
     ├── FlowAlreadyRunningError (RuntimeError)
     ├── NoRunError (RuntimeError)            asked about the last run before any run
     ├── MissingExtraError (ImportError)      an optional dependency is not installed
