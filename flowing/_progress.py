@@ -83,11 +83,14 @@ class Tally:
     def _reset(self, started_at: float, pending: int) -> None:
         # Invariant: `running` maps each task with a started, unfinished attempt to
         # (first start time, attempt, max attempts, next retry time or None while an
-        # attempt runs); counts cover finished tasks.
+        # attempt runs); `counts` cover every finished task, `finished` those of the
+        # `pending` ones (not replayed from a journal), `cached` the replayed ones.
         self.started_at = started_at
         self.pending = pending
         self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "cancelled": 0}
         self.retries = 0
+        self.finished = 0
+        self.cached = 0
         self.running: dict[str, tuple[float, int, int, float | None]] = {}
         self.finished_at: float | None = None
 
@@ -101,6 +104,10 @@ class Tally:
         elif isinstance(event, TaskFinished):
             self.running.pop(event.task, None)
             self.counts[event.result.state.value] += 1
+            if event.result.cached:
+                self.cached += 1  # replayed: counted, but not part of `pending`
+            else:
+                self.finished += 1
         elif isinstance(event, InstanceFinished):
             self.running.pop(event.task, None)  # mapped instances count with their step
         elif isinstance(event, TaskRetrying):
@@ -112,10 +119,6 @@ class Tally:
             self._reset(event.time, event.pending)
         elif isinstance(event, FlowFinished):
             self.finished_at = event.time
-
-    @property
-    def finished(self) -> int:
-        return sum(self.counts.values())
 
     def elapsed(self, now: float | None = None) -> float:
         end = self.finished_at if self.finished_at is not None else (now or time.monotonic())
@@ -271,7 +274,7 @@ class RichDisplay:
         tally = self.tally
         counts = dict(tally.counts)
         running = sorted(dict(tally.running).items(), key=lambda item: item[1][0])
-        finished, pending, retries = sum(counts.values()), tally.pending, tally.retries
+        finished, pending, retries = tally.finished, tally.pending, tally.retries
         elapsed, eta = tally.elapsed(now), tally.eta(now)
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
@@ -279,8 +282,9 @@ class RichDisplay:
             Text(f"{finished}/{pending}", style="bold"),
             Text(f"{_clock(elapsed)}  ETA {_clock(eta) if eta is not None else '?'}", style="dim"),
         )
+        cached = f" ({tally.cached} cached)" if tally.cached else ""
         line = Text.assemble(
-            (f"✓ {counts['succeeded']} done", "green"),
+            (f"✓ {counts['succeeded']} done{cached}", "green"),
             "   ",
             (f"● {len(running)} running", "cyan"),
             "   ",

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from flowing import Event, Flow, StepState, task
+from flowing import Event, Flow, FlowStarted, StepResult, StepState, TaskFinished, task
 from flowing._progress import PlainDisplay, RichDisplay, Tally, make_display
 
 
@@ -140,7 +140,7 @@ def test_the_eta_extrapolates_the_average_pace(
 ) -> None:
     tally = Tally()
     tally.started_at, tally.pending = 100.0, pending
-    tally.counts["succeeded"] = finished
+    tally.finished = finished
     assert tally.eta(now=100.0 + elapsed) == expected
 
 
@@ -155,3 +155,16 @@ def test_plain_lines_are_written_soon_without_waiting_for_more_events() -> None:
         time.sleep(0.01)
     assert out.getvalue().count("\n") == 1
     display.stop()
+
+
+def test_tasks_replayed_from_a_journal_are_counted_apart_from_the_pending_ones() -> None:
+    replayed = StepResult("a", StepState.SUCCEEDED, reason="replayed from the journal", cached=True)
+    ran = StepResult("b", StepState.SUCCEEDED, attempts=1, started_at=1.0, finished_at=2.0)
+    tally = Tally()
+    for event in [
+        FlowStarted(total=2, pending=1, time=0.0),
+        TaskFinished("a", 0, 2, 0.1, replayed),
+        TaskFinished("b", 1, 2, 0.2, ran),
+    ]:
+        tally.update(event)
+    assert (tally.finished, tally.cached, tally.pending, tally.counts["succeeded"]) == (1, 1, 1, 2)
