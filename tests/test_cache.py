@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowing import Flow, InvalidTaskError, StepState, task
 from flowing._cache import INLINE_BUDGET, Unencodable, _Budget, _OverBudget, value_digest
@@ -374,3 +376,30 @@ def test_cache_must_be_a_bool(value: Any) -> None:
 
         @task(cache=value)
         def step() -> None: ...
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(_JSONISH)
+def test_a_digest_ignores_dict_insertion_order_and_object_identity(value: Any) -> None:
+    def rebuilt(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: rebuilt(v[k]) for k in reversed(list(v))}
+        if isinstance(v, list):
+            return [rebuilt(item) for item in v]
+        return v
+
+    assert value_digest(rebuilt(value)) == value_digest(value)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers()), st.lists(st.integers()))
+def test_lists_of_ints_have_equal_digests_exactly_when_equal(a: list[int], b: list[int]) -> None:
+    assert (value_digest(a) == value_digest(b)) == (a == b)
