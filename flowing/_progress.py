@@ -345,7 +345,7 @@ def _print_rich_summary(results: list[StepResult], verdict: str, file: TextIO) -
         table.add_row(
             f"[{style}]{state.upper()}[/]",
             _escape(r.name),
-            f"{r.duration_ms:.1f} ms" if r.attempts else "",
+            f"{r.duration_ms:.1f} ms" if r.started_at is not None and not r.cached else "",
             str(r.attempts) if r.attempts else "",
             "[dim]detached[/]" if r.detached else "",
             _escape(describe_error(r.error) if r.error is not None else r.reason or ""),

@@ -299,5 +299,5 @@ def _print_summary(results: dict[str, StepResult], seconds: float) -> None:
     for result in results.values():
         counts[result.state.value] += 1
     shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-    verdict = "ok" if _all_ok(results) else "FAILED"
+    verdict = "FAILED" if counts["failed"] else "CANCELLED" if counts["cancelled"] else "ok"
     print_summary(results.values(), f"{verdict}: {shown} in {seconds:.2f} s", sys.stdout)

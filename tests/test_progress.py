@@ -168,3 +168,18 @@ def test_tasks_replayed_from_a_journal_are_counted_apart_from_the_pending_ones()
     ]:
         tally.update(event)
     assert (tally.finished, tally.cached, tally.pending, tally.counts["succeeded"]) == (1, 1, 1, 2)
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_the_summary_lists_every_task_and_ends_with_the_verdict(terminal: bool) -> None:
+    pytest.importorskip("rich")
+    from flowing._progress import print_summary
+
+    flow = build_flow()
+    flow.run()
+    out = FakeTerminal() if terminal else io.StringIO()
+    print_summary(flow.results.values(), "FAILED: 1 succeeded, 1 failed, 1 skipped", out)
+    text = out.text() if isinstance(out, FakeTerminal) else out.getvalue()
+    for row in ("SUCCEEDED flaky", "FAILED broken", "ValueError: bad row", "SKIPPED report"):
+        assert row in " ".join(text.split())
+    assert text.rstrip().endswith("FAILED: 1 succeeded, 1 failed, 1 skipped")
