@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._events import Event, TaskRetrying, TaskStarted, ThreadAbandoned
-from ._pools import Limits
+from ._pools import Limits, PoolSlot
 from ._results import StepResult, StepState
 from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
@@ -166,12 +166,12 @@ async def _call_with_timeout(
     max_attempts: int,
 ) -> Any:
     """One attempt: wait for the task's concurrency limits, then its body under the timeout."""
-    async with ctx.limits.hold(task):
+    async with ctx.limits.hold(task) as slot:
         ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
         if task.timeout_s is None:  # no cancel scope to pay for
-            return await _call_body(task, index, kwargs, ctx, attempt)
+            return await _call_body(task, index, kwargs, ctx, attempt, slot)
         with anyio.move_on_after(task.timeout_s):
-            return await _call_body(task, index, kwargs, ctx, attempt)
+            return await _call_body(task, index, kwargs, ctx, attempt, slot)
     raise TimeoutError(
         f"task {task.name!r} timed out after {task.timeout_s:g} s "
         f"(attempt {attempt} of {max_attempts})"
@@ -179,19 +179,33 @@ async def _call_with_timeout(
 
 
 async def _call_body(
-    task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext, attempt: int
+    task: TaskDef[..., Any],
+    index: int,
+    kwargs: dict[str, Any],
+    ctx: StepContext,
+    attempt: int,
+    slot: PoolSlot | None = None,
 ) -> Any:
     if task.is_async:
         return _refuse_coroutine(task, await task.fn(**kwargs))
 
     def call_in_thread() -> Any:
-        return _refuse_coroutine(task, task.fn(**kwargs))
+        try:
+            return _refuse_coroutine(task, task.fn(**kwargs))
+        finally:
+            if slot is not None:
+                slot.thread_returned()
 
     def report_abandoned() -> None:
         ctx.emit(ThreadAbandoned(task.name, index, ctx.total, time.monotonic(), attempt))
 
+    def abandoned_here() -> None:
+        if slot is not None:
+            slot.abandon()  # the thread keeps its pool slot until the function returns
+        report_abandoned()
+
     if task.local or ctx.runner is None:
-        return await ctx.slots.run(call_in_thread, report_abandoned)
+        return await ctx.slots.run(call_in_thread, abandoned_here)
     return _refuse_coroutine(task, await ctx.runner.run(task, kwargs, report_abandoned))
 
 

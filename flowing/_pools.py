@@ -2,7 +2,8 @@
 
 Every attempt of a task in a pool waits for a token of the pool, then for its turn
 in the pool's start rate; the attempt's ``TaskStarted`` is emitted only after that.
-An attempt holds at most one pool token, so tasks cannot deadlock on pools. Waiting
+An attempt holds at most one pool token, so tasks cannot deadlock on pools; a sync
+body abandoned after a timeout hands its token to its thread (``PoolSlot``). Waiting
 is done on anyio primitives (``CapacityLimiter``, ``Lock``, ``sleep_until``): no
 polling. Limits belong to one run of one Flow. A task's own ``max_concurrency``
 bounds its mapped instances and lives in ``_mapping``.
@@ -11,13 +12,15 @@ bounds its mapped instances and lives in ``_mapping``.
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.from_thread
 
 from ._exceptions import InvalidPoolError, InvalidTaskError, UnknownPoolError
 
@@ -131,23 +134,74 @@ class _PoolGate:
 _NO_LIMITS: AbstractAsyncContextManager[None] = nullcontext()
 
 
+class PoolSlot:
+    """One attempt's pool token, borrowed on behalf of this object.
+
+    Invariant: exactly one side gives the token back. ``_state`` moves from
+    "held" to "released" (the attempt ended and released it), or to "abandoned"
+    (the attempt's sync body was abandoned after a timeout or cancellation: its
+    thread gives the token back when the function returns, so a pool bounds the
+    bodies actually running, like ``max_workers``).
+    """
+
+    def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
+        self._limiter = limiter
+        self._lock = threading.Lock()
+        self._state = "held"  # -> "returned" (the body's thread is done) -> "released"
+
+    async def acquire(self) -> None:
+        if self._limiter is not None:
+            await self._limiter.acquire_on_behalf_of(self)
+
+    def release(self) -> None:
+        """At the end of the attempt, from the event loop."""
+        with self._lock:
+            mine = self._state in ("held", "returned")
+            if mine:
+                self._state = "released"
+        if mine and self._limiter is not None:
+            self._limiter.release_on_behalf_of(self)
+
+    def abandon(self) -> None:
+        """The attempt's sync body runs on unwatched: its thread will give the token back."""
+        with self._lock:
+            if self._state == "held":
+                self._state = "abandoned"
+
+    def thread_returned(self) -> None:
+        """Called in the body's thread when its function returns."""
+        with self._lock:
+            abandoned = self._state == "abandoned"
+            if abandoned:
+                self._state = "released"
+            elif self._state == "held":
+                self._state = "returned"
+        if abandoned and self._limiter is not None:
+            try:
+                anyio.from_thread.run_sync(self._limiter.release_on_behalf_of, self)
+            except Exception:
+                pass  # the run and its event loop are gone: nobody needs the token back
+
+
 class Limits:
     """The concurrency limits of one run; create it inside the run's event loop."""
 
     def __init__(self, pools: Mapping[str, Pool] | None = None) -> None:
         self._pools = {name: _PoolGate(pool) for name, pool in (pools or {}).items()}
 
-    def hold(self, task: TaskDef[..., Any]) -> AbstractAsyncContextManager[None]:
-        """Hold ``task``'s limits for the duration of one attempt."""
+    def hold(self, task: TaskDef[..., Any]) -> AbstractAsyncContextManager[PoolSlot | None]:
+        """Hold ``task``'s pool slot for the duration of one attempt; None without a pool."""
         if task.pool is None:
             return _NO_LIMITS
         return self._hold(self._pools[task.pool])
 
     @asynccontextmanager
-    async def _hold(self, gate: _PoolGate) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            if gate.limiter is not None:
-                await stack.enter_async_context(gate.limiter)
+    async def _hold(self, gate: _PoolGate) -> AsyncIterator[PoolSlot]:
+        slot = PoolSlot(gate.limiter)
+        await slot.acquire()
+        try:
             if gate.rate is not None:
                 await gate.rate.wait_turn()
-            yield
+            yield slot
+        finally:
+            slot.release()

@@ -17,6 +17,7 @@ from flowing import (
     Pool,
     StepState,
     TaskStarted,
+    ThreadAbandoned,
     UnknownPoolError,
     task,
 )
@@ -296,3 +297,32 @@ async def test_waiting_for_a_pool_slot_does_not_count_against_timeout_s() -> Non
 
     results = await Flow(holder, quick, controller, pools={"one": 1}).arun()
     assert (results["quick"].state, results["quick"].attempts) == (StepState.SUCCEEDED, 1)
+
+
+@pytest.mark.anyio
+async def test_a_sync_body_abandoned_after_a_timeout_keeps_its_pool_slot_until_it_returns() -> None:
+    a_returned = threading.Event()
+    abandoned = anyio.Event()
+
+    @task(pool="one", timeout_s=0.1)
+    def slow() -> None:
+        threading.Event().wait(0.5)  # outlives its timeout, then returns
+        a_returned.set()
+
+    @task
+    async def after_abandon() -> None:
+        with anyio.fail_after(WAIT_S):
+            await abandoned.wait()
+
+    @task(depends_on=[after_abandon], pool="one")
+    def next_in_pool(after_abandon: None) -> bool:
+        return a_returned.is_set()
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, ThreadAbandoned):
+            abandoned.set()
+
+    flow = Flow(slow, next_in_pool, pools={"one": 1}, fail_fast=False, on_event=on_event)
+    results = await flow.arun()
+    assert isinstance(results["slow"].error, TimeoutError)
+    assert results["next_in_pool"].value is True  # it ran only once slow's thread was done
