@@ -201,6 +201,9 @@ class Scheduler:
     async def _run_and_record(self, i: int) -> None:
         assert self._ctx is not None
         task = self.graph.tasks[i]
+        if self._stopped_by is not None and not self._phase_detached:
+            del self._running[i]  # fail_fast stopped the run after this task was claimed
+            return  # _skip_never_started records it
         names = [self.graph.tasks[d].name for d in self.graph.deps[i]]
         kwargs = {name: self.results[name].value for name in names}
         try:
