@@ -67,10 +67,13 @@ class _Outcome:
 
 def waits_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
     """True when ``task``'s run waits for nothing but a worker thread: a sync body
-    with no gates, retries, pool or concurrency limit. The scheduler may hold such
-    a task back until a thread is free without delaying anything it would await."""
+    with no gates, retries, cache, mapping, pool or concurrency limit. The scheduler
+    may hold such a task back until a thread is free without delaying anything it
+    would await."""
     return not (
         task.is_async
+        or task.cache
+        or task.map_over is not None
         or task.when is not None
         or task.validate is not None
         or task.retry

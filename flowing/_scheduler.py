@@ -69,7 +69,9 @@ class Scheduler:
         # Tasks whose run waits for nothing but a worker thread (see _start): at most
         # max_workers of them run at once, the others wait in _queued without an
         # anyio task. Invariant: _thread_bound_running == number of such tasks in _running.
-        self._thread_bound = [waits_only_for_a_thread(t) for t in graph.tasks]
+        self._thread_bound = [
+            waits_only_for_a_thread(t) and (executor is None or t.local) for t in graph.tasks
+        ]
         self._thread_bound_running = 0
         self._queued: deque[int] = deque()
         self._ready: deque[int] = deque()  # made ready by a finished task, not yet claimed
