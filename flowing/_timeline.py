@@ -102,7 +102,7 @@ def _critical_path(graph: Graph, ends: dict[int, float]) -> set[int]:
 
 
 def to_gantt(bars: list[Bar], duration_ms: float) -> str:
-    """Mermaid ``gantt`` text; critical-path tasks tagged ``crit``, successes ``done``."""
+    """Mermaid ``gantt`` text; critical-path tasks tagged ``crit`` (red), other successes ``done``."""
     lines = [
         "gantt",
         f"    title flowing run: {len(bars)} tasks in {duration_ms / 1000:.2f} s",
@@ -118,10 +118,9 @@ def to_gantt(bars: list[Bar], duration_ms: float) -> str:
 
 
 def _gantt_line(bar: Bar) -> str:
-    tags = (["crit"] if bar.critical else []) + (
-        ["done"] if bar.state in ("succeeded", "cached") else []
-    )
-    label = bar.name if bar.state in ("succeeded", "cached") else f"{bar.name} ({bar.state})"
+    succeeded = bar.state in ("succeeded", "cached")
+    tags = ["crit"] if bar.critical else (["done"] if succeeded else [])
+    label = bar.name if succeeded else f"{bar.name} ({bar.state})"
     label = label.replace(":", "-").replace("#", "-").replace(";", ",")
     start = round(bar.start_ms)
     end = max(round(bar.end_ms), start + 1)
