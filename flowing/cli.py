@@ -169,6 +169,8 @@ def _check_run_options(args: argparse.Namespace) -> None:
         if args.backend != "asyncio":
             raise _BadInput("--dask needs --backend asyncio: Dask's asynchronous client runs on asyncio")
     if args.journal is not None:
+        if args.journal.resolve() == Path(_split_target(args.target)[0]).resolve():
+            raise _BadInput(f"--journal {str(args.journal)!r} is the flow's own file; give another path")
         if args.journal.is_dir():
             raise _BadInput(f"--journal {str(args.journal)!r} is a directory; give a file path")
         _check_parent(args.journal, "--journal")

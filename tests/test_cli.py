@@ -174,6 +174,7 @@ BAD_INPUTS = {
     "bad-format": (["graph", "bad.py", "--format", "png"], PIPELINE, "invalid choice: 'png'"),
     "bad-timeline": (["run", "bad.py", "--timeline", "run.gif"], PIPELINE, "must end in one of .png"),
     "no-journal-dir": (["run", "bad.py", "--journal", "no/such/dir/j"], PIPELINE, "the directory 'no/such/dir' does not exist"),
+    "journal-is-the-file": (["run", "bad.py", "--journal", "bad.py"], PIPELINE, "is the flow's own file"),
     "cycle-free-but-bad-task": (["run", "bad.py"], "from flowing import task\n@task(retry=-1)\ndef a(): pass\n", "retry of task 'a' must be an int >= 0"),
     "no-command": ([], "", "the following arguments are required"),
 }
