@@ -86,14 +86,21 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(title="commands", required=True, parser_class=_Parser)
 
-    run = commands.add_parser("run", parents=[common], help="run the tasks, with live progress")
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run the tasks, with live progress",
+        epilog="exit status: 0 all succeeded, 1 a task failed or was cancelled, "
+        "2 bad input, 130 interrupted",
+    )
     run.add_argument("--max-workers", type=_positive_int, default=5, metavar="N",
                      help="threads for sync tasks (default 5)")
     run.add_argument("--no-fail-fast", action="store_true",
                      help="keep starting independent tasks after a failure")
     run.add_argument("--journal", type=Path, metavar="PATH",
                      help="replay successes recorded in PATH and record new ones")
-    run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
+                     help="the event loop (default asyncio)")
     run.add_argument("--timeline", type=Path, metavar="PATH",
                      help="write the run's Gantt chart: .png/.svg/.pdf (matplotlib) or .mmd")
     run.add_argument("--quiet", action="store_true", help="no progress and no summary")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import anyio
@@ -255,3 +256,25 @@ def test_a_non_callable_on_event_is_refused() -> None:
 
     with pytest.raises(FlowDefinitionError, match="on_event must be a callable"):
         Flow(only, on_event="print")  # type: ignore[arg-type]
+
+
+def test_an_abandoned_sync_body_is_reported_between_its_start_and_its_failure() -> None:
+    release = threading.Event()
+
+    @task(timeout_s=0.05)
+    def stuck() -> None:
+        release.wait(30)
+
+    seen: list[Event] = []
+    try:
+        Flow(stuck, on_event=seen.append).run()
+    finally:
+        release.set()
+    assert [describe(e)[0] for e in seen] == [
+        "flow started",
+        "started",
+        "ThreadAbandoned",
+        "finished",
+        "flow finished",
+    ]
+    assert seen[-2].result.state is StepState.FAILED  # type: ignore[union-attr]
