@@ -7,6 +7,7 @@ Detached tasks run in a second phase, after every main task has finished.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -220,11 +221,15 @@ class Scheduler:
                     fail_fast=self.fail_fast and not task.detached,
                     halted=lambda: self._stopped_by is not None and not task.detached,
                 )
-        except anyio.get_cancelled_exc_class():
-            raise
+        except anyio.get_cancelled_exc_class() as exc:
+            if anyio.current_effective_deadline() == -math.inf:
+                raise  # the run really is being cancelled
+            # A body raised a cancellation of its own (e.g. asyncio.CancelledError):
+            # let out, it would cancel every task of the run without a trace.
+            result = self._failed_with(i, exc, "raised a cancellation nothing had asked for")
         except BaseException as exc:  # run_step records every Exception itself
             self._stop_run(exc)
-            result = self._stopped_the_run(i, exc)
+            result = self._failed_with(i, exc, f"raised {type(exc).__name__}, which stopped the run")
         if self.journal is not None:
             with anyio.CancelScope(shield=True):  # a success is journaled before it counts
                 result = await self.journal.finish(i, result)
@@ -244,7 +249,7 @@ class Scheduler:
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
 
-    def _stopped_the_run(self, i: int, exc: BaseException) -> StepResult:
+    def _failed_with(self, i: int, exc: BaseException, reason: str) -> StepResult:
         now = time.monotonic()
         started_at = self._running[i]
         return StepResult(
@@ -254,7 +259,7 @@ class Scheduler:
             duration_ms=(now - started_at) * 1000,
             started_at=started_at,
             finished_at=now,
-            reason=f"raised {type(exc).__name__}, which stopped the run",
+            reason=reason,
             detached=self.graph.tasks[i].detached,
         )
 

@@ -303,3 +303,68 @@ def test_keyboardinterrupt_or_systemexit_in_an_event_callback_stops_the_run_then
 
     assert flow.results["sleeper"].state is StepState.CANCELLED
     assert not caplog.records, "the event loop itself saw the exception"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_body_raising_a_cancellation_of_its_own_fails_only_its_task(kind: str) -> None:
+    import asyncio
+
+    def raise_cancelled() -> None:
+        raise asyncio.CancelledError("raised by the body itself")
+
+    if kind == "async":
+
+        async def sneaky() -> None:
+            raise_cancelled()
+
+    else:
+
+        def sneaky() -> None:
+            raise_cancelled()
+
+    @task
+    async def independent() -> int:
+        await anyio.sleep(0.01)
+        return 1
+
+    flow = Flow(task(sneaky), independent, fail_fast=False)
+    results = flow.run(backend="asyncio")
+
+    assert results["sneaky"].state is StepState.FAILED
+    assert isinstance(results["sneaky"].error, asyncio.CancelledError)
+    assert results["independent"].value == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_keyboardinterrupt_in_a_mapped_instance_stops_the_run_then_propagates(
+    kind: str, anyio_backend: str
+) -> None:
+    @task
+    def items() -> list[int]:
+        return [1, 2, 3]
+
+    if kind == "async":
+
+        async def each(items: int) -> int:
+            if items == 2:
+                raise KeyboardInterrupt
+            await anyio.sleep(0)
+            return items
+
+    else:
+
+        def each(items: int) -> int:
+            if items == 2:
+                raise KeyboardInterrupt
+            return items
+
+    @task
+    async def sleeper() -> None:
+        await anyio.sleep_forever()
+
+    flow = Flow(task(depends_on=[items], map_over="items")(each), sleeper)
+    with pytest.raises(KeyboardInterrupt):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+
+    assert flow.results["each"].state is StepState.FAILED
+    assert flow.results["sleeper"].state is StepState.CANCELLED
