@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_suite_at_tiny_scale_computes_every_sink_and_writes_json(tmp_path: Path) -> None:
+def test_quick_suite_at_tiny_scale_computes_every_sink_and_writes_json_and_a_table(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--repeat", "1", "--scale", "0.005",
@@ -24,3 +24,8 @@ def test_quick_suite_at_tiny_scale_computes_every_sink_and_writes_json(tmp_path:
         floor, ours = case["runners"][case["floor"]], case["runners"]["flowing"]
         assert floor["ratio"] == 1.0
         assert ours["ratio"] > 0 and ours["peak_rss_mb"] > 0
+    table = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert all(f"| {case['case']}" in table for case in report["cases"])
