@@ -26,7 +26,7 @@ from ._events import (
     TaskStarted,
     ThreadAbandoned,
 )
-from ._results import StepResult, describe_error, format_summary
+from ._results import StepResult, StepState, describe_error, format_summary
 from ._stream import Broadcaster
 
 _MAX_RUNNING_SHOWN = 8
@@ -87,6 +87,7 @@ class Tally:
         # `pending` ones (not replayed from a journal), `cached` the replayed ones.
         self.started_at = started_at
         self.pending = pending
+        self.width = len(str(pending))
         self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "cancelled": 0}
         self.retries = 0
         self.finished = 0
@@ -183,8 +184,9 @@ class PlainDisplay:
 
     def describe(self, event: Event) -> str:
         tally = self.tally
-        width = len(str(tally.pending))
-        clock = f"[{tally.finished:>{width}}/{tally.pending}] {event.time - tally.started_at:7.2f}s"
+        clock = "[%*d/%d] %7.2fs" % (
+            tally.width, tally.finished, tally.pending, event.time - tally.started_at
+        )
         if isinstance(event, TaskStarted):
             attempt = f"  attempt {event.attempt}/{event.max_attempts}" if event.max_attempts > 1 else ""
             return f"{clock}  start      {event.task}{attempt}"
@@ -205,10 +207,16 @@ class PlainDisplay:
         return f"{clock}  flow       finished in {event.duration_ms / 1000:.2f} s: {_counts(event.counts)}"
 
 
+_STATE_WORDS = {
+    StepState.SUCCEEDED: "ok",
+    StepState.FAILED: "FAILED",
+    StepState.SKIPPED: "skipped",
+    StepState.CANCELLED: "cancelled",
+}
+
+
 def _state_word(result: StepResult) -> str:
-    if result.cached:
-        return "cached"
-    return {"succeeded": "ok", "failed": "FAILED"}.get(result.state.value, result.state.value)
+    return "cached" if result.cached else _STATE_WORDS[result.state]
 
 
 def _outcome(result: StepResult) -> str:
