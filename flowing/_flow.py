@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -28,7 +28,7 @@ from ._progress import showing_progress
 from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
 from ._scheduler import Scheduler
-from ._signals import waking_on_signals
+from ._signals import CancellableRun, waking_on_signals
 from ._serializers import Serializer, resolve_serializer
 from ._stream import DEFAULT_BUFFER, Broadcaster, EventStream, OnEvent
 from ._task import TaskDef
@@ -268,8 +268,16 @@ class Flow:
         if _event_loop_running_here():
             # Jupyter or an async app called the blocking API: give the flow its
             # own loop in a helper thread rather than nesting loops.
+            cancellable = CancellableRun(run)
             with ThreadPoolExecutor(1, thread_name_prefix="flowing-run") as pool:
-                return pool.submit(_run_on_new_loop, run, backend).result()
+                future = pool.submit(_run_on_new_loop, cancellable, backend)
+                try:
+                    while not future.done():  # short waits: a signal another thread
+                        wait([future], timeout=0.1)  # caught still reaches this one
+                    return future.result()
+                except BaseException:
+                    cancellable.cancel()  # Ctrl-C in Jupyter: wind the run down, then raise
+                    raise
         return _run_on_new_loop(run, backend)
 
     def _ordered(self, results: Mapping[str, StepResult]) -> dict[str, StepResult]:

@@ -1,4 +1,11 @@
-"""Making Ctrl-C reach a blocking ``run()`` on asyncio at once.
+"""Making Ctrl-C reach a blocking ``run()`` at once.
+
+``CancellableRun``: when ``run()`` is called where an event loop already runs
+(Jupyter, an async app), the flow runs on its own loop in a helper thread; a
+KeyboardInterrupt raised in the calling thread while it waits cancels that run,
+so it winds down promptly instead of running to the end.
+
+``waking_on_signals``:
 
 asyncio's runner turns SIGINT into a cancellation of the main task, but from a
 plain Python signal handler, which only runs when the main thread executes
@@ -16,7 +23,10 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
 
 if TYPE_CHECKING:
     import asyncio
@@ -55,3 +65,40 @@ def _drain(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while sock.recv(4096):
             pass
+
+
+class CancellableRun(Generic[T]):
+    """``await run()`` on an event loop in another thread; ``cancel()`` from any thread."""
+
+    def __init__(self, run: Callable[[], Awaitable[T]]) -> None:
+        self._run = run
+        self._lock = threading.Lock()
+        # Invariant (under _lock): once `_cancelled` is set, the run's scope is
+        # cancelled, by cancel() if `_schedule_cancel` was known, else on entry.
+        self._cancelled = False
+        self._schedule_cancel: Callable[[], None] | None = None
+
+    async def __call__(self) -> T:
+        with anyio.CancelScope() as scope:
+            with self._lock:
+                if self._cancelled:
+                    scope.cancel()
+                self._schedule_cancel = _threadsafe(scope.cancel)
+            return await self._run()
+        # The calling thread raises its own exception; nobody reads this one.
+        raise RuntimeError("the run was cancelled by the thread that started it")
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            schedule_cancel = self._schedule_cancel
+        if schedule_cancel is not None:
+            with contextlib.suppress(RuntimeError):  # the run's loop has finished
+                schedule_cancel()
+
+
+def _threadsafe(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` scheduled on the running event loop, callable from any thread."""
+    native: Any = anyio.lowlevel.current_token().native_token  # asyncio loop or TrioToken
+    schedule = getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
+    return lambda: schedule(fn)

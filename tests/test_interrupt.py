@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(
     from flowing import Flow, task
 
     backend, journal_path, mode = sys.argv[1:]
-    blocking = mode == "interrupt"
+    blocking = mode != "replay"
     release = threading.Event()
     sync_started = threading.Event()
     async_started = threading.Event()
@@ -68,9 +68,21 @@ CHILD = textwrap.dedent(
         flow.run(backend=backend)
         print(json.dumps({"ran": sorted(ran), "last": flow.value(last)}), flush=True)
         sys.exit()
+    def run_flow():
+        if mode == "interrupt-inside-a-loop":  # Jupyter: run() where a loop already runs
+            import asyncio, signal
+
+            async def inside_a_loop():
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # as IPython does
+                flow.run(backend=backend)
+
+            asyncio.run(inside_a_loop())
+        else:
+            flow.run(backend=backend)
+
     threading.Thread(target=announce_when_both_started, daemon=True).start()
     try:
-        flow.run(backend=backend)
+        run_flow()
     except KeyboardInterrupt:
         states = {name: r.state.value for name, r in flow.results.items()}
         print(json.dumps(states), flush=True)
@@ -84,14 +96,17 @@ CHILD = textwrap.dedent(
 PROMPT_S = 5.0
 
 
+@pytest.mark.parametrize(
+    "mode", ["interrupt", "interrupt-inside-a-loop"], ids=["run", "run-inside-a-running-loop"]
+)
 def test_ctrl_c_during_run_cancels_the_rest_then_raises_keyboardinterrupt(
-    anyio_backend: str, tmp_path: Path
+    anyio_backend: str, mode: str, tmp_path: Path
 ) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     journal = tmp_path / "journal.jsonl"
     child = subprocess.Popen(
-        [sys.executable, str(script), anyio_backend, str(journal), "interrupt"],
+        [sys.executable, str(script), anyio_backend, str(journal), mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -117,6 +132,8 @@ def test_ctrl_c_during_run_cancels_the_rest_then_raises_keyboardinterrupt(
     assert child.returncode == -signal.SIGINT
     assert stderr.rstrip().endswith("KeyboardInterrupt")
 
+    if mode != "interrupt":
+        return
     # The journal stays valid: a later process replays what finished, runs the rest.
     assert [json.loads(line)["task"] for line in journal.read_text().splitlines()] == ["quick"]
     replay = subprocess.run(
