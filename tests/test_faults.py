@@ -254,7 +254,7 @@ def _callback(raiser: Callable[[], Any], kind: str) -> Callable[[Any], Any]:
     "raiser", [_raise_value_error, _raise_broken_str, _raise_group], ids=["ValueError", "broken-str", "group"]
 )
 async def test_an_event_callback_that_raises_does_not_disturb_the_run(
-    raiser: Callable[[], Any], kind: str
+    raiser: Callable[[], Any], kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     @task
     def first() -> int:
@@ -265,11 +265,14 @@ async def test_an_event_callback_that_raises_does_not_disturb_the_run(
         return first + 1
 
     flow = Flow(second, on_event=_callback(raiser, kind))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(logging.getLogger("flowing"), "disabled", True)
+    with caplog.at_level(logging.ERROR, logger="flowing"):
         await flow.arun()
 
     assert flow.value(second) == 2
+    logged = [r for r in caplog.records if "on_event callback" in r.getMessage()]
+    assert len(logged) == 1  # the first failure with its traceback, later ones at DEBUG
+    assert logged[0].exc_info is not None
+    assert caplog.text  # formatting the traceback did not fail
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
