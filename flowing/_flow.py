@@ -231,9 +231,13 @@ class Flow:
             self._results = kept
             journal = None
             if self._journal is not None:
-                journal = await self._journal.open_run(
-                    self._graph, set(self._overrides), set(kept), fresh=fresh
-                )
+                try:
+                    journal = await self._journal.open_run(
+                        self._graph, set(self._overrides), set(kept), fresh=fresh
+                    )
+                except BaseException:
+                    self._cancel_all_unfinished()
+                    raise
             scheduler = Scheduler(
                 self._graph,
                 self._results,
@@ -259,6 +263,17 @@ class Flow:
             return self.results
         finally:
             self._run_lock.release()
+
+    def _cancel_all_unfinished(self) -> None:
+        """The run was cancelled before its scheduler started: say so for every task."""
+        for t in self._graph.tasks:
+            if t.name not in self._results:
+                self._results[t.name] = StepResult(
+                    t.name,
+                    StepState.CANCELLED,
+                    reason="the run was cancelled before it started",
+                    detached=t.detached,
+                )
 
     def _block_on(
         self, run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend

@@ -261,3 +261,20 @@ def test_a_deadline_must_be_a_positive_number(timeout_s: Any) -> None:
 
     with pytest.raises(ValueError, match="timeout_s must be None or a number > 0"):
         Flow(step).run(timeout_s=timeout_s)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("journal", [False, True], ids=["no-journal", "journal"])
+async def test_a_run_cancelled_before_it_starts_records_every_task_cancelled(
+    journal: bool, tmp_path: Any
+) -> None:
+    @task
+    def step() -> int:
+        return 1
+
+    flow = Flow(step, journal_path=tmp_path / "journal.jsonl" if journal else None)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await flow.arun()
+
+    assert flow.results["step"].state is StepState.CANCELLED
