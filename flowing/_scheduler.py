@@ -69,7 +69,9 @@ class Scheduler:
         self._running: dict[int, float] = {}  # index -> monotonic start, while running
         # Tasks whose run waits for nothing but a worker thread (see _start): at most
         # max_workers of them run at once, the others wait in _queued without an
-        # anyio task. Invariant: _thread_bound_running == number of such tasks in _running.
+        # anyio task. Invariants: _thread_bound_running == number of such tasks in
+        # _running; _queued is empty once none of them runs (each runner that frees a
+        # slot drains it, dropping what fail_fast holds back), so at every phase's end.
         self._thread_bound = [
             waits_only_for_a_thread(t) and (executor is None or t.local) for t in graph.tasks
         ]

@@ -126,3 +126,31 @@ async def test_a_wide_fan_out_of_sync_tasks_holds_at_most_max_workers_threads(
     results = await Flow(*leaves, max_workers=max_workers).arun()
     assert all(r.succeeded for r in results.values())
     assert 1 <= peak <= max_workers
+
+
+async def test_sync_tasks_held_back_by_fail_fast_stay_skipped_through_the_detached_phase() -> None:
+    ran: list[str] = []
+
+    @task
+    def root() -> int:
+        return 0
+
+    def child(name: str) -> Any:
+        def body(root: int) -> int:
+            ran.append(name)
+            if len(ran) == 1:
+                raise ValueError("the first child to run fails")
+            return root
+
+        return task(body, name=name, depends_on=[root])
+
+    @task(depends_on=[root], detached=True)
+    def notify(root: int) -> str:
+        return "sent"
+
+    children = [child(f"child{i}") for i in range(4)]
+    results = await Flow(*children, max_workers=1).arun()
+    assert len(ran) == 1
+    assert results["notify"].value == "sent"
+    skipped = [c.name for c in children if results[c.name].state is StepState.SKIPPED]
+    assert len(skipped) == 3
