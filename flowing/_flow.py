@@ -28,7 +28,7 @@ from ._progress import showing_progress
 from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
 from ._scheduler import Scheduler
-from ._signals import CancellableRun, waking_on_signals
+from ._signals import CancellableRun, run_on_asyncio
 from ._serializers import Serializer, resolve_serializer
 from ._stream import DEFAULT_BUFFER, Broadcaster, EventStream, OnEvent
 from ._task import TaskDef
@@ -308,7 +308,7 @@ def _run_on_new_loop(
     run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend
 ) -> dict[str, StepResult]:
     if backend == "asyncio":
-        return anyio.run(waking_on_signals, run, backend=backend)
+        return run_on_asyncio(run)
     return anyio.run(run, backend=backend)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -32,6 +33,20 @@ if TYPE_CHECKING:
     import asyncio
 
 T = TypeVar("T")
+
+
+def run_on_asyncio(run: Callable[[], Awaitable[T]]) -> T:
+    """``anyio.run(run)`` on asyncio, with Ctrl-C waking the loop and raising KeyboardInterrupt."""
+    import asyncio  # here, so that `import flowing` does not import asyncio
+
+    try:
+        return anyio.run(waking_on_signals, run, backend="asyncio")
+    except asyncio.CancelledError:
+        if sys.version_info >= (3, 11):
+            raise
+        # anyio's runner for Python 3.10 cancels the main task on Ctrl-C like
+        # asyncio.Runner does, but then lets the CancelledError out.
+        raise KeyboardInterrupt from None
 
 
 async def waking_on_signals(run: Callable[[], Awaitable[T]]) -> T:
