@@ -1,19 +1,17 @@
-"""Making Ctrl-C reach a blocking ``run()`` at once.
+"""Making Ctrl-C reach a blocking ``run()`` at once, and raise KeyboardInterrupt.
+
+``run_on_asyncio``: asyncio's runner turns SIGINT into a cancellation of the main
+task, but from a plain Python signal handler, which only runs when the main
+thread executes Python code. When the kernel hands the signal to one of the
+worker threads, the main thread sleeps on in its selector until the next timer,
+possibly for minutes. A wakeup file descriptor that the loop watches fixes that:
+the C signal handler writes to it from whichever thread caught the signal, and
+the loop wakes up to run the handler. trio does this on its own.
 
 ``CancellableRun``: when ``run()`` is called where an event loop already runs
 (Jupyter, an async app), the flow runs on its own loop in a helper thread; a
 KeyboardInterrupt raised in the calling thread while it waits cancels that run,
 so it winds down promptly instead of running to the end.
-
-``waking_on_signals``:
-
-asyncio's runner turns SIGINT into a cancellation of the main task, but from a
-plain Python signal handler, which only runs when the main thread executes
-Python code. When the kernel hands the signal to one of the worker threads,
-the main thread sleeps on in its selector until the next timer, possibly for
-minutes. A wakeup file descriptor that the loop watches fixes that: the C
-signal handler writes to it from whichever thread caught the signal, and the
-loop wakes up to run the handler. trio does this on its own.
 """
 
 from __future__ import annotations
