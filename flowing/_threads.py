@@ -29,8 +29,14 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-from anyio._core._eventloop import set_current_async_library as _set_async_library
-from anyio._core._eventloop import threadlocals as _anyio_threadlocals
+
+try:  # private details of anyio that the fast asyncio path relies on
+    from anyio._core._eventloop import set_current_async_library as _set_async_library
+    from anyio._core._eventloop import threadlocals as _anyio_threadlocals
+
+    _FAST_PATH = True
+except ImportError:  # a future anyio moved them: every call uses anyio.to_thread
+    _FAST_PATH = False
 
 
 class ThreadSlots:
@@ -42,7 +48,7 @@ class ThreadSlots:
         self._workers: _Workers | None = None
         # close(): idle threads end now, busy ones when their call returns; idempotent.
         self.close: Callable[[], None] = lambda: None
-        if self._report.on_asyncio:
+        if self._report.on_asyncio and _FAST_PATH:
             self._workers = _Workers(self._report)
             self.close = weakref.finalize(self, self._workers.close)
         # Threads are bounded by `limiter`; this one only keeps anyio's global
@@ -91,7 +97,8 @@ class _Call:
         self.context = contextvars.copy_context()
         # Like anyio's worker threads: no event loop runs in the thread, so a body
         # may start its own (a nested ``Flow.run()``).
-        self.context.run(_set_async_library, None)
+        if _FAST_PATH:
+            self.context.run(_set_async_library, None)
         self.report = report
         self.reported = anyio.Event()
         self.value: Any = None

@@ -154,3 +154,24 @@ async def test_sync_tasks_held_back_by_fail_fast_stay_skipped_through_the_detach
     assert results["notify"].value == "sent"
     skipped = [c.name for c in children if results[c.name].state is StepState.SKIPPED]
     assert len(skipped) == 3
+
+
+async def test_without_anyios_private_thread_details_sync_bodies_use_anyio_to_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("flowing._threads._FAST_PATH", False)
+    called_on_loop = anyio.Event()
+
+    @task
+    def first() -> str:
+        anyio.from_thread.run_sync(called_on_loop.set)
+        return threading.current_thread().name
+
+    @task(depends_on=[first])
+    def second(first: str) -> str:
+        return first + "!"
+
+    results = await Flow(second).arun()
+    assert results["second"].value != "MainThread!"
+    assert results["second"].succeeded and called_on_loop.is_set()
+    assert _worker_threads() == []
