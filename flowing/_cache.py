@@ -21,14 +21,10 @@ units of work it starts over in a worker thread, so large inputs never block the
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import decimal
 import enum
-import fractions
+import functools
 import hashlib
 import logging
-import pathlib
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -90,26 +86,35 @@ def value_digest(value: Any, active: set[int] | None = None, budget: _Budget | N
     return digest.hexdigest()
 
 
-_SCALARS: dict[type, Callable[[Any], str]] = {
-    type(None): lambda v: "",
-    bool: repr,
-    int: repr,
-    float: lambda v: v.hex(),
-    complex: lambda v: f"{v.real.hex()},{v.imag.hex()}",
-    str: lambda v: v,
-    decimal.Decimal: str,
-    fractions.Fraction: str,
-    uuid.UUID: str,
-    datetime.date: lambda v: v.isoformat(),
-    datetime.datetime: lambda v: v.isoformat(),
-    datetime.time: lambda v: v.isoformat(),
-    datetime.timedelta: lambda v: f"{v.days},{v.seconds},{v.microseconds}",
-    range: lambda v: f"{v.start},{v.stop},{v.step}",
-    pathlib.PurePosixPath: str,
-    pathlib.PureWindowsPath: str,
-    pathlib.PosixPath: str,
-    pathlib.WindowsPath: str,
-}
+@functools.cache
+def _scalars() -> dict[type, Callable[[Any], str]]:
+    """Encoders of the scalar types, by exact type; built on first use to keep import light."""
+    import datetime
+    import decimal
+    import fractions
+    import pathlib
+    import uuid
+
+    return {
+        type(None): lambda v: "",
+        bool: repr,
+        int: repr,
+        float: lambda v: v.hex(),
+        complex: lambda v: f"{v.real.hex()},{v.imag.hex()}",
+        str: lambda v: v,
+        decimal.Decimal: str,
+        fractions.Fraction: str,
+        uuid.UUID: str,
+        datetime.date: lambda v: v.isoformat(),
+        datetime.datetime: lambda v: v.isoformat(),
+        datetime.time: lambda v: v.isoformat(),
+        datetime.timedelta: lambda v: f"{v.days},{v.seconds},{v.microseconds}",
+        range: lambda v: f"{v.start},{v.stop},{v.step}",
+        pathlib.PurePosixPath: str,
+        pathlib.PureWindowsPath: str,
+        pathlib.PosixPath: str,
+        pathlib.WindowsPath: str,
+    }
 
 
 class _Encoder:
@@ -130,7 +135,7 @@ class _Encoder:
 
     def encode(self, value: Any) -> None:
         kind = type(value)
-        scalar = _SCALARS.get(kind)
+        scalar = _scalars().get(kind)
         if scalar is not None:
             self._write(kind.__qualname__, scalar(value).encode("utf-8", "surrogatepass"))
         elif kind in (bytes, bytearray):

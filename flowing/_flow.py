@@ -7,7 +7,6 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -284,6 +283,8 @@ class Flow:
             # Jupyter or an async app called the blocking API: give the flow its
             # own loop in a helper thread rather than nesting loops.
             cancellable = CancellableRun(run)
+            from concurrent.futures import ThreadPoolExecutor, wait  # the rare path
+
             with ThreadPoolExecutor(1, thread_name_prefix="flowing-run") as pool:
                 future = pool.submit(_run_on_new_loop, cancellable, backend)
                 try:

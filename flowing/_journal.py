@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -427,6 +426,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _replace_atomically(path: str, body: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
+    import tempfile  # compaction only: keep import flowing light
+
     fd, temporary = tempfile.mkstemp(prefix=".journal-", dir=directory)
     try:
         _write_all(fd, body)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.from_thread
 
 from ._exceptions import InvalidPoolError, InvalidTaskError, UnknownPoolError
 
@@ -177,6 +176,8 @@ class PoolSlot:
             elif self._state == "held":
                 self._state = "returned"
         if abandoned and self._limiter is not None:
+            import anyio.from_thread  # only abandoned threads need it: keep import light
+
             try:
                 anyio.from_thread.run_sync(self._limiter.release_on_behalf_of, self)
             except Exception:

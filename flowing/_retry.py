@@ -13,10 +13,8 @@ never turns the backoff off.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -73,10 +71,19 @@ def retry_delay_ms(
     task: TaskDef[..., Any],
     failed_attempt: int,
     error: BaseException | None,
-    uniform: Callable[[], float] = random.random,
+    uniform: Callable[[], float] | None = None,
 ) -> float:
-    """The delay before the attempt after ``failed_attempt``, per the module docstring."""
-    delay = task.backoff_ms(failed_attempt) * (1 - task.retry_jitter * uniform())
+    """The delay before the attempt after ``failed_attempt``, per the module docstring.
+
+    ``uniform`` draws the jitter fraction (default ``random.random``).
+    """
+    delay = task.backoff_ms(failed_attempt)
+    if task.retry_jitter:
+        if uniform is None:
+            import random  # only jittered retries need it: keep import flowing light
+
+            uniform = random.random
+        delay *= 1 - task.retry_jitter * uniform()
     hint = retry_after_ms(task.name, error)
     return delay if hint is None else max(delay, hint)
 
@@ -89,6 +96,8 @@ def retry_after_ms(name: str, error: BaseException | None) -> float | None:
     hint = getattr(error, "retry_after", None)
     if hint is None:
         return None
+    import datetime  # a rare path: keep import flowing light
+
     if isinstance(hint, datetime.timedelta):
         hint = hint.total_seconds()
     if isinstance(hint, bool) or not isinstance(hint, (int, float)) or not 0 <= hint < math.inf:

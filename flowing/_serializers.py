@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import pickle
 from typing import Any, Protocol, runtime_checkable
 
 from ._exceptions import FlowDefinitionError
@@ -36,9 +34,15 @@ class PickleSerializer:
     name = "pickle"
 
     def dumps(self, value: Any) -> str:
+        import base64
+        import pickle
+
         return base64.b64encode(pickle.dumps(value, protocol=pickle.DEFAULT_PROTOCOL)).decode()
 
     def loads(self, data: str) -> Any:
+        import base64
+        import pickle
+
         return pickle.loads(base64.b64decode(data, validate=True))
 
 

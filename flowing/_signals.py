@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,6 +27,7 @@ import anyio
 import anyio.lowlevel
 
 if TYPE_CHECKING:
+    import socket
     import asyncio
 
 T = TypeVar("T")
@@ -60,6 +60,8 @@ def _wakeup_fd(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread receives Python signal handlers
         return
+    import socket  # only a Ctrl-C-aware run on the main thread needs it
+
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)

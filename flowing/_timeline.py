@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished, TaskRetrying
 from ._exceptions import MissingExtraError, NoRunError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 from ._graph import Graph
 from ._render import node_state
 
@@ -211,6 +213,8 @@ def timeline(recorder: RunRecorder, graph: Graph, path: str | os.PathLike[str] |
     text = to_gantt(bars, recorder.duration_ms())
     if path is None:
         return text
+    from pathlib import Path  # only an image or file output needs it
+
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix in IMAGE_SUFFIXES:

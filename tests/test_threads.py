@@ -172,6 +172,5 @@ async def test_without_anyios_private_thread_details_sync_bodies_use_anyio_to_th
         return first + "!"
 
     results = await Flow(second).arun()
-    assert results["second"].value != "MainThread!"
+    assert results["second"].value not in ("MainThread!", "flowing worker!")
     assert results["second"].succeeded and called_on_loop.is_set()
-    assert _worker_threads() == []
