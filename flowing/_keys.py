@@ -145,7 +145,7 @@ class _Feeder:
         for names in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
             self.text("\0".join(names))
         self.text("consts")
-        for constant in code.co_consts:
+        for constant in _without_qualnames(code.co_consts):
             self.constant(constant, "a constant")
 
     def constant(self, value: Any, what: str) -> None:
@@ -182,6 +182,28 @@ class _Feeder:
             _Feeder(inner, self._task).constant(item, what)
             parts.append(inner.hexdigest())
         self.text("frozenset:" + ",".join(sorted(parts)))
+
+
+def _without_qualnames(constants: tuple[Any, ...]) -> list[Any]:
+    """``constants`` minus the qualified names Python < 3.11 stores after nested code.
+
+    Before 3.11, creating a nested function or comprehension loads its qualified
+    name (``outer.<locals>.inner``) as a constant, which would put the enclosing
+    function's name into the key; 3.11 keeps it on the code object instead.
+    """
+    if sys.version_info >= (3, 11):
+        return list(constants)
+    kept: list[Any] = []
+    for constant in constants:
+        previous = kept[-1] if kept else None
+        is_qualname = (
+            isinstance(constant, str)
+            and isinstance(previous, types.CodeType)
+            and constant.rpartition(".")[2] == previous.co_name
+        )
+        if not is_qualname:
+            kept.append(constant)
+    return kept
 
 
 def _names(code: types.CodeType) -> set[str]:
