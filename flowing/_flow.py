@@ -18,7 +18,7 @@ from ._exceptions import (
     StepNotSucceededError,
     TaskNotRunError,
 )
-from ._executor import Executor, is_executor
+from ._executor import Executor, ThreadExecutor, is_executor
 from ._graph import build_graph
 from ._journal import Journal, step_keys
 from ._pools import Pool, check_pool_names, check_pools
@@ -70,7 +70,8 @@ class Flow:
                 f"executor must be an Executor such as ThreadExecutor() or "
                 f"flowing.dask.DaskExecutor(address), got {executor!r}"
             )
-        self.executor = executor
+        # The default spelled out is the default: the scheduler's own thread path.
+        self.executor = None if isinstance(executor, ThreadExecutor) else executor
         self._graph = build_graph(terminals)
         self.pools = check_pools(pools)
         check_pool_names(self._graph.tasks, self.pools)
@@ -151,7 +152,13 @@ class Flow:
         kept = {name: r for name, r in self._results.items() if r.succeeded}
         return await self._execute(kept, timeout_s, progress=progress)
 
-    def override(self, task: TaskDef[..., T], value: T) -> None:
+    @overload
+    def override(self, task: TaskDef[..., Coroutine[Any, Any, T]], value: T) -> None: ...
+
+    @overload
+    def override(self, task: TaskDef[..., T], value: T) -> None: ...
+
+    def override(self, task: TaskDef[..., Any], value: Any) -> None:
         """Record ``value`` as ``task``'s SUCCEEDED result, for this and later runs."""
         name = self._name_in_flow(task)
         result = StepResult(
@@ -228,6 +235,8 @@ class Flow:
             raise FlowAlreadyRunningError()
         try:
             self._results = kept
+            if fresh:
+                self._cache.clear()  # a fresh run replays nothing, cached inputs included
             journal = None
             if self._journal is not None:
                 try:

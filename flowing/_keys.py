@@ -55,7 +55,7 @@ def compute_step_key(task: TaskDef[..., Any], dependency_keys: Mapping[str, str]
         feed.text(role)
         if gate is not None:
             feed.callable(role, gate)
-    feed.text(f"map_over:{getattr(task, 'map_over', None)}")  # a list of values, or one
+    feed.text(f"map_over:{getattr(task, 'map_over', None)}")
     for name in sorted(dependency_keys):
         feed.text(f"dep:{name}={dependency_keys[name]}")
     return digest.hexdigest()

@@ -98,7 +98,7 @@ class Scheduler:
                 self._record(i, result)
                 for d in self.graph.dependents[i]:
                     self._waiting_on[d] -= 1
-            session = self.executor.session(threads) if self.executor else nullcontext()
+            session = self.executor.session(threads) if self.executor is not None else nullcontext()
             async with session as runner:
                 self._ctx = StepContext(
                     threads,
@@ -109,7 +109,8 @@ class Scheduler:
                     cache=ResultCache(self.cache, self.journal),
                 )
                 await self._run_phase(detached=False)
-                await self._run_phase(detached=True)
+                if self._interrupt is None:  # an interrupted run fires no side effects
+                    await self._run_phase(detached=True)
             if self._interrupt is not None:
                 raise self._interrupt
         except BaseException:

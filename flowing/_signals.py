@@ -65,7 +65,13 @@ def _wakeup_fd(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)
-    loop.add_reader(reader.fileno(), _drain, reader)
+    try:
+        loop.add_reader(reader.fileno(), _drain, reader)
+    except NotImplementedError:  # Windows' proactor loop: no wake-up, Ctrl-C as asyncio has it
+        reader.close()
+        writer.close()
+        yield
+        return
     previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     try:
         yield

@@ -6,7 +6,7 @@ import inspect
 import itertools
 import math
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._exceptions import InvalidTaskError, MissingParameterError
@@ -177,12 +177,8 @@ async def call_gate(gate: Gate, *args: Any, **kwargs: Any) -> Any:
     """Call a sync or async gate and return its (awaited) result."""
     outcome = gate(*args, **kwargs)
     if inspect.isawaitable(outcome):
-        return await _await(outcome)
+        return await outcome
     return outcome
-
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 def _check_name(fn: Callable[..., Any], name: str | None) -> str:

@@ -403,3 +403,20 @@ def test_a_digest_ignores_dict_insertion_order_and_object_identity(value: Any) -
 @given(st.lists(st.integers()), st.lists(st.integers()))
 def test_lists_of_ints_have_equal_digests_exactly_when_equal(a: list[int], b: list[int]) -> None:
     assert (value_digest(a) == value_digest(b)) == (a == b)
+
+
+def test_a_fresh_run_forgets_cached_inputs_too() -> None:
+    calls: list[int] = []
+
+    @task(cache=True)
+    def expensive() -> int:
+        calls.append(1)
+        return len(calls)
+
+    flow = Flow(expensive)
+    flow.run()
+    flow.run()
+    assert calls == [1]
+    results = flow.run(fresh=True)
+    assert calls == [1, 1]
+    assert not results["expensive"].cached

@@ -208,6 +208,28 @@ def test_keyboardinterrupt_or_systemexit_in_a_task_stops_the_run_then_propagates
     assert not caplog.records, "the event loop itself saw the exception"
 
 
+def test_a_run_stopped_by_keyboardinterrupt_fires_no_detached_side_effect(anyio_backend: str) -> None:
+    fired: list[str] = []
+
+    @task
+    def root() -> int:
+        return 1
+
+    @task(depends_on=[root], detached=True)
+    def notify(root: int) -> None:
+        fired.append("notify")
+
+    @task(depends_on=[root])
+    def stopper(root: int) -> None:
+        raise KeyboardInterrupt
+
+    flow = Flow(stopper)
+    with pytest.raises(KeyboardInterrupt):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+    assert fired == []
+    assert flow.results["notify"].state is StepState.CANCELLED
+
+
 def test_a_run_stopped_by_keyboardinterrupt_resumes_where_it_stopped() -> None:
     calls: list[str] = []
     interrupt = [True]

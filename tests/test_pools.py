@@ -18,6 +18,7 @@ from flowing import (
     StepState,
     TaskStarted,
     ThreadAbandoned,
+    ThreadExecutor,
     UnknownPoolError,
     task,
 )
@@ -300,7 +301,10 @@ async def test_waiting_for_a_pool_slot_does_not_count_against_timeout_s() -> Non
 
 
 @pytest.mark.anyio
-async def test_a_sync_body_abandoned_after_a_timeout_keeps_its_pool_slot_until_it_returns() -> None:
+@pytest.mark.parametrize("executor", [None, ThreadExecutor()], ids=["default", "explicit-default"])
+async def test_a_sync_body_abandoned_after_a_timeout_keeps_its_pool_slot_until_it_returns(
+    executor: ThreadExecutor | None,
+) -> None:
     a_returned = threading.Event()
     abandoned = anyio.Event()
 
@@ -322,7 +326,9 @@ async def test_a_sync_body_abandoned_after_a_timeout_keeps_its_pool_slot_until_i
         if isinstance(event, ThreadAbandoned):
             abandoned.set()
 
-    flow = Flow(slow, next_in_pool, pools={"one": 1}, fail_fast=False, on_event=on_event)
+    flow = Flow(
+        slow, next_in_pool, pools={"one": 1}, fail_fast=False, on_event=on_event, executor=executor
+    )
     results = await flow.arun()
     assert isinstance(results["slow"].error, TimeoutError)
     assert results["next_in_pool"].value is True  # it ran only once slow's thread was done

@@ -41,6 +41,8 @@ USER_CODE = textwrap.dedent(
     assert_type(flow.value(total), int)
     assert_type(flow.value(report), str)
     flow.override(total, 6)
+    flow.override(report, "total=6")
+    flow.override(report, 6)  # error
 
     total("not a list")  # error
     total([1], extra=True)  # error
