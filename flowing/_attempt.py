@@ -34,12 +34,12 @@ class StepContext:
     runner: BodyRunner | None = None  # the run's executor; None: sync bodies use ``slots``
 
 
-class _Outcome:
-    """Builds the StepResult of one task, timing it from its first gate."""
+class Outcome:
+    """Builds the StepResult of one task, timed from ``started_at`` (default: now)."""
 
-    def __init__(self, task: TaskDef[..., Any]) -> None:
+    def __init__(self, task: TaskDef[..., Any], started_at: float | None = None) -> None:
         self.task = task
-        self.started_at = time.monotonic()
+        self.started_at = time.monotonic() if started_at is None else started_at
 
     def __call__(
         self,
@@ -87,7 +87,7 @@ async def run_step(
     task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext
 ) -> StepResult:
     """Run ``task`` with its dependencies' values: gates first, then the attempts."""
-    outcome = _Outcome(task)
+    outcome = Outcome(task)
     if task.when is not None:
         try:
             allowed = await call_gate(task.when, **kwargs)
@@ -112,7 +112,7 @@ async def _attempts(
     index: int,
     kwargs: dict[str, Any],
     ctx: StepContext,
-    outcome: _Outcome,
+    outcome: Outcome,
 ) -> StepResult:
     max_attempts = task.retry + 1
     value: Any = None

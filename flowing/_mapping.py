@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from ._attempt import StepContext, run_step
+from ._attempt import Outcome, StepContext, run_step
 from ._events import InstanceFinished
 from ._exceptions import MapOverError
 from ._results import StepResult, StepState
@@ -82,7 +82,7 @@ async def run_mapped(
         items = _elements(task, task.map_over, kwargs[task.map_over])
     except Exception as error:
         reason = f"cannot map over {task.map_over!r}"
-        return _step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
+        return Outcome(task, started_at)(StepState.FAILED, error=error, reason=reason)
     fan_out = _FanOut(task, index, kwargs, ctx, fail_fast, halted)
     await fan_out.run(items)
     return fan_out.outcome(started_at)
@@ -201,9 +201,7 @@ class _FanOut:
         failed = [r for r in done if r.state is StepState.FAILED]
         if failed:
             first = failed[0]
-            return _step_result(
-                self.task,
-                started_at,
+            return Outcome(self.task, started_at)(
                 StepState.FAILED,
                 error=first.error,
                 attempts=attempts,
@@ -212,17 +210,13 @@ class _FanOut:
             )
         skipped = [r for r in done if r.state is not StepState.SUCCEEDED]
         if skipped:
-            return _step_result(
-                self.task,
-                started_at,
+            return Outcome(self.task, started_at)(
                 StepState.SKIPPED,
                 attempts=attempts,
                 reason=f"{len(skipped)} of {len(self.results)} instance(s) did not succeed, "
                 f"first {skipped[0].name!r}: {skipped[0].reason}",
             )
-        return _step_result(
-            self.task,
-            started_at,
+        return Outcome(self.task, started_at)(
             StepState.SUCCEEDED,
             value=[r.value for r in done],
             attempts=attempts,
@@ -249,28 +243,3 @@ def _elements(task: TaskDef[..., Any], source: str, value: Any) -> list[Any]:
             f"it is not iterable; return a list (or any iterable) from {source!r}",
         ) from None
     return list(iterator)
-
-
-def _step_result(
-    task: TaskDef[..., Any],
-    started_at: float,
-    state: StepState,
-    *,
-    value: Any = None,
-    error: BaseException | None = None,
-    attempts: int = 0,
-    reason: str | None = None,
-) -> StepResult:
-    finished_at = time.monotonic()
-    return StepResult(
-        name=task.name,
-        state=state,
-        value=value,
-        error=error,
-        duration_ms=(finished_at - started_at) * 1000,
-        attempts=attempts,
-        started_at=started_at,
-        finished_at=finished_at,
-        reason=reason,
-        detached=task.detached,
-    )

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from ._attempt import StepContext, run_step, waits_only_for_a_thread
+from ._attempt import Outcome, StepContext, run_step, waits_only_for_a_thread
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished
 from ._executor import Executor
 from ._cache import ResultCache
@@ -253,18 +253,8 @@ class Scheduler:
         self._task_group.cancel_scope.cancel()
 
     def _failed_with(self, i: int, exc: BaseException, reason: str) -> StepResult:
-        now = time.monotonic()
-        started_at = self._running[i]
-        return StepResult(
-            self.graph.tasks[i].name,
-            StepState.FAILED,
-            error=exc,
-            duration_ms=(now - started_at) * 1000,
-            started_at=started_at,
-            finished_at=now,
-            reason=reason,
-            detached=self.graph.tasks[i].detached,
-        )
+        outcome = Outcome(self.graph.tasks[i], self._running[i])
+        return outcome(StepState.FAILED, error=exc, reason=reason)
 
     def _replayed(self) -> list[tuple[int, StepResult]]:
         """Results the journal holds for tasks without one, in topological order."""
@@ -307,7 +297,6 @@ class Scheduler:
                 self._record(i, self._unstarted(i, StepState.SKIPPED, reason))
 
     def _cancel_unfinished(self) -> None:
-        now = time.monotonic()
         for i, task in enumerate(self.graph.tasks):
             if task.name in self.results:
                 continue
@@ -315,14 +304,8 @@ class Scheduler:
             if started_at is None:
                 result = self._unstarted(i, StepState.CANCELLED, "the run was cancelled before it started")
             else:
-                result = StepResult(
-                    task.name,
-                    StepState.CANCELLED,
-                    duration_ms=(now - started_at) * 1000,
-                    started_at=started_at,
-                    finished_at=now,
-                    reason="the run was cancelled while it was running",
-                    detached=task.detached,
+                result = Outcome(task, started_at)(
+                    StepState.CANCELLED, reason="the run was cancelled while it was running"
                 )
             self._record(i, result)
 
