@@ -24,6 +24,8 @@ from flowing import (
     task,
 )
 
+from _tracker import Tracker
+
 WAIT_S = 10  # a generous bound: only reached when something is broken
 
 
@@ -236,29 +238,6 @@ async def test_a_skipped_instance_skips_the_step_and_its_dependents() -> None:
         "1 of 3 instance(s) did not succeed, first 'root[1]': when= returned a falsy value"
     )
     assert results["after"].state is StepState.SKIPPED
-
-
-class Tracker:
-    """Counts instances running at once; ``full`` is set when ``limit`` of them are."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self.peak = 0
-        self.lock = threading.Lock()
-        self.full = threading.Event()
-        self.release = threading.Event()
-
-    def enter(self) -> None:
-        with self.lock:
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-            if self.active >= self.limit:
-                self.full.set()
-
-    def leave(self) -> None:
-        with self.lock:
-            self.active -= 1
 
 
 @pytest.mark.anyio

@@ -24,42 +24,24 @@ from flowing import (
 )
 from flowing._pools import StartRate
 
+from _tracker import Tracker
+
 WAIT_S = 10  # a generous bound: only reached when a limit is broken
 
 
-class Tracker:
-    """Counts bodies running at once; ``full`` is set when ``limit`` of them are.
-
-    Create it inside the event loop: sync bodies wait on ``release``, async ones on
-    ``async_release``; the controller sets both.
-    """
+class AsyncTracker(Tracker):
+    """A Tracker whose async bodies wait on ``async_release``; create it inside the event loop."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self.peak = 0
-        self.lock = threading.Lock()
-        self.full = threading.Event()
-        self.release = threading.Event()
+        super().__init__(limit)
         self.async_release = anyio.Event()
 
     async def wait_released(self) -> None:
         with anyio.move_on_after(WAIT_S):
             await self.async_release.wait()
 
-    def enter(self) -> None:
-        with self.lock:
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-            if self.active >= self.limit:
-                self.full.set()
 
-    def leave(self) -> None:
-        with self.lock:
-            self.active -= 1
-
-
-def _workers(tracker: Tracker, count: int, is_async: bool, **options: Any) -> list[Any]:
+def _workers(tracker: AsyncTracker, count: int, is_async: bool, **options: Any) -> list[Any]:
     """``count`` independent tasks that each hold a slot until the controller releases them."""
 
     async def async_body() -> None:
@@ -80,7 +62,7 @@ def _workers(tracker: Tracker, count: int, is_async: bool, **options: Any) -> li
     return [task(name=f"worker_{n}", **options)(body) for n in range(count)]
 
 
-def _controller(tracker: Tracker) -> Any:
+def _controller(tracker: AsyncTracker) -> Any:
     @task
     async def controller() -> bool:
         filled = await anyio.to_thread.run_sync(tracker.full.wait, WAIT_S)
@@ -94,7 +76,7 @@ def _controller(tracker: Tracker) -> Any:
 @pytest.mark.anyio
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 async def test_a_pool_bounds_how_many_tasks_sharing_it_run_at_once(is_async: bool) -> None:
-    tracker = Tracker(limit=2)
+    tracker = AsyncTracker(limit=2)
     workers = _workers(tracker, 6, is_async, pool="api")
     flow = Flow(*workers, _controller(tracker), max_workers=8, pools={"api": 2})
     results = await flow.arun()
@@ -105,7 +87,7 @@ async def test_a_pool_bounds_how_many_tasks_sharing_it_run_at_once(is_async: boo
 
 @pytest.mark.anyio
 async def test_tasks_outside_the_pool_are_not_limited_by_it() -> None:
-    tracker = Tracker(limit=4)
+    tracker = AsyncTracker(limit=4)
     workers = _workers(tracker, 4, is_async=True)
     flow = Flow(*workers, _controller(tracker), pools={"api": 1})
     results = await flow.arun()
