@@ -7,16 +7,14 @@ a sync body runs: ``_threads`` by default, or the optional ``flowing.dask``) ->
 ``_results`` and ``_events`` (what a run leaves and tells) -> ``_flow`` (the
 Flow facade). Alongside: ``_keys`` (content-addressed step keys), ``_journal``
 and ``_serializers`` (the durable journal). This module only re-exports.
+
+``import flowing`` loads only what declaring tasks and building a Flow needs, so
+that it stays fast (issue 5: under 60 ms). The names in ``_LAZY`` are imported on
+first access by ``__getattr__`` (PEP 562); ``Flow`` imports the engine when it runs.
 """
 
-from ._events import Event as Event
-from ._events import FlowFinished as FlowFinished
-from ._events import FlowStarted as FlowStarted
-from ._events import InstanceFinished as InstanceFinished
-from ._events import TaskFinished as TaskFinished
-from ._events import TaskRetrying as TaskRetrying
-from ._events import TaskStarted as TaskStarted
-from ._events import ThreadAbandoned as ThreadAbandoned
+import typing as _typing
+
 from ._exceptions import DetachedDependencyError as DetachedDependencyError
 from ._exceptions import DuplicateTaskNameError as DuplicateTaskNameError
 from ._exceptions import ExecutorBackendError as ExecutorBackendError
@@ -37,15 +35,9 @@ from ._exceptions import StepNotSucceededError as StepNotSucceededError
 from ._exceptions import TaskNotRunError as TaskNotRunError
 from ._exceptions import TaskSerializationError as TaskSerializationError
 from ._exceptions import UnknownPoolError as UnknownPoolError
-from ._executor import BodyRunner as BodyRunner
-from ._executor import Executor as Executor
-from ._executor import ThreadExecutor as ThreadExecutor
 from ._flow import Flow as Flow
-from ._journal import compact_journal as compact_journal
-from ._keys import compute_step_key as compute_step_key
 from ._pools import Pool as Pool
 from ._results import StepResult as StepResult
-from ._stream import EventStream as EventStream
 from ._results import StepState as StepState
 from ._serializers import JsonSerializer as JsonSerializer
 from ._serializers import PickleSerializer as PickleSerializer
@@ -53,6 +45,58 @@ from ._serializers import Serializer as Serializer
 from ._task import TaskDef as TaskDef
 from ._task import clear_registry as clear_registry
 from ._task import task as task
+
+if _typing.TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
+    from ._events import Event as Event
+    from ._events import FlowFinished as FlowFinished
+    from ._events import FlowStarted as FlowStarted
+    from ._events import InstanceFinished as InstanceFinished
+    from ._events import TaskFinished as TaskFinished
+    from ._events import TaskRetrying as TaskRetrying
+    from ._events import TaskStarted as TaskStarted
+    from ._events import ThreadAbandoned as ThreadAbandoned
+    from ._executor import BodyRunner as BodyRunner
+    from ._executor import Executor as Executor
+    from ._executor import ThreadExecutor as ThreadExecutor
+    from ._journal import compact_journal as compact_journal
+    from ._keys import compute_step_key as compute_step_key
+    from ._stream import EventStream as EventStream
+
+_LAZY = {
+    "Event": "._events",
+    "FlowFinished": "._events",
+    "FlowStarted": "._events",
+    "InstanceFinished": "._events",
+    "TaskFinished": "._events",
+    "TaskRetrying": "._events",
+    "TaskStarted": "._events",
+    "ThreadAbandoned": "._events",
+    "BodyRunner": "._executor",
+    "Executor": "._executor",
+    "ThreadExecutor": "._executor",
+    "compact_journal": "._journal",
+    "compute_step_key": "._keys",
+    "EventStream": "._stream",
+}
+"""Public names imported on first use: name -> the module that defines it."""
+
+
+if not _typing.TYPE_CHECKING:  # hidden from type checkers, which then flag unknown names
+
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from importlib import import_module
+
+        value = getattr(import_module(module, __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

@@ -24,20 +24,19 @@ import dataclasses
 import enum
 import functools
 import hashlib
-import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
 from ._keys import compute_step_key
+from ._log import logger
 from ._results import StepResult, StepState
 
 if TYPE_CHECKING:
     from ._journal import JournalRun
     from ._task import TaskDef
 
-logger = logging.getLogger("flowing")
 
 CACHE_VERSION = 1
 """Bumped whenever the encoding changes; entries of other versions never match."""

@@ -11,10 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Union
 
+from ._log import logger
 from ._results import StepResult, describe_error
-
-logger = logging.getLogger("flowing")
-logger.addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,10 @@
-"""Flow: the public facade. ``run()`` blocks on ``arun()``; the scheduler does the work."""
+"""Flow: the public facade. ``run()`` blocks on ``arun()``; the scheduler does the work.
+
+The rest of the engine is imported inside the methods that use it: the event
+stream when a Flow is built, the scheduler, progress and signals when it runs,
+the journal, tracing and an executor only when asked for. ``import flowing`` thus
+loads only what declaring tasks needs; tests/test_exports.py checks it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,7 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Literal, TypeVar, overload
-
-import anyio
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from ._exceptions import (
     FlowAlreadyRunningError,
@@ -18,24 +22,23 @@ from ._exceptions import (
     StepNotSucceededError,
     TaskNotRunError,
 )
-from ._executor import Executor, ThreadExecutor, is_executor
 from ._graph import build_graph
-from ._journal import Journal, step_keys
 from ._pools import Pool, check_pool_names, check_pools
-from ._otel import SpanRecorder
-from ._progress import showing_progress
 from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
-from ._scheduler import Scheduler
-from ._signals import CancellableRun, run_on_asyncio
 from ._serializers import Serializer, resolve_serializer
-from ._stream import DEFAULT_BUFFER, Broadcaster, EventStream, OnEvent
 from ._task import TaskDef
-from ._timeline import RunRecorder, timeline
+
+if TYPE_CHECKING:
+    from ._executor import Executor
+    from ._journal import Journal
+    from ._stream import EventStream, OnEvent
 
 T = TypeVar("T")
 Backend = Literal["asyncio", "trio"]
 _BACKENDS = ("asyncio", "trio")
+EVENTS_BUFFER = 10_000
+"""``events()``'s default buffer: ``_stream.DEFAULT_BUFFER``, spelled out to keep the stream lazy."""
 
 
 class Flow:
@@ -65,13 +68,18 @@ class Flow:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if on_event is not None and not callable(on_event):
             raise FlowDefinitionError(f"on_event must be a callable taking an event, got {on_event!r}")
-        if executor is not None and not is_executor(executor):
-            raise FlowDefinitionError(
-                f"executor must be an Executor such as ThreadExecutor() or "
-                f"flowing.dask.DaskExecutor(address), got {executor!r}"
-            )
-        # The default spelled out is the default: the scheduler's own thread path.
-        self.executor = None if isinstance(executor, ThreadExecutor) else executor
+        if executor is not None:
+            from ._executor import ThreadExecutor, is_executor
+
+            if not is_executor(executor):
+                raise FlowDefinitionError(
+                    f"executor must be an Executor such as ThreadExecutor() or "
+                    f"flowing.dask.DaskExecutor(address), got {executor!r}"
+                )
+            # The default spelled out is the default: the scheduler's own thread path.
+            if isinstance(executor, ThreadExecutor):
+                executor = None
+        self.executor = executor
         self._graph = build_graph(terminals)
         self.pools = check_pools(pools)
         check_pool_names(self._graph.tasks, self.pools)
@@ -81,15 +89,22 @@ class Flow:
         self._overrides: dict[str, StepResult] = {}
         self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
         self._run_lock = threading.Lock()
+        from ._stream import Broadcaster
+        from ._timeline import RunRecorder
+
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
         self._events.add(self._recorder, "timeline recorder")
         if tracing:
+            from ._otel import SpanRecorder
+
             self._events.add(SpanRecorder(), "OpenTelemetry spans")
         chosen = resolve_serializer(serializer)
-        self._journal = (
-            None if journal_path is None else Journal(journal_path, chosen, journal_fsync)
-        )
+        self._journal: Journal | None = None
+        if journal_path is not None:
+            from ._journal import Journal
+
+            self._journal = Journal(journal_path, chosen, journal_fsync)
 
     @property
     def tasks(self) -> tuple[TaskDef[..., Any], ...]:
@@ -185,7 +200,7 @@ class Flow:
             raise StepNotSucceededError(name, result.state, result.reason) from result.error
         return result.value
 
-    def events(self, *, buffer: int = DEFAULT_BUFFER) -> EventStream:
+    def events(self, *, buffer: int = EVENTS_BUFFER) -> EventStream:
         """An async iterator over the events of the next (or current) run, ending with it.
 
         Subscribes at once, so call it before starting the run. At most ``buffer``
@@ -196,6 +211,8 @@ class Flow:
 
     def step_keys(self) -> dict[str, str | None]:
         """Each task's step key (None: not cacheable), as a journal would use it."""
+        from ._journal import step_keys
+
         keys = step_keys(self._graph, set(self._overrides))
         return {t.name: key for t, key in zip(self._graph.tasks, keys)}
 
@@ -217,6 +234,8 @@ class Flow:
         With ``path`` ending in .png, .svg or .pdf, also draws it with matplotlib
         (``pip install 'flowing[plot]'``); with .mmd, .md or .txt, writes the text.
         """
+        from ._timeline import timeline
+
         return timeline(self._recorder, self._graph, path)
 
     def __repr__(self) -> str:
@@ -231,6 +250,11 @@ class Flow:
         progress: bool = False,
     ) -> dict[str, StepResult]:
         _check_timeout(timeout_s)
+        import anyio
+
+        from ._progress import showing_progress
+        from ._scheduler import Scheduler
+
         if not self._run_lock.acquire(blocking=False):
             raise FlowAlreadyRunningError()
         try:
@@ -291,6 +315,8 @@ class Flow:
         if _event_loop_running_here():
             # Jupyter or an async app called the blocking API: give the flow its
             # own loop in a helper thread rather than nesting loops.
+            from ._signals import CancellableRun
+
             cancellable = CancellableRun(run)
             from concurrent.futures import ThreadPoolExecutor, wait  # the rare path
 
@@ -317,6 +343,10 @@ class Flow:
 def _run_on_new_loop(
     run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend
 ) -> dict[str, StepResult]:
+    import anyio
+
+    from ._signals import run_on_asyncio
+
     if backend == "asyncio":
         return run_on_asyncio(run)
     return anyio.run(run, backend=backend)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Collection, Iterable, Mapping
@@ -24,10 +23,9 @@ import anyio.to_thread
 from ._exceptions import FlowDefinitionError
 from ._graph import Graph
 from ._keys import KEY_VERSION, compute_step_key
+from ._log import logger
 from ._results import StepResult, StepState
 from ._serializers import Serializer
-
-logger = logging.getLogger("flowing")
 
 if sys.platform != "win32":
     import errno

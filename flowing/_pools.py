@@ -6,7 +6,8 @@ An attempt holds at most one pool token, so tasks cannot deadlock on pools; a sy
 body abandoned after a timeout hands its token to its thread (``PoolSlot``). Waiting
 is done on anyio primitives (``CapacityLimiter``, ``Lock``, ``sleep_until``): no
 polling. Limits belong to one run of one Flow. A task's own ``max_concurrency``
-bounds its mapped instances and lives in ``_mapping``.
+bounds its mapped instances and lives in ``_mapping``. ``import flowing`` needs only
+``Pool`` and the checks, so the run-time classes import anyio themselves.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcon
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from ._exceptions import InvalidPoolError, InvalidTaskError, UnknownPoolError
 
 if TYPE_CHECKING:
+    import anyio
+
     from ._task import TaskDef
 
 
@@ -115,9 +116,13 @@ class StartRate:
         self.burst = max(1, int(rate))
         self.window = self.burst / rate
         self._starts: deque[float] = deque(maxlen=self.burst)
+        import anyio
+
         self._lock = anyio.Lock()
 
     async def wait_turn(self) -> None:
+        import anyio
+
         async with self._lock:
             if len(self._starts) == self.burst:
                 await anyio.sleep_until(self._starts[0] + self.window)
@@ -126,6 +131,8 @@ class StartRate:
 
 class _PoolGate:
     def __init__(self, pool: Pool) -> None:
+        import anyio
+
         self.limiter = anyio.CapacityLimiter(pool.size) if pool.size is not None else None
         self.rate = StartRate(pool.rate) if pool.rate is not None else None
 

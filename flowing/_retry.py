@@ -13,7 +13,6 @@ never turns the backoff off.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,8 +23,6 @@ if TYPE_CHECKING:
     from ._task import TaskDef
 
 RetryOn = tuple[type[Exception], ...]
-
-logger = logging.getLogger("flowing")
 
 
 def check_retry_on(name: str, retry_on: Any) -> RetryOn | None:
@@ -101,6 +98,8 @@ def retry_after_ms(name: str, error: BaseException | None) -> float | None:
     if isinstance(hint, datetime.timedelta):
         hint = hint.total_seconds()
     if isinstance(hint, bool) or not isinstance(hint, (int, float)) or not 0 <= hint < math.inf:
+        from ._log import logger  # a rare path: keep import flowing light
+
         logger.warning(
             "task %r: ignoring retry_after=%r on %s; it must be seconds >= 0 "
             "(a number or a timedelta)",

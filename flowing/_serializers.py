@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Protocol, runtime_checkable
 
 from ._exceptions import FlowDefinitionError
@@ -56,6 +55,8 @@ class JsonSerializer:
     name = "json"
 
     def dumps(self, value: Any) -> str:
+        import json
+
         data = json.dumps(value, allow_nan=False, separators=(",", ":"))
         if not _same(json.loads(data), value):
             raise ValueError(
@@ -64,6 +65,8 @@ class JsonSerializer:
         return data
 
     def loads(self, data: str) -> Any:
+        import json
+
         return json.loads(data)
 
 

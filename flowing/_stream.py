@@ -16,7 +16,8 @@ from typing import Any
 
 import anyio
 
-from ._events import Event, FlowFinished, log_event, logger
+from ._events import Event, FlowFinished, log_event
+from ._log import logger
 
 OnEvent = Callable[[Event], Any]
 """An ``on_event`` callback: ``def f(event)`` or ``async def f(event)``."""

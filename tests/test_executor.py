@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -127,11 +125,3 @@ def test_local_defaults_to_false_and_is_kept() -> None:
     def here() -> None: ...
 
     assert (anywhere.local, here.local) == (False, True)
-
-
-def test_importing_flowing_never_imports_dask() -> None:
-    code = "import sys, flowing; print('distributed' in sys.modules, 'dask' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.split() == ["False", "False"]

@@ -19,7 +19,8 @@ USER_CODE = textwrap.dedent(
     """
     from typing_extensions import assert_type
 
-    from flowing import Flow, StepResult, TaskDef, task
+    import flowing
+    from flowing import EventStream, Flow, StepResult, TaskDef, TaskFinished, task
 
     @task
     def load() -> list[int]:
@@ -49,6 +50,13 @@ USER_CODE = textwrap.dedent(
     as_text: str = flow.value(total)  # error
     awaited: str = report(1)  # error
     Flow(report, max_workers="2")  # error
+
+    stream: EventStream = flow.events()  # names imported on first use are typed too
+
+    def finished_value(event: TaskFinished) -> StepResult:
+        return event.result
+
+    typo: object = flowing.Flwo  # error
     """
 )
 
