@@ -39,9 +39,6 @@ from ._flow import Flow as Flow
 from ._pools import Pool as Pool
 from ._results import StepResult as StepResult
 from ._results import StepState as StepState
-from ._serializers import JsonSerializer as JsonSerializer
-from ._serializers import PickleSerializer as PickleSerializer
-from ._serializers import Serializer as Serializer
 from ._task import TaskDef as TaskDef
 from ._task import clear_registry as clear_registry
 from ._task import task as task
@@ -60,6 +57,9 @@ if _typing.TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from ._executor import ThreadExecutor as ThreadExecutor
     from ._journal import compact_journal as compact_journal
     from ._keys import compute_step_key as compute_step_key
+    from ._serializers import JsonSerializer as JsonSerializer
+    from ._serializers import PickleSerializer as PickleSerializer
+    from ._serializers import Serializer as Serializer
     from ._stream import EventStream as EventStream
 
 _LAZY = {
@@ -76,6 +76,9 @@ _LAZY = {
     "ThreadExecutor": "._executor",
     "compact_journal": "._journal",
     "compute_step_key": "._keys",
+    "JsonSerializer": "._serializers",
+    "PickleSerializer": "._serializers",
+    "Serializer": "._serializers",
     "EventStream": "._stream",
 }
 """Public names imported on first use: name -> the module that defines it."""

@@ -1,9 +1,10 @@
 """Flow: the public facade. ``run()`` blocks on ``arun()``; the scheduler does the work.
 
-The rest of the engine is imported inside the methods that use it: the event
-stream when a Flow is built, the scheduler, progress and signals when it runs,
-the journal, tracing and an executor only when asked for. ``import flowing`` thus
-loads only what declaring tasks needs; tests/test_exports.py checks it.
+The rest of the engine is imported inside the methods that use it: the graph
+and the event stream when a Flow is built, the scheduler, progress and signals
+when it runs, the journal, tracing, an executor and the renderers only when asked
+for. ``import flowing`` thus loads only what declaring tasks needs;
+tests/test_exports.py checks it.
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ from ._exceptions import (
     StepNotSucceededError,
     TaskNotRunError,
 )
-from ._graph import build_graph
 from ._pools import Pool, check_pool_names, check_pools
-from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, format_summary
-from ._serializers import Serializer, resolve_serializer
 from ._task import TaskDef
 
 if TYPE_CHECKING:
     from ._executor import Executor
     from ._journal import Journal
+    from ._serializers import Serializer
     from ._stream import EventStream, OnEvent
 
 T = TypeVar("T")
@@ -64,6 +63,11 @@ class Flow:
         journal_fsync: bool = False,
         executor: Executor | None = None,
     ) -> None:
+        from ._graph import build_graph
+        from ._serializers import resolve_serializer
+        from ._stream import Broadcaster
+        from ._timeline import RunRecorder
+
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if on_event is not None and not callable(on_event):
@@ -89,9 +93,6 @@ class Flow:
         self._overrides: dict[str, StepResult] = {}
         self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
         self._run_lock = threading.Lock()
-        from ._stream import Broadcaster
-        from ._timeline import RunRecorder
-
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
         self._events.add(self._recorder, "timeline recorder")
@@ -222,10 +223,14 @@ class Flow:
 
     def to_mermaid(self) -> str:
         """The graph as a Mermaid flowchart; after a run, nodes are coloured by state."""
+        from ._render import to_mermaid
+
         return to_mermaid(self._graph, self._results)
 
     def to_dot(self) -> str:
         """The graph as Graphviz DOT text; after a run, nodes are coloured by state."""
+        from ._render import to_dot
+
         return to_dot(self._graph, self._results)
 
     def timeline(self, path: str | os.PathLike[str] | None = None) -> str:
