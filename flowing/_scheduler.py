@@ -16,7 +16,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 
 from ._attempt import Outcome, StepContext, run_step, waits_only_for_a_thread
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished
@@ -27,6 +26,7 @@ from ._journal import JournalRun
 from ._mapping import run_mapped
 from ._pools import Limits, Pool
 from ._results import StepResult, StepState
+from ._runners import Runners, open_runners
 from ._threads import ThreadSlots
 
 if sys.version_info < (3, 11):
@@ -83,7 +83,7 @@ class Scheduler:
         # The first BaseException (KeyboardInterrupt, SystemExit, ...) a task raised:
         # the run stops, and run() re-raises it once every result is recorded.
         self._interrupt: BaseException | None = None
-        self._task_group: TaskGroup | None = None
+        self._runners: Runners | None = None
         self._ctx: StepContext | None = None
 
     async def run(self) -> None:
@@ -127,8 +127,8 @@ class Scheduler:
     async def _run_phase(self, *, detached: bool) -> None:
         self._phase_detached = detached
         try:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
+            async with open_runners() as runners:
+                self._runners = runners
                 for i, task in enumerate(self.graph.tasks):
                     if (
                         task.detached == detached
@@ -148,8 +148,8 @@ class Scheduler:
     def _start(self, i: int) -> None:
         """Start task ``i`` in a new runner (see _run_tasks), or queue it for a worker thread."""
         if self._claim(i):
-            assert self._task_group is not None
-            self._task_group.start_soon(self._run_tasks, i, name=self.graph.tasks[i].name)
+            assert self._runners is not None
+            self._runners.start_soon(self._run_tasks, i, self.graph.tasks[i].name)
 
     def _claim(self, i: int) -> bool:
         """Mark task ``i`` as running, unless fail_fast stopped the run or it must queue."""
@@ -188,10 +188,8 @@ class Scheduler:
             if kept is None:
                 kept = candidate
             else:
-                assert self._task_group is not None
-                self._task_group.start_soon(
-                    self._run_tasks, candidate, name=self.graph.tasks[candidate].name
-                )
+                assert self._runners is not None
+                self._runners.start_soon(self._run_tasks, candidate, self.graph.tasks[candidate].name)
         return kept
 
     async def _run_task(self, i: int) -> None:
@@ -249,8 +247,8 @@ class Scheduler:
         """KeyboardInterrupt, SystemExit or the like reached a task: end the run, keep ``exc``."""
         if self._interrupt is None:
             self._interrupt = exc
-        assert self._task_group is not None
-        self._task_group.cancel_scope.cancel()
+        assert self._runners is not None
+        self._runners.cancel()
 
     def _failed_with(self, i: int, exc: BaseException, reason: str) -> StepResult:
         outcome = Outcome(self.graph.tasks[i], self._running[i])

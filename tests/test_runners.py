@@ -1,0 +1,124 @@
+"""The scheduler's runner group: every runner ends before the block is left."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from flowing._runners import open_runners
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_leaving_the_block_waits_for_every_runner_including_those_started_by_runners() -> None:
+    finished: list[int] = []
+
+    async with open_runners() as runners:
+
+        async def runner(i: int) -> None:
+            await anyio.sleep(0)
+            if i < 3:
+                runners.start_soon(runner, i + 10, f"child-{i}")
+            finished.append(i)
+
+        for i in range(3):
+            runners.start_soon(runner, i, f"runner-{i}")
+
+    assert sorted(finished) == [0, 1, 2, 10, 11, 12]
+
+
+async def test_cancel_stops_waiting_runners_and_those_not_yet_begun() -> None:
+    began: list[int] = []
+    cancelled: list[int] = []
+
+    async def runner(i: int) -> None:
+        began.append(i)
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(i)
+            raise
+
+    async with open_runners() as runners:
+        runners.start_soon(runner, 1, "first")
+        await anyio.sleep(0)
+        await anyio.sleep(0)
+        runners.start_soon(runner, 2, "second")
+        runners.cancel()
+
+    assert began == cancelled
+    assert 1 in began
+
+
+async def test_a_cancelled_runner_sees_an_effective_deadline_of_minus_infinity() -> None:
+    seen: list[float] = []
+
+    async def runner(i: int) -> None:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            seen.append(anyio.current_effective_deadline())
+            raise
+
+    async with open_runners() as runners:
+        runners.start_soon(runner, 0, "r")
+        await anyio.sleep(0)
+        runners.cancel()
+
+    assert seen == [float("-inf")]
+
+
+async def test_a_shield_inside_a_runner_holds_against_cancel() -> None:
+    shielded = anyio.Event()
+    completed: list[str] = []
+
+    async def runner(i: int) -> None:
+        with anyio.CancelScope(shield=True):
+            shielded.set()
+            for _ in range(3):
+                await anyio.sleep(0)
+            completed.append("shielded work")
+
+    async with open_runners() as runners:
+        runners.start_soon(runner, 0, "r")
+        await shielded.wait()
+        runners.cancel()
+
+    assert completed == ["shielded work"]
+
+
+async def test_cancelling_the_block_from_outside_cancels_the_runners_and_waits_for_them() -> None:
+    unwound: list[int] = []
+
+    async def runner(i: int) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0)
+            unwound.append(i)
+
+    with anyio.CancelScope() as outer:
+        async with open_runners() as runners:
+            for i in range(3):
+                runners.start_soon(runner, i, f"r{i}")
+            await anyio.sleep(0)
+            outer.cancel()
+
+    assert outer.cancelled_caught
+    assert sorted(unwound) == [0, 1, 2]
+
+
+async def test_an_exception_a_runner_lets_out_is_raised_from_the_block() -> None:
+    async def broken(i: int) -> None:
+        raise LookupError(f"bug in runner {i}")
+
+    async def waiting(i: int) -> None:
+        await anyio.sleep_forever()
+
+    with pytest.raises(Exception) as raised:  # trio's task group wraps it in a group
+        async with open_runners() as runners:
+            runners.start_soon(waiting, 0, "waiting")
+            runners.start_soon(broken, 1, "broken")
+
+    assert "bug in runner 1" in repr(raised.value)
