@@ -10,9 +10,9 @@ inside them behave as in any anyio task. On trio they use an anyio task group.
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 if TYPE_CHECKING:
     import asyncio
 
-Runner = Callable[[int], Awaitable[None]]
+Runner = Callable[[int], Coroutine[Any, Any, None]]
 
 
 class Runners(Protocol):
@@ -126,10 +126,11 @@ class _AsyncioRunners:
 
 
 def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    asyncio = sys.modules.get("asyncio")  # imported by whoever runs the loop
-    if asyncio is None:
+    module = sys.modules.get("asyncio")  # imported by whoever runs the loop
+    if module is None:
         return None
     try:
-        return asyncio.get_running_loop()
+        loop: asyncio.AbstractEventLoop = module.get_running_loop()
+        return loop
     except RuntimeError:  # trio
         return None
