@@ -15,7 +15,7 @@ from ._pools import Limits, PoolSlot
 from ._results import StepResult, StepState
 from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
-from ._threads import ThreadSlots
+from ._threads import HeldBack, ThreadSlots
 
 if TYPE_CHECKING:
     from ._cache import ResultCache
@@ -118,12 +118,23 @@ async def _attempts(
     value: Any = None
     error: Exception | None = None
     for attempt in range(1, max_attempts + 1):
-        value, error = None, None
         try:
             value = await _call_with_timeout(task, index, kwargs, ctx, attempt, max_attempts)
+        except HeldBack as held:  # fail_fast stopped the run before this body started
+            if attempt == 1:  # like every task fail_fast held back: never started, no timing
+                reason = f"not started: {held.reason}"
+                return StepResult(task.name, StepState.SKIPPED, reason=reason, detached=task.detached)
+            return outcome(  # the earlier attempts' outcome stands
+                StepState.FAILED,
+                value=value,
+                error=error,
+                attempts=attempt - 1,
+                reason=f"not retried: {held.reason}",
+            )
         except Exception as exc:
-            error = exc
+            value, error = None, exc
         else:
+            error = None
             if task.retry_until is None:
                 return outcome(StepState.SUCCEEDED, value=value, attempts=attempt)
             try:
@@ -194,6 +205,8 @@ async def _call_body(
 
     def call_in_thread() -> Any:
         try:
+            if ctx.slots.halt_reason is not None and not task.detached:
+                raise HeldBack(ctx.slots.halt_reason)  # it got a thread only after the halt
             return _refuse_coroutine(task, task.fn(**kwargs))
         finally:
             if slot is not None:

@@ -240,8 +240,19 @@ class Scheduler:
             self._release_dependents(i)
         else:
             if result.state is StepState.FAILED and not task.detached and self.fail_fast:
-                self._stopped_by = self._stopped_by or task.name
+                self._halt(task.name)
             self._skip_descendants(i, result.state)
+
+    def _halt(self, culprit: str) -> None:
+        """fail_fast: claim nothing new, and hold back sync bodies that have not started."""
+        if self._stopped_by is None:
+            self._stopped_by = culprit
+            assert self._task_group is not None and self._ctx is not None
+            self._ctx.slots.halt(self._fail_fast_reason())
+            self._task_group.start_soon(self._ctx.slots.hold_back)
+
+    def _fail_fast_reason(self) -> str:
+        return f"fail_fast stopped the run after {self._stopped_by!r} failed"
 
     def _stop_run(self, exc: BaseException) -> None:
         """KeyboardInterrupt, SystemExit or the like reached a task: end the run, keep ``exc``."""
@@ -289,7 +300,7 @@ class Scheduler:
 
     def _skip_never_started(self, detached: bool) -> None:
         """After a phase: tasks that never started were held back by fail_fast."""
-        reason = f"not started: fail_fast stopped the run after {self._stopped_by!r} failed"
+        reason = f"not started: {self._fail_fast_reason()}"
         for i, task in enumerate(self.graph.tasks):
             if task.detached == detached and task.name not in self.results:
                 self._record(i, self._unstarted(i, StepState.SKIPPED, reason))

@@ -23,7 +23,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -39,11 +39,26 @@ except ImportError:  # a future anyio moved them: every call uses anyio.to_threa
     _FAST_PATH = False
 
 
+class HeldBack(Exception):
+    """Raised for a sync body that fail_fast held back before it started; never retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ThreadSlots:
-    """The thread budget of one run: ``max_workers`` tokens for sync bodies."""
+    """The thread budget of one run: ``max_workers`` tokens for sync bodies.
+
+    It also carries the run's fail_fast halt to where sync bodies start: once
+    ``halt_reason`` is set, main-graph bodies that have not started are held back
+    (``HeldBack``), here and by the executor's runner (see ``on_halt``).
+    """
 
     def __init__(self, max_workers: int) -> None:
         self.limiter = anyio.CapacityLimiter(max_workers)
+        self.halt_reason: str | None = None  # set once, when fail_fast stops the run
+        self._on_halt: list[Callable[[str], Awaitable[None]]] = []
         self._report = _Reporter(self.limiter)
         self._workers: _Workers | None = None
         # close(): idle threads end now, busy ones when their call returns; idempotent.
@@ -54,6 +69,20 @@ class ThreadSlots:
         # Threads are bounded by `limiter`; this one only keeps anyio's global
         # default limiter (40 threads) out of the way on trio.
         self._unbounded = anyio.CapacityLimiter(math.inf)
+
+    def on_halt(self, hold_back: Callable[[str], Awaitable[None]]) -> None:
+        """Have ``hold_back`` await ``hold_back(reason)``; it must not raise."""
+        self._on_halt.append(hold_back)
+
+    def halt(self, reason: str) -> None:
+        """fail_fast stopped the run: no main-graph body starts from now on."""
+        self.halt_reason = reason
+
+    async def hold_back(self) -> None:
+        """After ``halt``: let each runner hold back the bodies it has not started."""
+        assert self.halt_reason is not None
+        for hold_back in self._on_halt:
+            await hold_back(self.halt_reason)
 
     async def run(self, fn: Callable[[], Any], on_abandon: Callable[[], None]) -> Any:
         """Return ``fn()``, called in a worker thread.

@@ -31,7 +31,7 @@ from ._exceptions import (
 )
 from ._executor import BodyRunner
 from ._task import TaskDef
-from ._threads import ThreadSlots
+from ._threads import HeldBack, ThreadSlots
 
 try:
     import distributed
@@ -83,41 +83,152 @@ class DaskExecutor:
         if loop is None:
             raise ExecutorBackendError("DaskExecutor", "trio", "asyncio")
         if self._client is not None and self._client.asynchronous and _loop_of(self._client) is loop:
-            yield _DaskRunner(self._client)
+            async with _DaskRunner.open(self._client, threads) as runner:
+                yield runner
             return
         client = await distributed.Client(  # type: ignore[no-untyped-call]
             self.address, asynchronous=True, security=self._security, set_as_default=False
         )
         try:
-            yield _DaskRunner(client)
+            async with _DaskRunner.open(client, threads) as runner:
+                yield runner
         finally:
             with anyio.CancelScope(shield=True):
                 await client.close()
 
 
 class _DaskRunner:
-    """Submits each sync body as one Dask future and awaits it on the event loop."""
+    """Submits each sync body as one Dask future and awaits it on the event loop.
 
-    def __init__(self, client: distributed.Client) -> None:
+    When fail_fast halts the run, the main-graph bodies that have not started stay
+    so: each is submitted wrapped in a guard that returns a marker instead of calling
+    the body once the run's id is in its worker's halted runs, and ``_hold_back``
+    cancels those that no worker had started. Invariants: ``_in_flight`` holds the
+    guarded futures submitted and not yet awaited to the end, by key; ``_held_back``
+    the keys ``_hold_back`` cancelled.
+    """
+
+    def __init__(self, client: distributed.Client, threads: ThreadSlots) -> None:
         self.client = client
+        self.threads = threads
+        self._run_id = uuid.uuid4().hex
+        self._not_started = f"flowing: not started, run {self._run_id} halted"
+        self._guarded = _guard(self._run_id, self._not_started)
+        self._in_flight: dict[str, distributed.Future[Any]] = {}
+        self._held_back: set[str] = set()
+        self._workers_told = False
+        threads.on_halt(self._hold_back)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, client: distributed.Client, threads: ThreadSlots) -> AsyncIterator[_DaskRunner]:
+        runner = cls(client, threads)
+        try:
+            yield runner
+        finally:
+            if runner._workers_told:  # forget the halted run on the workers
+                with anyio.move_on_after(_CANCEL_GRACE_S, shield=True):
+                    await client.run(_forget(runner._run_id), on_error="ignore")
 
     async def run(
         self, task: TaskDef[..., Any], kwargs: dict[str, Any], on_abandon: Callable[[], None]
     ) -> Any:
+        guarded = not task.detached  # fail_fast never holds back detached tasks
+        if guarded and self.threads.halt_reason is not None:
+            raise HeldBack(self.threads.halt_reason)
         # A partial keeps the body's own keyword names clear of submit()'s options,
         # and needs no flowing on the workers.
         call = functools.partial(task.fn, **kwargs)
+        key = f"{task.name}-{uuid.uuid4().hex}"
         try:
-            future = self.client.submit(call, key=f"{task.name}-{uuid.uuid4().hex}", pure=False)
+            if guarded:
+                future = self.client.submit(self._guarded, call, key=key, pure=False)
+                self._in_flight[key] = future
+            else:
+                future = self.client.submit(call, key=key, pure=False)
         except _SERIALISATION_ERRORS as error:
             raise TaskSerializationError(task.name, "its function or its inputs", error) from error
         try:
-            return await _outcome(task.name, future)
+            value = await _outcome(task.name, future)
+        except RemoteTaskLostError:
+            if key not in self._held_back:
+                raise
+            value = self._not_started  # cancelled by _hold_back before it started
         except BaseException:
             if future.status == "pending":  # a timeout or a cancelled run: cancel it remotely
                 with anyio.move_on_after(_CANCEL_GRACE_S, shield=True):
                     await self.client.cancel(future)  # type: ignore[no-untyped-call]
             raise
+        finally:
+            self._in_flight.pop(key, None)
+        if guarded and type(value) is str and value == self._not_started:
+            raise HeldBack(self.threads.halt_reason or "fail_fast stopped the run")
+        return value
+
+    async def _hold_back(self, reason: str) -> None:
+        """fail_fast halted the run: cancel every guarded future whose body has not started.
+
+        The workers are asked once; each, in one step of its event loop, marks the
+        run halted (its guards return the marker from then on) and names which of
+        the keys it is executing or has finished. No other key can start its body
+        after that, so cancelling the others loses nothing a body produced.
+        """
+        pending = dict(self._in_flight)
+        if not pending:
+            return
+        self._workers_told = True
+        started: set[str] = set()
+        with anyio.move_on_after(_CANCEL_GRACE_S) as scope:
+            try:
+                answers = await self.client.run(_halt_on_worker(self._run_id, list(pending)))
+            except Exception:
+                return  # unknown what started: cancel nothing, the guards still hold back
+            started = set().union(*answers.values())
+        if scope.cancelled_caught:
+            return
+        unstarted = {key: future for key, future in pending.items() if key not in started}
+        self._held_back.update(unstarted)
+        if unstarted:
+            await self.client.cancel(list(unstarted.values()), reason=reason)  # type: ignore[no-untyped-call]
+
+
+# The functions below run on the workers. cloudpickle sends a nested function by value,
+# so the workers need no flowing; a module-level flowing function would be sent by
+# reference and fail to unpickle where flowing is not installed. They use only their
+# closure and ``distributed``.
+
+
+def _guard(run_id: str, not_started: str) -> Callable[[Callable[[], Any]], Any]:
+    """A body's wrapper on the workers: ``not_started`` instead of the call once ``run_id`` halted."""
+
+    def guarded(call: Callable[[], Any]) -> Any:
+        if run_id in getattr(distributed.get_worker(), "flowing_halted_runs", ()):
+            return not_started
+        return call()
+
+    return guarded
+
+
+def _halt_on_worker(run_id: str, keys: list[str]) -> Callable[[Any], list[str]]:
+    """For ``client.run``: mark ``run_id`` halted; which of ``keys`` this worker started."""
+
+    def halt(dask_worker: Any) -> list[str]:
+        vars(dask_worker).setdefault("flowing_halted_runs", set()).add(run_id)
+        state = dask_worker.state
+        running = {ts.key for ts in state.all_running_tasks}
+        done = {key for key, ts in state.tasks.items() if ts.state in ("memory", "error")}
+        return [key for key in keys if key in running or key in done]
+
+    return halt
+
+
+def _forget(run_id: str) -> Callable[[Any], None]:
+    """For ``client.run``: drop ``run_id`` from the worker's halted runs."""
+
+    def forget(dask_worker: Any) -> None:
+        vars(dask_worker).get("flowing_halted_runs", set()).discard(run_id)
+
+    return forget
 
 
 async def _outcome(name: str, future: distributed.Future[Any]) -> Any:

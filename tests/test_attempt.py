@@ -11,7 +11,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from flowing import Flow, StepState, task
+from flowing import Flow, StepState, TaskFinished, task
 
 pytestmark = pytest.mark.anyio
 
@@ -299,3 +299,33 @@ async def test_a_sync_task_returning_a_coroutine_fails_with_a_clear_error() -> N
     results = await Flow(mistaken).arun()
     assert results["mistaken"].state is StepState.FAILED
     assert "task 'mistaken' returned an un-awaited coroutine" in str(results["mistaken"].error)
+
+
+async def test_fail_fast_holds_back_a_retry_and_the_earlier_attempt_stands() -> None:
+    first_attempt_done, boom_failed = anyio.Event(), anyio.Event()
+    calls: list[int] = []
+
+    async def rejects_after_boom(value: int) -> bool:
+        first_attempt_done.set()
+        await boom_failed.wait()
+        return False
+
+    @task(retry=2, retry_until=rejects_after_boom, retry_backoff_base_ms=0)
+    def flaky() -> int:
+        calls.append(1)
+        return len(calls)
+
+    @task
+    async def boom() -> None:
+        await first_attempt_done.wait()
+        raise RuntimeError("boom")
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, TaskFinished) and event.task == "boom":
+            boom_failed.set()
+
+    results = await Flow(flaky, boom, on_event=on_event).arun()
+    result = results["flaky"]
+    assert calls == [1]
+    assert (result.state, result.value, result.attempts) == (StepState.FAILED, 1, 1)
+    assert result.reason == "not retried: fail_fast stopped the run after 'boom' failed"

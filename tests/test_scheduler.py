@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from flowing import Flow, StepState, task
+from flowing import Flow, StepState, TaskFinished, task
 
 pytestmark = pytest.mark.anyio
 
@@ -274,3 +274,40 @@ def test_uneven_chains_finish_in_about_their_critical_path() -> None:
     elapsed = time.perf_counter() - started
     assert all(r.succeeded for r in flow.results.values())
     assert elapsed < 0.8, f"took {elapsed:.2f} s; a layer barrier costs ~1 s"
+
+
+@pytest.mark.parametrize("retry", [0, 1], ids=["thread-bound", "with-retry"])
+async def test_fail_fast_holds_back_sync_bodies_still_waiting_for_a_worker_thread(
+    retry: int,
+) -> None:
+    """With one thread, whichever sleeper gets it runs to the end; the other one,
+    claimed but still waiting for the thread when boom fails, never starts its body."""
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def sleeper(name: str) -> Any:
+        @task(name=name, retry=retry)
+        def body() -> str:
+            ran.append(name)
+            started.set()
+            release.wait(10)
+            return name
+
+        return body
+
+    @task
+    async def boom() -> None:
+        await anyio.to_thread.run_sync(started.wait, 10)
+        raise RuntimeError("boom")
+
+    def release_after_boom(event: Any) -> None:
+        if isinstance(event, TaskFinished) and event.task == "boom":
+            release.set()  # the thread frees up only once fail_fast has stopped the run
+
+    flow = Flow(sleeper("a"), sleeper("b"), boom, max_workers=1, on_event=release_after_boom)
+    results = await flow.arun()
+    (first,) = ran
+    other = "b" if first == "a" else "a"
+    assert (results[first].state, results[first].value) == (StepState.SUCCEEDED, first)
+    assert (results[other].state, results[other].attempts) == (StepState.SKIPPED, 0)
+    assert results[other].reason == "not started: fail_fast stopped the run after 'boom' failed"
