@@ -123,7 +123,8 @@ async def _attempts(
         except HeldBack as held:  # fail_fast stopped the run before this body started
             if attempt == 1:  # like every task fail_fast held back: never started, no timing
                 reason = f"not started: {held.reason}"
-                return StepResult(task.name, StepState.SKIPPED, reason=reason, detached=task.detached)
+                detached = task.detached
+                return StepResult(task.name, StepState.SKIPPED, reason=reason, detached=detached)
             return outcome(  # the earlier attempts' outcome stands
                 StepState.FAILED,
                 value=value,

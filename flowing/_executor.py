@@ -28,7 +28,9 @@ class BodyRunner(Protocol):
     ) -> Any:
         """Return ``task.fn(**kwargs)``; when cancelled, stop or abandon the call and re-raise.
 
-        ``on_abandon`` is called when a cancelled call keeps running unwatched.
+        ``on_abandon`` is called when a cancelled call keeps running unwatched. A
+        runner that holds back a body fail_fast stopped before it started raises
+        ``HeldBack`` instead (see ``Executor.session``).
         """
         ...
 
@@ -37,7 +39,13 @@ class Executor(Protocol):
     """Decides where sync task bodies run; pass one as ``Flow(..., executor=...)``."""
 
     def session(self, threads: ThreadSlots) -> AbstractAsyncContextManager[BodyRunner]:
-        """Open the executor for one run; ``threads`` is the run's in-process thread budget."""
+        """Open the executor for one run; ``threads`` is the run's in-process thread budget.
+
+        When fail_fast stops the run, ``threads.halt_reason`` is set and each
+        ``threads.on_halt(hold_back)`` hook the runner registered is awaited once,
+        so that it can cancel the main-graph bodies it has not started yet. A runner
+        that registers none lets them run, as before.
+        """
         ...
 
 

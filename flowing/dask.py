@@ -121,7 +121,10 @@ class _DaskRunner:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, client: distributed.Client, threads: ThreadSlots) -> AsyncIterator[_DaskRunner]:
+    async def open(
+        cls, client: distributed.Client, threads: ThreadSlots
+    ) -> AsyncIterator[_DaskRunner]:
+        """A runner for one run; afterwards the workers forget the run if it was halted."""
         runner = cls(client, threads)
         try:
             yield runner
@@ -177,19 +180,17 @@ class _DaskRunner:
         if not pending:
             return
         self._workers_told = True
-        started: set[str] = set()
-        with anyio.move_on_after(_CANCEL_GRACE_S) as scope:
+        with anyio.move_on_after(_CANCEL_GRACE_S):  # no answer: cancel nothing, the guards hold
             try:
                 answers = await self.client.run(_halt_on_worker(self._run_id, list(pending)))
             except Exception:
-                return  # unknown what started: cancel nothing, the guards still hold back
+                return  # what started is unknown: cancel nothing, the guards still hold back
             started = set().union(*answers.values())
-        if scope.cancelled_caught:
-            return
-        unstarted = {key: future for key, future in pending.items() if key not in started}
-        self._held_back.update(unstarted)
-        if unstarted:
-            await self.client.cancel(list(unstarted.values()), reason=reason)  # type: ignore[no-untyped-call]
+            unstarted = {key: future for key, future in pending.items() if key not in started}
+            self._held_back.update(unstarted)
+            if unstarted:
+                futures = list(unstarted.values())
+                await self.client.cancel(futures, reason=reason)  # type: ignore[no-untyped-call]
 
 
 # The functions below run on the workers. cloudpickle sends a nested function by value,
@@ -199,7 +200,7 @@ class _DaskRunner:
 
 
 def _guard(run_id: str, not_started: str) -> Callable[[Callable[[], Any]], Any]:
-    """A body's wrapper on the workers: ``not_started`` instead of the call once ``run_id`` halted."""
+    """A body's wrapper on the workers: once ``run_id`` is halted, ``not_started`` instead."""
 
     def guarded(call: Callable[[], Any]) -> Any:
         if run_id in getattr(distributed.get_worker(), "flowing_halted_runs", ()):
@@ -215,9 +216,9 @@ def _halt_on_worker(run_id: str, keys: list[str]) -> Callable[[Any], list[str]]:
     def halt(dask_worker: Any) -> list[str]:
         vars(dask_worker).setdefault("flowing_halted_runs", set()).add(run_id)
         state = dask_worker.state
-        running = {ts.key for ts in state.all_running_tasks}
-        done = {key for key, ts in state.tasks.items() if ts.state in ("memory", "error")}
-        return [key for key in keys if key in running or key in done]
+        running = {ts.key for ts in state.all_running_tasks}  # executing or seceded
+        done = [k for k in keys if k in state.tasks and state.tasks[k].state in ("memory", "error")]
+        return [key for key in keys if key in running] + done
 
     return halt
 

@@ -16,11 +16,14 @@ import dask
 import distributed
 import pytest
 
+import anyio
+
 from flowing import (
     ExecutorBackendError,
     Flow,
     RemoteTaskLostError,
     StepState,
+    TaskFinished,
     TaskRetrying,
     TaskSerializationError,
     task,
@@ -394,3 +397,139 @@ def test_a_future_cancelled_outside_flowing_fails_the_attempt_clearly(
     assert result.state is StepState.FAILED
     assert isinstance(result.error, RemoteTaskLostError)
     assert "task 'lost'" in str(result.error)
+
+
+SLEEPERS = 6
+
+
+def sleepers(tmp_path: Path) -> list[Any]:
+    """Sync tasks that leave a marker when their body starts, then wait for ``release``."""
+
+    def make(i: int) -> Any:
+        @task(name=f"sleeper_{i}")
+        def sleeper() -> int:
+            (tmp_path / f"ran-{i}").touch()
+            deadline = time.monotonic() + 20
+            while not (tmp_path / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return i
+
+        return sleeper
+
+    return [make(i) for i in range(SLEEPERS)]
+
+
+def bodies_run(tmp_path: Path) -> set[str]:
+    return {f"sleeper_{p.name.removeprefix('ran-')}" for p in tmp_path.glob("ran-*")}
+
+
+def got_a_result_on_the_cluster(client: Any, names: set[str], since: float) -> set[str]:
+    """The tasks among ``names`` whose Dask key got a result on the cluster after ``since``."""
+
+    def finishes(dask_scheduler: Any) -> list[tuple[str, str]]:
+        log = dask_scheduler.transition_log
+        return [(str(t.key), t.finish) for t in log if t.timestamp >= since]
+
+    return {
+        name
+        for key, finish in client.run_on_scheduler(finishes)
+        for name in names
+        if key.startswith(f"{name}-") and finish in ("memory", "erred")
+    }
+
+
+@pytest.mark.parametrize("fail_fast", [True, False], ids=["fail_fast", "no_fail_fast"])
+def test_fail_fast_cancels_the_futures_whose_bodies_had_not_started(
+    client: Any, tmp_path: Path, fail_fast: bool
+) -> None:
+    """Two sleepers hold the two worker threads when boom fails. With fail_fast the
+    four others, queued on the cluster, are cancelled there and SKIPPED; without it
+    every sleeper runs. The two that started always finish and keep their value."""
+
+    @task(local=True)
+    def boom() -> None:
+        assert wait_until(lambda: len(bodies_run(tmp_path)) == WORKERS, timeout_s=30)
+        raise RuntimeError("boom")
+
+    # Release the two running sleepers once every other task has its final result.
+    settled, expected = [], 1 + (SLEEPERS - WORKERS if fail_fast else 0)
+
+    def release_when_settled(event: Any) -> None:
+        if isinstance(event, TaskFinished) and not event.result.succeeded:
+            settled.append(event.task)
+            if len(settled) == expected:
+                (tmp_path / "release").touch()
+
+    flow = Flow(
+        *sleepers(tmp_path),
+        boom,
+        fail_fast=fail_fast,
+        executor=DaskExecutor(client),
+        on_event=release_when_settled,
+    )
+    since, start = time.time(), time.monotonic()
+    results = flow.run(timeout_s=60)
+    elapsed = time.monotonic() - start
+
+    names = {f"sleeper_{i}" for i in range(SLEEPERS)}
+    ran = bodies_run(tmp_path)
+    assert results["boom"].state is StepState.FAILED
+    assert len(ran) == (WORKERS if fail_fast else SLEEPERS)
+    for name in ran:
+        assert (results[name].state, results[name].value) == (
+            StepState.SUCCEEDED,
+            int(name.removeprefix("sleeper_")),
+        )
+    for name in names - ran:
+        assert (results[name].state, results[name].attempts) == (StepState.SKIPPED, 0)
+        assert results[name].reason == "not started: fail_fast stopped the run after 'boom' failed"
+    assert got_a_result_on_the_cluster(client, names, since) == ran  # the others were cancelled
+    assert elapsed < 15, f"the run took {elapsed:.1f} s"  # the sleepers give up after 20 s
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_cancelling_the_run_cancels_every_submitted_future(
+    client: Any, tmp_path: Path, anyio_backend: str
+) -> None:
+    @task(local=True)
+    def both_busy() -> None:
+        assert wait_until(lambda: len(bodies_run(tmp_path)) == WORKERS, timeout_s=30)
+
+    with anyio.CancelScope() as scope:
+
+        def cancel_when_both_busy(event: Any) -> None:
+            if isinstance(event, TaskFinished) and event.task == "both_busy":
+                scope.cancel()
+
+        flow = Flow(
+            *sleepers(tmp_path), both_busy, executor=DaskExecutor(client),
+            on_event=cancel_when_both_busy,
+        )
+        await flow.arun()
+    try:
+        sleeper_states = {r.state for n, r in flow.results.items() if n != "both_busy"}
+        assert sleeper_states == {StepState.CANCELLED}
+        assert await anyio.to_thread.run_sync(
+            wait_until, lambda: not scheduler_keys(client, "sleeper_")
+        )
+        assert len(bodies_run(tmp_path)) == WORKERS
+    finally:
+        (tmp_path / "release").touch()  # let the worker threads, which Dask cannot stop, return
+
+
+def test_what_flowing_sends_to_the_workers_unpickles_without_flowing_there() -> None:
+    import cloudpickle
+
+    from flowing.dask import _forget, _guard, _halt_on_worker
+
+    sent = [_guard("run", "not started"), _halt_on_worker("run", ["key"]), _forget("run")]
+    unpickle = (
+        "import pickle, sys; sys.modules['flowing'] = None; "  # import flowing now fails
+        "print(len(pickle.load(sys.stdin.buffer)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", unpickle],
+        input=cloudpickle.dumps(sent), capture_output=True, timeout=60,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, b"3"), done.stderr.decode()
