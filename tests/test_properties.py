@@ -219,7 +219,10 @@ def _check_fail_fast(spec: FlowSpec, results: dict[str, StepResult], rec: Record
             assert r.started_at <= first_failure, f"{r.name} started after the first failure"
     for i, ts in enumerate(spec.tasks):
         r = results[f"t{i}"]
-        if r in held_back:
+        if r in held_back and r.state is StepState.FAILED:  # fail_fast started no retry
+            assert (r.reason or "").startswith("not retried: fail_fast")
+            assert 1 <= rec.calls[r.name] == r.attempts <= ts.retry
+        elif r in held_back:
             assert r.state is StepState.SKIPPED and r.started_at is None
             assert rec.calls[r.name] == 0
         else:
