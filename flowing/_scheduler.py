@@ -240,16 +240,21 @@ class Scheduler:
             self._release_dependents(i)
         else:
             if result.state is StepState.FAILED and not task.detached and self.fail_fast:
-                self._halt(task.name)
+                self._halt(i)
             self._skip_descendants(i, result.state)
 
-    def _halt(self, culprit: str) -> None:
-        """fail_fast: claim nothing new, and hold back sync bodies that have not started."""
+    def _halt(self, i: int) -> None:
+        """Task ``i`` failed under fail_fast: claim nothing new, start no more sync bodies."""
         if self._stopped_by is None:
-            self._stopped_by = culprit
-            assert self._task_group is not None and self._ctx is not None
+            self._stopped_by = self.graph.tasks[i].name
+            assert self._runners is not None and self._ctx is not None
             self._ctx.slots.halt(self._fail_fast_reason())
-            self._task_group.start_soon(self._ctx.slots.hold_back)
+            self._runners.start_soon(self._hold_back, i, f"hold back after {self._stopped_by}")
+
+    async def _hold_back(self, i: int) -> None:
+        """A runner of its own: the executor holds back the bodies it has not started."""
+        assert self._ctx is not None
+        await self._ctx.slots.hold_back()
 
     def _fail_fast_reason(self) -> str:
         return f"fail_fast stopped the run after {self._stopped_by!r} failed"

@@ -180,17 +180,19 @@ class _DaskRunner:
         if not pending:
             return
         self._workers_told = True
-        with anyio.move_on_after(_CANCEL_GRACE_S):  # no answer: cancel nothing, the guards hold
+        # Without an answer what started is unknown: nothing is cancelled, and the
+        # bodies the guards hold back end with the marker once a worker is free.
+        with anyio.move_on_after(_CANCEL_GRACE_S):
             try:
                 answers = await self.client.run(_halt_on_worker(self._run_id, list(pending)))
+                started = set().union(*answers.values())
+                unstarted = {key: f for key, f in pending.items() if key not in started}
+                self._held_back.update(unstarted)
+                if unstarted:
+                    futures = list(unstarted.values())
+                    await self.client.cancel(futures, reason=reason)  # type: ignore[no-untyped-call]
             except Exception:
-                return  # what started is unknown: cancel nothing, the guards still hold back
-            started = set().union(*answers.values())
-            unstarted = {key: future for key, future in pending.items() if key not in started}
-            self._held_back.update(unstarted)
-            if unstarted:
-                futures = list(unstarted.values())
-                await self.client.cancel(futures, reason=reason)  # type: ignore[no-untyped-call]
+                pass
 
 
 # The functions below run on the workers. cloudpickle sends a nested function by value,
