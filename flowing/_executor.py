@@ -41,8 +41,8 @@ class Executor(Protocol):
     def session(self, threads: ThreadSlots) -> AbstractAsyncContextManager[BodyRunner]:
         """Open the executor for one run; ``threads`` is the run's in-process thread budget.
 
-        When fail_fast stops the run, ``threads.halt_reason`` is set and each
-        ``threads.on_halt(hold_back)`` hook the runner registered is awaited once,
+        When fail_fast stops the run, ``threads.halt_reason`` is set and each hook
+        the runner registered with ``threads.on_halt(hook)`` is awaited once,
         so that it can cancel the main-graph bodies it has not started yet. A runner
         that registers none lets them run, as before.
         """

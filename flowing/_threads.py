@@ -52,7 +52,8 @@ class ThreadSlots:
 
     It also carries the run's fail_fast halt to where sync bodies start: once
     ``halt_reason`` is set, main-graph bodies that have not started are held back
-    (``HeldBack``), here and by the executor's runner (see ``on_halt``).
+    (``HeldBack``), in the worker thread just before the call and by the
+    executor's runner (see ``on_halt``).
     """
 
     def __init__(self, max_workers: int) -> None:
@@ -70,9 +71,9 @@ class ThreadSlots:
         # default limiter (40 threads) out of the way on trio.
         self._unbounded = anyio.CapacityLimiter(math.inf)
 
-    def on_halt(self, hold_back: Callable[[str], Awaitable[None]]) -> None:
-        """Have ``hold_back`` await ``hold_back(reason)``; it must not raise."""
-        self._on_halt.append(hold_back)
+    def on_halt(self, hook: Callable[[str], Awaitable[None]]) -> None:
+        """Have ``hold_back()`` await ``hook(halt_reason)``, which must not raise."""
+        self._on_halt.append(hook)
 
     def halt(self, reason: str) -> None:
         """fail_fast stopped the run: no main-graph body starts from now on."""
@@ -81,8 +82,8 @@ class ThreadSlots:
     async def hold_back(self) -> None:
         """After ``halt``: let each runner hold back the bodies it has not started."""
         assert self.halt_reason is not None
-        for hold_back in self._on_halt:
-            await hold_back(self.halt_reason)
+        for hook in self._on_halt:
+            await hook(self.halt_reason)
 
     async def run(self, fn: Callable[[], Any], on_abandon: Callable[[], None]) -> Any:
         """Return ``fn()``, called in a worker thread.
