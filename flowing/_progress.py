@@ -5,14 +5,20 @@ display: counts, a bar with an ETA, the running tasks with their elapsed time,
 and a line above it for each retry and failure as it happens. Otherwise (stderr
 not a TTY, or no rich) it prints one plain line per event. Either way it only
 reads events: it never changes a result.
+
+A display costs the run next to nothing: the event loop only appends each event
+to the display's queue (a C call, no Python frame); the display's own thread
+takes the queued events in batches, a few times a second and at the end.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from abc import ABC, abstractmethod
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TextIO
 
@@ -33,9 +39,9 @@ _MAX_RUNNING_SHOWN = 8
 
 
 class Display(Protocol):
-    """A progress display: an event listener that is started and stopped around a run."""
+    """A progress display: ``on_event`` receives the events; started and stopped around a run."""
 
-    def __call__(self, event: Event) -> None: ...
+    on_event: Callable[[Event], None]
 
     def start(self) -> None: ...
 
@@ -51,7 +57,7 @@ def showing_progress(events: Broadcaster, enabled: bool) -> Iterator[None]:
     display = make_display(sys.stderr)
     display.start()
     try:
-        with events.listening(display, "progress display"):
+        with events.listening(display.on_event, "progress display", guard=False):
             yield
     finally:
         display.stop()
@@ -83,29 +89,38 @@ class Tally:
     def _reset(self, started_at: float, pending: int) -> None:
         # Invariant: `running` maps each task with a started, unfinished attempt to
         # (first start time, attempt, max attempts, next retry time or None while an
-        # attempt runs); `counts` cover every finished task, `finished` those of the
-        # `pending` ones (not replayed from a journal), `cached` the replayed ones.
+        # attempt runs); `by_state` counts every finished task, `finished` those of
+        # the `pending` ones (not replayed from a journal), `cached` the replayed ones.
         self.started_at = started_at
         self.pending = pending
         self.width = len(str(pending))
-        self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "cancelled": 0}
+        self.by_state = dict.fromkeys(StepState, 0)
         self.retries = 0
         self.finished = 0
         self.cached = 0
         self.running: dict[str, tuple[float, int, int, float | None]] = {}
         self.finished_at: float | None = None
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Finished tasks by state value (``"succeeded"``, ...)."""
+        return {state.value: n for state, n in dict(self.by_state).items()}
+
     def update(self, event: Event) -> None:
-        """Apply one event. Called on the event loop only; a display thread reads
-        copies of these dicts, and copying a dict holds the GIL, so it never sees one
-        half-updated."""
+        """Apply one event. Called on the event loop only, once per event of a run:
+        kept cheap. A display thread reads copies of these dicts, and copying a dict
+        holds the GIL, so it never sees one half-updated."""
         if isinstance(event, TaskStarted):
-            first = self.running.get(event.task, (event.time,))[0]
-            self.running[event.task] = (first, event.attempt, event.max_attempts, None)
+            if event.attempt == 1:
+                self.running[event.task] = (event.time, 1, event.max_attempts, None)
+            else:
+                first = self.running.get(event.task, (event.time,))[0]
+                self.running[event.task] = (first, event.attempt, event.max_attempts, None)
         elif isinstance(event, TaskFinished):
             self.running.pop(event.task, None)
-            self.counts[event.result.state.value] += 1
-            if event.result.cached:
+            result = event.result
+            self.by_state[result.state] += 1
+            if result.cached:
                 self.cached += 1  # replayed: counted, but not part of `pending`
             else:
                 self.finished += 1
@@ -135,54 +150,74 @@ class Tally:
         return self.elapsed(now) / done * max(self.pending - done, 0)
 
 
-class PlainDisplay:
+class _Batched(ABC):
+    """A display fed through a queue and caught up by its own thread every ``interval_s``.
+
+    Invariant: every event appended to ``_queue`` is shown exactly once, in order,
+    by ``catch_up`` (one batch at a time, under ``_lock``); ``stop`` shows the rest.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.tally = Tally()
+        self.interval_s = interval_s
+        self._queue: deque[Event] = deque()
+        self.on_event: Callable[[Event], None] = self._queue.append  # cannot raise
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._keep_up, name="flowing progress", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.catch_up()
+
+    def catch_up(self) -> None:
+        """Show every queued event now."""
+        with self._lock:
+            batch = []
+            while self._queue:
+                batch.append(self._queue.popleft())
+            if batch:
+                self.show(batch)
+
+    @abstractmethod
+    def show(self, batch: list[Event]) -> None:
+        """Take in and show ``batch``, the events queued since the last one."""
+
+    def _keep_up(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            self.catch_up()
+
+
+class PlainDisplay(_Batched):
     """One line per event, for logs and pipes: ``[ 3/12]   0.41s  ok       load  102.3 ms``.
 
-    Lines are written in batches at most ``flush_s`` after their event (and all of
-    them at the end of the run), so a 10,000-task run does not pay one system call
-    per event.
+    Lines are written in batches, at most ``flush_s`` after their event, so a
+    10,000-task run pays neither a system call per event nor the formatting on
+    the event loop.
     """
 
     def __init__(self, file: TextIO, flush_s: float = 0.1) -> None:
+        super().__init__(flush_s)
         self.file = file
-        self.tally = Tally()
-        self.flush_s = flush_s
-        # Invariant: `_timer` is set exactly while `_pending` holds unwritten lines.
-        self._lock = threading.Lock()
-        self._pending: list[str] = []
-        self._timer: threading.Timer | None = None
 
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        with self._lock:
-            timer = self._timer
-        if timer is not None:
-            timer.cancel()
-        self.flush()
-
-    def __call__(self, event: Event) -> None:
-        self.tally.update(event)
-        line = self.describe(event)
-        with self._lock:
-            self._pending.append(line)
-            if self._timer is None and not isinstance(event, FlowFinished):
-                self._timer = threading.Timer(self.flush_s, self.flush)
-                self._timer.daemon = True
-                self._timer.start()
-        if isinstance(event, FlowFinished):
-            self.stop()
-
-    def flush(self) -> None:
-        """Write the waiting lines now."""
-        with self._lock:
-            lines, self._pending, self._timer = self._pending, [], None
-        if lines:
-            self.file.write("\n".join(lines) + "\n")
-            self.file.flush()
+    def show(self, batch: list[Event]) -> None:
+        lines = []
+        for event in batch:
+            self.tally.update(event)
+            lines.append(self.describe(event) + "\n")
+        self.file.write("".join(lines))
+        self.file.flush()
 
     def describe(self, event: Event) -> str:
+        """The line for ``event``, just after the tally took it in."""
         tally = self.tally
         clock = "[%*d/%d] %7.2fs" % (
             tally.width, tally.finished, tally.pending, event.time - tally.started_at
@@ -233,38 +268,48 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(shown) or "nothing to run"
 
 
-class RichDisplay:
-    """A rich ``Live`` display on stderr, redrawn four times a second from its own thread."""
+class RichDisplay(_Batched):
+    """A rich ``Live`` display on stderr, caught up and redrawn four times a second."""
 
     def __init__(self, file: TextIO) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        self.tally = Tally()
+        super().__init__(0.25)
         self.console = Console(file=file, highlight=False)
         self.live = Live(
             get_renderable=self.render,
             console=self.console,
-            refresh_per_second=4,
+            auto_refresh=False,
             transient=False,
             redirect_stdout=False,
         )
 
     def start(self) -> None:
         self.live.start()
+        super().start()
 
     def stop(self) -> None:
+        super().stop()
         self.live.stop()
 
-    def __call__(self, event: Event) -> None:
-        self.tally.update(event)
+    def show(self, batch: list[Event]) -> None:
+        for event in batch:
+            self.tally.update(event)
+            if not isinstance(event, TaskStarted):  # most events print nothing
+                self._print_news(event)
+        if self.live.is_started:
+            self.live.refresh()
+
+    def _print_news(self, event: Event) -> None:
+        """A line above the display for each retry, failure and abandoned thread."""
         if isinstance(event, TaskRetrying):
             why = describe_error(event.error) if event.error else "retry_until= said no"
             self.console.print(
                 f"[yellow]↻ {_escape(event.task)}[/] attempt {event.attempt}/{event.max_attempts} "
                 f"failed: {_escape(why)} [dim](retry in {event.delay_ms:.0f} ms)[/]"
             )
-        elif isinstance(event, TaskFinished) and event.result.state.value == "failed":
+        elif isinstance(event, TaskFinished) and event.result.state is StepState.FAILED:
             detail = describe_error(event.result.error) if event.result.error else event.result.reason
             self.console.print(f"[bold red]✗ {_escape(event.task)}[/] failed: {_escape(detail or '')}")
         elif isinstance(event, ThreadAbandoned):
@@ -280,7 +325,7 @@ class RichDisplay:
 
         now = time.monotonic()
         tally = self.tally
-        counts = dict(tally.counts)
+        counts = tally.counts
         running = sorted(dict(tally.running).items(), key=lambda item: item[1][0])
         finished, pending, retries = tally.finished, tally.pending, tally.retries
         elapsed, eta = tally.elapsed(now), tally.eta(now)

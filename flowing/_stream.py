@@ -91,7 +91,7 @@ class Broadcaster:
         self._buffer = buffer
         self._async_callback = on_event if on_event and is_async_callable(on_event) else None
         # Invariant: `_listeners` are called inline, in order, for every event;
-        # each is wrapped so that an exception is logged instead of raised.
+        # each that can raise is wrapped so that an exception is logged instead.
         self._listeners: list[Callable[[Event], None]] = []
         if on_event is not None and self._async_callback is None:
             self._listeners.append(_Guarded(on_event, "on_event callback"))
@@ -119,14 +119,20 @@ class Broadcaster:
         return stream
 
     @contextmanager
-    def listening(self, listener: Callable[[Event], None], what: str) -> Iterator[None]:
-        """Call ``listener`` inline for each event emitted inside the block."""
-        guarded = _Guarded(listener, what)
-        self._listeners.append(guarded)
+    def listening(
+        self, listener: Callable[[Event], None], what: str, *, guard: bool = True
+    ) -> Iterator[None]:
+        """Call ``listener`` inline for each event emitted inside the block.
+
+        ``guard=False`` spares the exception guard, for listeners that cannot
+        raise (such as ``deque.append``): then a call costs no Python frame.
+        """
+        added = _Guarded(listener, what) if guard else listener
+        self._listeners.append(added)
         try:
             yield
         finally:
-            self._listeners.remove(guarded)
+            self._listeners.remove(added)
 
     @asynccontextmanager
     async def delivering(self) -> AsyncIterator[None]:
@@ -191,7 +197,7 @@ class _Guarded:
         except Exception as error:
             self._failed(event, error)
             return
-        if inspect.iscoroutine(outcome):
+        if outcome is not None and inspect.iscoroutine(outcome):
             outcome.close()
             self._failed(event, TypeError(f"{self.fn!r} returned a coroutine; declare it async def"))
 

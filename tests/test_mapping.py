@@ -396,7 +396,9 @@ def test_the_plain_progress_display_shows_instances_and_forgets_them_when_done()
 
     out = io.StringIO()
     display = PlainDisplay(out)
-    Flow(square, on_event=display).run()
+    display.start()
+    Flow(square, on_event=display.on_event).run()
+    display.stop()
     assert display.tally.running == {}
     assert display.tally.finished == 2  # items and square: instances count with their step
     assert "ok         square[1]" in out.getvalue()

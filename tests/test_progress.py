@@ -106,7 +106,8 @@ def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
     seen: list[Event] = []
     build_flow(seen.append).run()
     for event in seen[:4]:  # up to flaky's second attempt
-        display(event)
+        display.on_event(event)
+    display.catch_up()
     screen = Console(file=io.StringIO(), width=100, record=True)
     screen.print(display.render())
     text = screen.export_text()
@@ -125,7 +126,7 @@ def test_the_rich_display_prints_failures_as_they_happen() -> None:
     build_flow(seen.append).run()
     display.start()
     for event in seen:
-        display(event)
+        display.on_event(event)
     display.stop()
     assert "✗ broken failed: ValueError: bad row" in terminal.text()
 
@@ -149,7 +150,8 @@ def test_plain_lines_are_written_soon_without_waiting_for_more_events() -> None:
     display = PlainDisplay(out, flush_s=0.01)
     seen: list[Event] = []
     build_flow(seen.append).run()
-    display(seen[0])
+    display.start()
+    display.on_event(seen[0])
     deadline = time.monotonic() + 10
     while not out.getvalue() and time.monotonic() < deadline:
         time.sleep(0.01)
