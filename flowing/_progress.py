@@ -13,6 +13,7 @@ takes the queued events in batches, a few times a second and at the end.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -89,7 +90,7 @@ class Tally:
     def _reset(self, started_at: float, pending: int) -> None:
         # Invariant: `running` maps each task with a started, unfinished attempt to
         # (first start time, attempt, max attempts, next retry time or None while an
-        # attempt runs); `by_state` counts every finished task, `finished` those of
+        # attempt runs), in the order of their first start; `by_state` counts every finished task, `finished` those of
         # the `pending` ones (not replayed from a journal), `cached` the replayed ones.
         self.started_at = started_at
         self.pending = pending
@@ -104,12 +105,10 @@ class Tally:
     @property
     def counts(self) -> dict[str, int]:
         """Finished tasks by state value (``"succeeded"``, ...)."""
-        return {state.value: n for state, n in dict(self.by_state).items()}
+        return {state.value: n for state, n in self.by_state.items()}
 
     def update(self, event: Event) -> None:
-        """Apply one event. Called on the event loop only, once per event of a run:
-        kept cheap. A display thread reads copies of these dicts, and copying a dict
-        holds the GIL, so it never sees one half-updated."""
+        """Apply one event; a display calls it, and renders, from one thread at a time."""
         if isinstance(event, TaskStarted):
             if event.attempt == 1:
                 self.running[event.task] = (event.time, 1, event.max_attempts, None)
@@ -223,9 +222,10 @@ class PlainDisplay(_Batched):
             tally.width, tally.finished, tally.pending, event.time - tally.started_at
         )
         if isinstance(event, TaskStarted):
-            attempt = f"  attempt {event.attempt}/{event.max_attempts}" if event.max_attempts > 1 else ""
-            return f"{clock}  start      {event.task}{attempt}"
-        if isinstance(event, TaskFinished):
+            if event.max_attempts == 1:
+                return f"{clock}  start      {event.task}"
+            return f"{clock}  start      {event.task}  attempt {event.attempt}/{event.max_attempts}"
+        if isinstance(event, (TaskFinished, InstanceFinished)):
             return f"{clock}  {_state_word(event.result):<9}  {event.task}{_outcome(event.result)}"
         if isinstance(event, TaskRetrying):
             why = describe_error(event.error) if event.error else "retry_until= said no"
@@ -237,8 +237,6 @@ class PlainDisplay(_Batched):
             return f"{clock}  abandoned  {event.task}  its thread runs on after a timeout"
         if isinstance(event, FlowStarted):
             return f"{clock}  flow       started: {event.pending} of {event.total} tasks to run"
-        if isinstance(event, InstanceFinished):
-            return f"{clock}  {_state_word(event.result):<9}  {event.task}{_outcome(event.result)}"
         return f"{clock}  flow       finished in {event.duration_ms / 1000:.2f} s: {_counts(event.counts)}"
 
 
@@ -251,12 +249,14 @@ _STATE_WORDS = {
 
 
 def _state_word(result: StepResult) -> str:
-    return "cached" if result.cached else _STATE_WORDS[result.state]
+    return _STATE_WORDS[result.state] if not result.cached else "cached"
 
 
 def _outcome(result: StepResult) -> str:
     if result.error is not None:
         return f"  {describe_error(result.error)}"
+    if result.attempts == 1 and result.state is StepState.SUCCEEDED:
+        return f"  {result.duration_ms:.1f} ms"  # most lines of a long run
     timing = f"  {result.duration_ms:.1f} ms" if result.attempts else ""
     attempts = f" after {result.attempts} attempts" if result.attempts > 1 else ""
     reason = f"  ({result.reason})" if result.reason and not result.succeeded else ""
@@ -326,7 +326,8 @@ class RichDisplay(_Batched):
         now = time.monotonic()
         tally = self.tally
         counts = tally.counts
-        running = sorted(dict(tally.running).items(), key=lambda item: item[1][0])
+        running = tally.running
+        longest = list(itertools.islice(running.items(), _MAX_RUNNING_SHOWN))
         finished, pending, retries = tally.finished, tally.pending, tally.retries
         elapsed, eta = tally.elapsed(now), tally.eta(now)
         bar = Table.grid(padding=(0, 1))
@@ -350,7 +351,7 @@ class RichDisplay(_Batched):
         if counts["cancelled"]:
             line.append(f"   ⊘ {counts['cancelled']} cancelled", style="magenta")
         tasks = Table.grid(padding=(0, 2))
-        for name, (first, attempt, max_attempts, retry_at) in running[:_MAX_RUNNING_SHOWN]:
+        for name, (first, attempt, max_attempts, retry_at) in longest:
             tries = f"attempt {attempt}/{max_attempts}" if max_attempts > 1 else ""
             if retry_at is not None:
                 tries = f"attempt {attempt}/{max_attempts} failed, retry in {max(retry_at - now, 0):.1f}s"
