@@ -181,12 +181,27 @@ async def _call_with_timeout(
     max_attempts: int,
 ) -> Any:
     """One attempt: wait for the task's concurrency limits, then its body under the timeout."""
-    async with ctx.limits.hold(task) as slot:
-        ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
-        if task.timeout_s is None:  # no cancel scope to pay for
-            return await _call_body(task, index, kwargs, ctx, attempt, slot)
-        with anyio.move_on_after(task.timeout_s):
-            return await _call_body(task, index, kwargs, ctx, attempt, slot)
+    if task.pool is None:  # no limits to hold: no context manager to pay for
+        return await _started_body(task, index, kwargs, ctx, attempt, max_attempts, None)
+    async with ctx.limits.hold(task.pool) as slot:
+        return await _started_body(task, index, kwargs, ctx, attempt, max_attempts, slot)
+
+
+async def _started_body(
+    task: TaskDef[..., Any],
+    index: int,
+    kwargs: dict[str, Any],
+    ctx: StepContext,
+    attempt: int,
+    max_attempts: int,
+    slot: PoolSlot | None,
+) -> Any:
+    """The attempt's start event, then its body under the task's timeout."""
+    ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+    if task.timeout_s is None:  # no cancel scope to pay for
+        return await _call_body(task, index, kwargs, ctx, attempt, slot)
+    with anyio.move_on_after(task.timeout_s):
+        return await _call_body(task, index, kwargs, ctx, attempt, slot)
     raise TimeoutError(
         f"task {task.name!r} timed out after {task.timeout_s:g} s "
         f"(attempt {attempt} of {max_attempts})"

@@ -16,7 +16,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -137,9 +137,6 @@ class _PoolGate:
         self.rate = StartRate(pool.rate) if pool.rate is not None else None
 
 
-_NO_LIMITS: AbstractAsyncContextManager[None] = nullcontext()
-
-
 class PoolSlot:
     """One attempt's pool token, borrowed on behalf of this object.
 
@@ -197,14 +194,10 @@ class Limits:
     def __init__(self, pools: Mapping[str, Pool] | None = None) -> None:
         self._pools = {name: _PoolGate(pool) for name, pool in (pools or {}).items()}
 
-    def hold(self, task: TaskDef[..., Any]) -> AbstractAsyncContextManager[PoolSlot | None]:
-        """Hold ``task``'s pool slot for the duration of one attempt; None without a pool."""
-        if task.pool is None:
-            return _NO_LIMITS
-        return self._hold(self._pools[task.pool])
-
     @asynccontextmanager
-    async def _hold(self, gate: _PoolGate) -> AsyncIterator[PoolSlot]:
+    async def hold(self, pool: str) -> AsyncIterator[PoolSlot]:
+        """Hold a slot of ``pool`` (a name of this run's pools) for one attempt."""
+        gate = self._pools[pool]
         slot = PoolSlot(gate.limiter)
         await slot.acquire()
         try:
