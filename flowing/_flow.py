@@ -24,7 +24,7 @@ from ._exceptions import (
     TaskNotRunError,
 )
 from ._pools import Pool, check_pool_names, check_pools
-from ._results import StepResult, StepState, format_summary
+from ._results import StepResult, StepState, count_states, format_summary
 from ._task import TaskDef
 
 if TYPE_CHECKING:
@@ -302,15 +302,28 @@ class Flow:
             self._run_lock.release()
 
     def _cancel_all_unfinished(self) -> None:
-        """The run was cancelled before its scheduler started: say so for every task."""
-        for t in self._graph.tasks:
-            if t.name not in self._results:
-                self._results[t.name] = StepResult(
-                    t.name,
-                    StepState.CANCELLED,
-                    reason="the run was cancelled before it started",
-                    detached=t.detached,
-                )
+        """The run ended before its scheduler started: record every unfinished task as
+        CANCELLED, and tell the event stream, so that its consumers see the run end."""
+        import time
+
+        from ._events import FlowFinished, FlowStarted, TaskFinished
+
+        total = len(self._graph)
+        unfinished = [(i, t) for i, t in enumerate(self._graph.tasks) if t.name not in self._results]
+        started = time.monotonic()
+        self._events.emit(FlowStarted(total, len(unfinished), started))
+        for i, t in unfinished:
+            result = StepResult(
+                t.name,
+                StepState.CANCELLED,
+                reason="the run was cancelled before it started",
+                detached=t.detached,
+            )
+            self._results[t.name] = result
+            self._events.emit(TaskFinished(t.name, i, total, time.monotonic(), result))
+        finished = time.monotonic()
+        counts = count_states(self._results.values())
+        self._events.emit(FlowFinished(total, counts, finished, (finished - started) * 1000))
 
     def _block_on(
         self, run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend

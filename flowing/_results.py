@@ -46,6 +46,14 @@ class StepResult:
 _HEADERS = ("state", "task", "duration", "attempts", "", "error / reason")
 
 
+def count_states(results: Iterable[StepResult]) -> dict[str, int]:
+    """How many results are in each state, by state value, every state listed."""
+    counts = dict.fromkeys((state.value for state in StepState), 0)
+    for result in results:
+        counts[result.state.value] += 1
+    return counts
+
+
 def format_summary(results: Iterable[StepResult]) -> str:
     """A plain-text table, one row per task, in the order given."""
     rows = [_HEADERS] + [_summary_row(r) for r in results]

@@ -25,7 +25,7 @@ from ._graph import Graph
 from ._journal import JournalRun
 from ._mapping import run_mapped
 from ._pools import Limits, Pool
-from ._results import StepResult, StepState
+from ._results import StepResult, StepState, count_states
 from ._runners import Runners, open_runners
 from ._threads import ThreadSlots
 
@@ -121,7 +121,12 @@ class Scheduler:
             threads.close()
             finished = time.monotonic()
             self.emit(
-                FlowFinished(len(self.graph), self._counts(), finished, (finished - started) * 1000)
+                FlowFinished(
+                    len(self.graph),
+                    count_states(self.results.values()),
+                    finished,
+                    (finished - started) * 1000,
+                )
             )
 
     async def _run_phase(self, *, detached: bool) -> None:
@@ -335,11 +340,6 @@ class Scheduler:
         result = self.results.get(self.graph.tasks[i].name)
         return result is not None and result.state is StepState.SUCCEEDED
 
-    def _counts(self) -> dict[str, int]:
-        counts = {state.value: 0 for state in StepState}
-        for result in self.results.values():
-            counts[result.state.value] += 1
-        return counts
 
 
 def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:

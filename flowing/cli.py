@@ -29,7 +29,7 @@ from . import __version__
 from ._exceptions import FlowDefinitionError, MissingExtraError, StepKeyError
 from ._flow import Flow
 from ._progress import print_summary
-from ._results import StepResult, StepState, describe_error
+from ._results import StepResult, StepState, count_states, describe_error
 from ._task import TaskDef
 from ._timeline import IMAGE_SUFFIXES, TEXT_SUFFIXES
 
@@ -304,9 +304,7 @@ def _json_value(value: Any) -> Any:
 
 
 def _print_summary(results: dict[str, StepResult], seconds: float) -> None:
-    counts = {state.value: 0 for state in StepState}
-    for result in results.values():
-        counts[result.state.value] += 1
+    counts = count_states(results.values())
     shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
     verdict = "FAILED" if counts["failed"] else "CANCELLED" if counts["cancelled"] else "ok"
     print_summary(results.values(), f"{verdict}: {shown} in {seconds:.2f} s", sys.stdout)

@@ -40,7 +40,7 @@ def describe(event: Event) -> tuple[Any, ...]:
     return (type(event).__name__, event.task)
 
 
-def build_chain(on_event: Any = None) -> Flow:
+def build_chain(on_event: Any = None, **options: Any) -> Flow:
     @task
     def extract() -> int:
         return 1
@@ -49,7 +49,7 @@ def build_chain(on_event: Any = None) -> Flow:
     def load(extract: int) -> int:
         return extract + 1
 
-    return Flow(load, on_event=on_event)
+    return Flow(load, on_event=on_event, **options)
 
 
 CHAIN = [
@@ -278,3 +278,22 @@ def test_an_abandoned_sync_body_is_reported_between_its_start_and_its_failure() 
         "flow finished",
     ]
     assert seen[-2].result.state is StepState.FAILED  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_a_run_cancelled_while_its_journal_opens_still_ends_its_event_stream(
+    tmp_path: Any,
+) -> None:
+    flow = build_chain(journal_path=tmp_path / "journal")
+    stream = flow.events()
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # the journal is opened first: the cancellation lands there
+        await flow.arun()
+    with anyio.fail_after(5):  # before the fix, the stream waited for a run that never came
+        seen = [describe(e) async for e in stream]
+    assert seen == [
+        ("flow started", 2, 2),
+        *[("finished", name, "cancelled", "the run was cancelled before it started") for name in ("extract", "load")],
+        ("flow finished", 0, 0, 0),
+    ]
+    assert {r.state for r in flow.results.values()} == {StepState.CANCELLED}
