@@ -234,8 +234,13 @@ class Scheduler:
             # let out, it would cancel every task of the run without a trace.
             result = self._failed_with(i, exc, "raised a cancellation nothing had asked for")
         except BaseException as exc:  # run_step records every Exception itself
-            self._stop_run(exc)
-            result = self._failed_with(i, exc, f"raised {type(exc).__name__}, which stopped the run")
+            if _asyncio_cancellation_on_trio(exc):
+                result = self._failed_with(i, exc, "raised a cancellation nothing had asked for")
+            else:
+                self._stop_run(exc)
+                result = self._failed_with(
+                    i, exc, f"raised {type(exc).__name__}, which stopped the run"
+                )
         if self.journal is not None:
             with anyio.CancelScope(shield=True):  # a success is journaled before it counts
                 result = await self.journal.finish(i, result)
@@ -348,3 +353,16 @@ def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(current, BaseExceptionGroup) and len(current.exceptions) == 1:
         current = current.exceptions[0]
     return group if isinstance(current, BaseExceptionGroup) else current
+
+
+def _asyncio_cancellation_on_trio(exc: BaseException) -> bool:
+    """An ``asyncio.CancelledError`` that reached a task on trio: a body raised it itself.
+
+    (On asyncio it is anyio's cancellation class and handled as such.)
+    """
+    asyncio = sys.modules.get("asyncio")
+    return (
+        asyncio is not None
+        and isinstance(exc, asyncio.CancelledError)
+        and not isinstance(exc, anyio.get_cancelled_exc_class())
+    )

@@ -331,7 +331,9 @@ def test_keyboardinterrupt_or_systemexit_in_an_event_callback_stops_the_run_then
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-def test_a_body_raising_a_cancellation_of_its_own_fails_only_its_task(kind: str) -> None:
+def test_a_body_raising_a_cancellation_of_its_own_fails_only_its_task(
+    kind: str, anyio_backend: str
+) -> None:
     import asyncio
 
     def raise_cancelled() -> None:
@@ -353,7 +355,7 @@ def test_a_body_raising_a_cancellation_of_its_own_fails_only_its_task(kind: str)
         return 1
 
     flow = Flow(task(sneaky), independent, fail_fast=False)
-    results = flow.run(backend="asyncio")
+    results = flow.run(backend=anyio_backend)  # type: ignore[arg-type]
 
     assert results["sneaky"].state is StepState.FAILED
     assert isinstance(results["sneaky"].error, asyncio.CancelledError)
