@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,10 +84,22 @@ def waits_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
     )
 
 
-async def run_step(
+def run_step(
+    task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext
+) -> Coroutine[Any, Any, StepResult]:
+    """Run ``task`` with its dependencies' values: gates first, then the attempts.
+
+    A task without gates or cache gets its attempts' coroutine directly: one frame
+    less for each of many waiting tasks to hold, and for the garbage collector to scan.
+    """
+    if task.when is None and task.validate is None and not (task.cache and ctx.cache is not None):
+        return _attempts(task, index, kwargs, ctx, Outcome(task))
+    return _gated_step(task, index, kwargs, ctx)
+
+
+async def _gated_step(
     task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext
 ) -> StepResult:
-    """Run ``task`` with its dependencies' values: gates first, then the attempts."""
     outcome = Outcome(task)
     if task.when is not None:
         try:
@@ -101,9 +114,8 @@ async def run_step(
         except Exception as error:
             return outcome(StepState.FAILED, error=error, reason="validate= rejected the inputs")
     if task.cache and ctx.cache is not None:
-        return await ctx.cache.run(
-            task, kwargs, lambda: _attempts(task, index, kwargs, ctx, outcome)
-        )
+        attempts = functools.partial(_attempts, task, index, kwargs, ctx, outcome)
+        return await ctx.cache.run(task, kwargs, attempts)
     return await _attempts(task, index, kwargs, ctx, outcome)
 
 
@@ -119,7 +131,8 @@ async def _attempts(
     error: Exception | None = None
     for attempt in range(1, max_attempts + 1):
         try:
-            value = await _call_with_timeout(task, index, kwargs, ctx, attempt, max_attempts)
+            call = _call_with_timeout if task.pool is None else _call_in_pool
+            value = await call(task, index, kwargs, ctx, attempt, max_attempts)
         except HeldBack as held:  # fail_fast stopped the run before this body started
             if attempt == 1:  # like every task fail_fast held back: never started, no timing
                 reason = f"not started: {held.reason}"
@@ -172,6 +185,20 @@ async def _attempts(
     )
 
 
+async def _call_in_pool(
+    task: TaskDef[..., Any],
+    index: int,
+    kwargs: dict[str, Any],
+    ctx: StepContext,
+    attempt: int,
+    max_attempts: int,
+) -> Any:
+    """One attempt of a task with a pool: it starts once the pool lets it."""
+    assert task.pool is not None
+    async with ctx.limits.hold(task.pool) as slot:
+        return await _call_with_timeout(task, index, kwargs, ctx, attempt, max_attempts, slot)
+
+
 async def _call_with_timeout(
     task: TaskDef[..., Any],
     index: int,
@@ -179,51 +206,48 @@ async def _call_with_timeout(
     ctx: StepContext,
     attempt: int,
     max_attempts: int,
+    slot: PoolSlot | None = None,
 ) -> Any:
-    """One attempt: wait for the task's concurrency limits, then its body under the timeout."""
-    if task.pool is None:  # no limits to hold: no context manager to pay for
-        return await _started_body(task, index, kwargs, ctx, attempt, max_attempts, None)
-    async with ctx.limits.hold(task.pool) as slot:
-        return await _started_body(task, index, kwargs, ctx, attempt, max_attempts, slot)
-
-
-async def _started_body(
-    task: TaskDef[..., Any],
-    index: int,
-    kwargs: dict[str, Any],
-    ctx: StepContext,
-    attempt: int,
-    max_attempts: int,
-    slot: PoolSlot | None,
-) -> Any:
-    """The attempt's start event, then its body under the task's timeout."""
+    """One attempt: its start event, then its body under the task's timeout."""
     ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
     if task.timeout_s is None:  # no cancel scope to pay for
-        return await _call_body(task, index, kwargs, ctx, attempt, slot)
+        return _refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
     with anyio.move_on_after(task.timeout_s):
-        return await _call_body(task, index, kwargs, ctx, attempt, slot)
+        return _refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
     raise TimeoutError(
         f"task {task.name!r} timed out after {task.timeout_s:g} s "
         f"(attempt {attempt} of {max_attempts})"
     )
 
 
-async def _call_body(
+def _call_body(
     task: TaskDef[..., Any],
     index: int,
     kwargs: dict[str, Any],
     ctx: StepContext,
     attempt: int,
-    slot: PoolSlot | None = None,
-) -> Any:
+    slot: PoolSlot | None,
+) -> Awaitable[Any]:
+    """What the attempt awaits: an async body's own coroutine (no frame of ours around
+    it while it waits), or a sync body's call in a worker thread or the executor."""
     if task.is_async:
-        return _refuse_coroutine(task, await task.fn(**kwargs))
+        return task.fn(**kwargs)  # type: ignore[no-any-return]
+    return _call_sync_body(task, index, kwargs, ctx, attempt, slot)
 
+
+async def _call_sync_body(
+    task: TaskDef[..., Any],
+    index: int,
+    kwargs: dict[str, Any],
+    ctx: StepContext,
+    attempt: int,
+    slot: PoolSlot | None,
+) -> Any:
     def call_in_thread() -> Any:
         try:
             if ctx.slots.halt_reason is not None and not task.detached:
                 raise HeldBack(ctx.slots.halt_reason)  # it got a thread only after the halt
-            return _refuse_coroutine(task, task.fn(**kwargs))
+            return task.fn(**kwargs)
         finally:
             if slot is not None:
                 slot.thread_returned()
@@ -238,7 +262,7 @@ async def _call_body(
 
     if task.local or ctx.runner is None:
         return await ctx.slots.run(call_in_thread, abandoned_here)
-    return _refuse_coroutine(task, await ctx.runner.run(task, kwargs, report_abandoned))
+    return await ctx.runner.run(task, kwargs, report_abandoned)
 
 
 def _refuse_coroutine(task: TaskDef[..., Any], value: Any) -> Any:

@@ -65,8 +65,9 @@ class _TaskGroupRunners:
 class _AsyncioRunners:
     """Runners as asyncio tasks, each under an anyio cancel scope that ``cancel()`` cancels.
 
-    Invariants: ``_tasks`` holds every runner task that has not finished (and
-    keeps it alive); ``_scopes`` the cancel scopes of those that have begun.
+    Invariants: ``_tasks`` holds every runner task that has not finished (asyncio
+    itself keeps only weak references to tasks); ``_scopes`` the cancel scopes of
+    those that have begun.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -78,9 +79,7 @@ class _AsyncioRunners:
         self._idle: anyio.Event | None = None  # set when the last runner finishes
 
     def start_soon(self, runner: Runner, i: int, name: str) -> None:
-        task = self._loop.create_task(self._run(runner, i), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        self._tasks.add(self._loop.create_task(self._run(runner, i), name=name))
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -105,24 +104,30 @@ class _AsyncioRunners:
             await self._idle.wait()
 
     async def _run(self, runner: Runner, i: int) -> None:
-        if self._cancelled:
-            return
-        with anyio.CancelScope() as scope:
-            self._scopes.add(scope)
-            try:
-                await runner(i)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as error:  # a runner lets nothing out: a bug, raise it
-                self._error = self._error or error
-                self.cancel()
-            finally:
-                self._scopes.discard(scope)
+        try:
+            if self._cancelled:
+                return
+            with anyio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    await runner(i)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as error:  # a runner lets nothing out: a bug, raise it
+                    self._error = self._error or error
+                    self.cancel()
+                finally:
+                    self._scopes.discard(scope)
+        finally:  # here rather than in a done callback: no callback object per task
+            self._tasks.discard(_current_task())
+            if not self._tasks and self._idle is not None:
+                self._idle.set()
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not self._tasks and self._idle is not None:
-            self._idle.set()
+
+def _current_task() -> asyncio.Task[None]:
+    """The running asyncio task (only called where asyncio runs)."""
+    task: asyncio.Task[None] = sys.modules["asyncio"].current_task()
+    return task
 
 
 def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Coroutine, Mapping, MutableMapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -27,6 +27,7 @@ from ._mapping import run_mapped
 from ._pools import Limits, Pool
 from ._results import StepResult, StepState, count_states
 from ._runners import Runners, open_runners
+from ._task import TaskDef
 from ._threads import ThreadSlots
 
 if sys.version_info < (3, 11):
@@ -176,7 +177,14 @@ class Scheduler:
         """
         current: int | None = i
         while current is not None:
-            await self._run_task(current)
+            # Nothing but a cancellation may leave a runner: on asyncio, a
+            # KeyboardInterrupt or SystemExit escaping a task breaks the event loop.
+            try:
+                await self._run_and_record(current)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                self._stop_run(exc)  # an event observer raised KeyboardInterrupt or the like
             if self._thread_bound[current]:
                 self._thread_bound_running -= 1
             current = self._next_for_runner()
@@ -197,16 +205,6 @@ class Scheduler:
                 self._runners.start_soon(self._run_tasks, candidate, self.graph.tasks[candidate].name)
         return kept
 
-    async def _run_task(self, i: int) -> None:
-        # Nothing but a cancellation may leave this task: on asyncio, a
-        # KeyboardInterrupt or SystemExit escaping a task breaks the event loop.
-        try:
-            await self._run_and_record(i)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as exc:
-            self._stop_run(exc)  # an event observer raised KeyboardInterrupt or the like
-
     async def _run_and_record(self, i: int) -> None:
         assert self._ctx is not None
         task = self.graph.tasks[i]
@@ -219,14 +217,7 @@ class Scheduler:
             if task.map_over is None:
                 result = await run_step(task, i, kwargs, self._ctx)
             else:
-                result = await run_mapped(
-                    task,
-                    i,
-                    kwargs,
-                    self._ctx,
-                    fail_fast=self.fail_fast and not task.detached,
-                    halted=lambda: self._stopped_by is not None and not task.detached,
-                )
+                result = await self._run_mapped(task, i, kwargs)
         except anyio.get_cancelled_exc_class() as exc:
             if anyio.current_effective_deadline() == -math.inf:
                 raise  # the run really is being cancelled
@@ -268,6 +259,19 @@ class Scheduler:
 
     def _fail_fast_reason(self) -> str:
         return f"fail_fast stopped the run after {self._stopped_by!r} failed"
+
+    def _run_mapped(
+        self, task: TaskDef[..., Any], i: int, kwargs: dict[str, Any]
+    ) -> Coroutine[Any, Any, StepResult]:
+        assert self._ctx is not None
+        return run_mapped(
+            task,
+            i,
+            kwargs,
+            self._ctx,
+            fail_fast=self.fail_fast and not task.detached,
+            halted=lambda: self._stopped_by is not None and not task.detached,
+        )
 
     def _stop_run(self, exc: BaseException) -> None:
         """KeyboardInterrupt, SystemExit or the like reached a task: end the run, keep ``exc``."""
