@@ -6,9 +6,11 @@ and a line above it for each retry and failure as it happens. Otherwise (stderr
 not a TTY, or no rich) it prints one plain line per event. Either way it only
 reads events: it never changes a result.
 
-A display costs the run next to nothing: the event loop only appends each event
-to the display's queue (a C call, no Python frame); the display's own thread
-takes the queued events in batches, a few times a second and at the end.
+A display costs the run little. The rich display updates its tally on the event
+loop (a fraction of a microsecond per event) and redraws from rich's own thread.
+Plain lines cost more to format: the event loop only appends each event to the
+display's queue (a C call, no Python frame), and the display's own thread formats
+and writes them in batches, ten times a second and at the end.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ _MAX_RUNNING_SHOWN = 8
 class Display(Protocol):
     """A progress display: ``on_event`` receives the events; started and stopped around a run."""
 
-    on_event: Callable[[Event], None]
+    def on_event(self, event: Event) -> None: ...
 
     def start(self) -> None: ...
 
@@ -105,10 +107,11 @@ class Tally:
     @property
     def counts(self) -> dict[str, int]:
         """Finished tasks by state value (``"succeeded"``, ...)."""
-        return {state.value: n for state, n in self.by_state.items()}
+        return {state.value: n for state, n in dict(self.by_state).items()}
 
     def update(self, event: Event) -> None:
-        """Apply one event; a display calls it, and renders, from one thread at a time."""
+        """Apply one event, on the event loop. A display thread may read the tally
+        meanwhile: it copies each dict first (one step under the GIL)."""
         if isinstance(event, TaskStarted):
             if event.attempt == 1:
                 self.running[event.task] = (event.time, 1, event.max_attempts, None)
@@ -268,38 +271,39 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(shown) or "nothing to run"
 
 
-class RichDisplay(_Batched):
-    """A rich ``Live`` display on stderr, caught up and redrawn four times a second."""
+class RichDisplay:
+    """A rich ``Live`` display on stderr, redrawn four times a second from rich's thread.
+
+    Each event updates the tally on the event loop (a fraction of a microsecond,
+    and the event can be freed at once: queuing thousands of them for a display
+    thread made the garbage collector work harder than the tally ever did); a
+    retry, failure or abandoned thread also prints its line at once.
+    """
 
     def __init__(self, file: TextIO) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        super().__init__(0.25)
+        self.tally = Tally()
         self.console = Console(file=file, highlight=False)
         self.live = Live(
             get_renderable=self.render,
             console=self.console,
-            auto_refresh=False,
+            refresh_per_second=4,
             transient=False,
             redirect_stdout=False,
         )
 
     def start(self) -> None:
         self.live.start()
-        super().start()
 
     def stop(self) -> None:
-        super().stop()
         self.live.stop()
 
-    def show(self, batch: list[Event]) -> None:
-        for event in batch:
-            self.tally.update(event)
-            if not isinstance(event, TaskStarted):  # most events print nothing
-                self._print_news(event)
-        if self.live.is_started:
-            self.live.refresh()
+    def on_event(self, event: Event) -> None:
+        self.tally.update(event)
+        if _is_news(event):
+            self._print_news(event)
 
     def _print_news(self, event: Event) -> None:
         """A line above the display for each retry, failure and abandoned thread."""
@@ -326,7 +330,7 @@ class RichDisplay(_Batched):
         now = time.monotonic()
         tally = self.tally
         counts = tally.counts
-        running = tally.running
+        running = dict(tally.running)  # one step under the GIL: the loop may update it meanwhile
         longest = list(itertools.islice(running.items(), _MAX_RUNNING_SHOWN))
         finished, pending, retries = tally.finished, tally.pending, tally.retries
         elapsed, eta = tally.elapsed(now), tally.eta(now)
@@ -359,6 +363,13 @@ class RichDisplay(_Batched):
         if len(running) > _MAX_RUNNING_SHOWN:
             tasks.add_row(Text(f"    … and {len(running) - _MAX_RUNNING_SHOWN} more", style="dim"), "", "")
         return Group(bar, line, tasks) if running else Group(bar, line)
+
+
+def _is_news(event: Event) -> bool:
+    """A retry, a failure or an abandoned thread: worth a line above the live display."""
+    if isinstance(event, TaskFinished):
+        return event.result.state is StepState.FAILED
+    return isinstance(event, (TaskRetrying, ThreadAbandoned))
 
 
 def _clock(seconds: float) -> str:

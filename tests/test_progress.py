@@ -107,7 +107,6 @@ def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
     build_flow(seen.append).run()
     for event in seen[:4]:  # up to flaky's second attempt
         display.on_event(event)
-    display.catch_up()
     screen = Console(file=io.StringIO(), width=100, record=True)
     screen.print(display.render())
     text = screen.export_text()
