@@ -4,8 +4,8 @@
 
 A runner in ``PAIRED`` (flowing with a progress display) costs a few percent,
 less than the run-to-run noise of separate processes on a shared machine: it is
-timed ``PAIR_ROUNDS`` times alternately with its baseline in the same process,
-and the line also gives the baseline's median, ``baseline_s``.
+timed ``PAIR_ROUNDS`` times beside its baseline in the same process, each in
+turn first, and the line also gives the baseline's median, ``baseline_s``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .runners import RUNNERS
 from .workloads import build
 
 PAIRED = {"flowing+plain": "flowing", "flowing+rich": "flowing"}
-PAIR_ROUNDS = 5
+PAIR_ROUNDS = 6
 
 
 def main(argv: list[str]) -> int:
@@ -35,9 +35,13 @@ def main(argv: list[str]) -> int:
     if runner in PAIRED:
         baseline = RUNNERS[PAIRED[runner]](spec)
         walls, baseline_walls = [], []
-        for _ in range(PAIR_ROUNDS):
-            baseline_walls.append(_timed(baseline)[0])
-            wall_s, value = _timed(run)
+        for round_ in range(PAIR_ROUNDS):  # in turn first and second: no order bias
+            if round_ % 2:
+                wall_s, value = _timed(run)
+                baseline_walls.append(_timed(baseline)[0])
+            else:
+                baseline_walls.append(_timed(baseline)[0])
+                wall_s, value = _timed(run)
             walls.append(wall_s)
         wall_s = statistics.median(walls)
         result["baseline_s"] = statistics.median(baseline_walls)
