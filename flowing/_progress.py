@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
-from abc import ABC, abstractmethod
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -110,8 +109,9 @@ class Tally:
         return {state.value: n for state, n in dict(self.by_state).items()}
 
     def update(self, event: Event) -> None:
-        """Apply one event, on the event loop. A display thread may read the tally
-        meanwhile: it copies each dict first (one step under the GIL)."""
+        """Apply one event. The rich display does it on the event loop while rich's
+        thread renders from copies of these dicts (a copy is one step under the GIL);
+        the plain display applies and reads them in its own thread."""
         if isinstance(event, TaskStarted):
             if event.attempt == 1:
                 self.running[event.task] = (event.time, 1, event.max_attempts, None)
@@ -152,16 +152,20 @@ class Tally:
         return self.elapsed(now) / done * max(self.pending - done, 0)
 
 
-class _Batched(ABC):
-    """A display fed through a queue and caught up by its own thread every ``interval_s``.
+class PlainDisplay:
+    """One line per event, for logs and pipes: ``[ 3/12]   0.41s  ok       load  102.3 ms``.
 
-    Invariant: every event appended to ``_queue`` is shown exactly once, in order,
-    by ``catch_up`` (one batch at a time, under ``_lock``); ``stop`` shows the rest.
+    The event loop only appends each event to a queue; the display's own thread
+    formats and writes the queued events every ``flush_s`` and at ``stop``, so a
+    10,000-task run pays neither the formatting on the loop nor a system call per
+    event. Invariant: every queued event is written exactly once, in order, by
+    ``catch_up`` (one batch at a time, under ``_lock``).
     """
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, file: TextIO, flush_s: float = 0.1) -> None:
+        self.file = file
         self.tally = Tally()
-        self.interval_s = interval_s
+        self.flush_s = flush_s
         self._queue: deque[Event] = deque()
         self.on_event: Callable[[Event], None] = self._queue.append  # cannot raise
         self._lock = threading.Lock()
@@ -181,42 +185,20 @@ class _Batched(ABC):
         self.catch_up()
 
     def catch_up(self) -> None:
-        """Show every queued event now."""
+        """Write a line for every queued event now."""
         with self._lock:
-            batch = []
+            lines = []
             while self._queue:
-                batch.append(self._queue.popleft())
-            if batch:
-                self.show(batch)
-
-    @abstractmethod
-    def show(self, batch: list[Event]) -> None:
-        """Take in and show ``batch``, the events queued since the last one."""
+                event = self._queue.popleft()
+                self.tally.update(event)
+                lines.append(self.describe(event) + "\n")
+            if lines:
+                self.file.write("".join(lines))
+                self.file.flush()
 
     def _keep_up(self) -> None:
-        while not self._stopping.wait(self.interval_s):
+        while not self._stopping.wait(self.flush_s):
             self.catch_up()
-
-
-class PlainDisplay(_Batched):
-    """One line per event, for logs and pipes: ``[ 3/12]   0.41s  ok       load  102.3 ms``.
-
-    Lines are written in batches, at most ``flush_s`` after their event, so a
-    10,000-task run pays neither a system call per event nor the formatting on
-    the event loop.
-    """
-
-    def __init__(self, file: TextIO, flush_s: float = 0.1) -> None:
-        super().__init__(flush_s)
-        self.file = file
-
-    def show(self, batch: list[Event]) -> None:
-        lines = []
-        for event in batch:
-            self.tally.update(event)
-            lines.append(self.describe(event) + "\n")
-        self.file.write("".join(lines))
-        self.file.flush()
 
     def describe(self, event: Event) -> str:
         """The line for ``event``, just after the tally took it in."""
