@@ -23,6 +23,7 @@ from ._exceptions import FlowCycleError as FlowCycleError
 from ._exceptions import FlowDefinitionError as FlowDefinitionError
 from ._exceptions import FlowingError as FlowingError
 from ._exceptions import FlowTimeoutError as FlowTimeoutError
+from ._exceptions import HeldBack as HeldBack
 from ._exceptions import InvalidPoolError as InvalidPoolError
 from ._exceptions import InvalidTaskError as InvalidTaskError
 from ._exceptions import MapOverError as MapOverError
@@ -53,6 +54,7 @@ if _typing.TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from ._events import TaskStarted as TaskStarted
     from ._events import ThreadAbandoned as ThreadAbandoned
     from ._executor import BodyRunner as BodyRunner
+    from ._executor import RunThreads as RunThreads
     from ._executor import Executor as Executor
     from ._executor import ThreadExecutor as ThreadExecutor
     from ._journal import compact_journal as compact_journal
@@ -72,6 +74,7 @@ _LAZY = {
     "TaskStarted": "._events",
     "ThreadAbandoned": "._events",
     "BodyRunner": "._executor",
+    "RunThreads": "._executor",
     "Executor": "._executor",
     "ThreadExecutor": "._executor",
     "compact_journal": "._journal",
@@ -119,6 +122,7 @@ __all__ = [
     "FlowStarted",
     "FlowTimeoutError",
     "FlowingError",
+    "HeldBack",
     "InstanceFinished",
     "InvalidPoolError",
     "InvalidTaskError",
@@ -130,6 +134,7 @@ __all__ = [
     "PickleSerializer",
     "Pool",
     "RemoteTaskLostError",
+    "RunThreads",
     "Serializer",
     "StepKeyError",
     "StepNotSucceededError",

@@ -16,7 +16,8 @@ from ._pools import Limits, PoolSlot
 from ._results import StepResult, StepState
 from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
-from ._threads import HeldBack, ThreadSlots
+from ._exceptions import HeldBack
+from ._threads import ThreadSlots
 
 if TYPE_CHECKING:
     from ._cache import ResultCache

@@ -223,3 +223,12 @@ class RemoteTaskLostError(FlowingError, RuntimeError):
             f"(cancelled or lost outside flowing); give the task retry= to resubmit it"
         )
         self.task = task
+
+
+class HeldBack(FlowingError):
+    """Raised by an executor's runner for a sync body that fail_fast held back before it
+    started: the task is recorded as SKIPPED with ``reason``, and never retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

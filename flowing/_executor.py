@@ -10,14 +10,13 @@ declared ``@task(local=True)`` never go through an executor.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._attempt import _refuse_coroutine as refuse_coroutine
 from ._task import TaskDef
-from ._threads import ThreadSlots
 
 
 class BodyRunner(Protocol):
@@ -35,10 +34,28 @@ class BodyRunner(Protocol):
         ...
 
 
+class RunThreads(Protocol):
+    """What an executor gets of the run it serves: the run's in-process worker threads
+    (at most ``max_workers`` busy) and its fail_fast halt."""
+
+    @property
+    def halt_reason(self) -> str | None:
+        """Why fail_fast stopped the run, once it has: from then on a runner raises
+        ``HeldBack(halt_reason)`` for every body it has not started."""
+
+    async def run(self, fn: Callable[[], Any], on_abandon: Callable[[], None]) -> Any:
+        """Return ``fn()``, called in one of the run's worker threads; when cancelled,
+        abandon the thread (``on_abandon`` is called) and re-raise."""
+        ...
+
+    def on_halt(self, hook: Callable[[str], Awaitable[None]]) -> None:
+        """Have ``hook(halt_reason)`` awaited once fail_fast stops the run; it must not raise."""
+
+
 class Executor(Protocol):
     """Decides where sync task bodies run; pass one as ``Flow(..., executor=...)``."""
 
-    def session(self, threads: ThreadSlots) -> AbstractAsyncContextManager[BodyRunner]:
+    def session(self, threads: RunThreads) -> AbstractAsyncContextManager[BodyRunner]:
         """Open the executor for one run; ``threads`` is the run's in-process thread budget.
 
         When fail_fast stops the run, ``threads.halt_reason`` is set and each hook
@@ -55,13 +72,13 @@ class ThreadExecutor:
     at most ``max_workers`` at once."""
 
     @asynccontextmanager
-    async def session(self, threads: ThreadSlots) -> AsyncIterator[BodyRunner]:
+    async def session(self, threads: RunThreads) -> AsyncIterator[BodyRunner]:
         yield _InThreads(threads)
 
 
 @dataclass(frozen=True, slots=True)
 class _InThreads:
-    threads: ThreadSlots
+    threads: RunThreads
 
     async def run(
         self, task: TaskDef[..., Any], kwargs: dict[str, Any], on_abandon: Callable[[], None]

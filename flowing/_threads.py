@@ -30,6 +30,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from ._exceptions import HeldBack
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -40,14 +42,6 @@ try:  # private details of anyio that the fast asyncio path relies on
     _FAST_PATH = True
 except ImportError:  # a future anyio moved them: every call uses anyio.to_thread
     _FAST_PATH = False
-
-
-class HeldBack(Exception):
-    """Raised for a sync body that fail_fast held back before it started; never retried."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class ThreadSlots:

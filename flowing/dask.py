@@ -24,14 +24,14 @@ from typing import Any
 import anyio
 
 from ._exceptions import (
+    HeldBack,
     ExecutorBackendError,
     MissingExtraError,
     RemoteTaskLostError,
     TaskSerializationError,
 )
-from ._executor import BodyRunner
+from ._executor import BodyRunner, RunThreads
 from ._task import TaskDef
-from ._threads import HeldBack, ThreadSlots
 
 try:
     import distributed
@@ -77,7 +77,7 @@ class DaskExecutor:
         return f"DaskExecutor({self.address!r})"
 
     @asynccontextmanager
-    async def session(self, threads: ThreadSlots) -> AsyncIterator[BodyRunner]:
+    async def session(self, threads: RunThreads) -> AsyncIterator[BodyRunner]:
         """Connect to the cluster on this run's event loop; close the connection after it."""
         loop = _running_asyncio_loop()
         if loop is None:
@@ -108,7 +108,7 @@ class _DaskRunner:
     the keys ``_hold_back`` cancelled.
     """
 
-    def __init__(self, client: distributed.Client, threads: ThreadSlots) -> None:
+    def __init__(self, client: distributed.Client, threads: RunThreads) -> None:
         self.client = client
         self.threads = threads
         self._run_id = uuid.uuid4().hex
@@ -122,7 +122,7 @@ class _DaskRunner:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, client: distributed.Client, threads: ThreadSlots
+        cls, client: distributed.Client, threads: RunThreads
     ) -> AsyncIterator[_DaskRunner]:
         """A runner for one run; afterwards the workers forget the run if it was halted."""
         runner = cls(client, threads)

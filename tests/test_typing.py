@@ -57,6 +57,29 @@ USER_CODE = textwrap.dedent(
         return event.result
 
     typo: object = flowing.Flwo  # error
+
+    from collections.abc import AsyncIterator, Callable
+    from contextlib import asynccontextmanager
+    from typing import Any
+
+    class InlineRunner:  # a third-party executor, typed with public names only
+        def __init__(self, threads: flowing.RunThreads) -> None:
+            self.threads = threads
+
+        async def run(
+            self, task: TaskDef[..., Any], kwargs: dict[str, Any], on_abandon: Callable[[], None]
+        ) -> Any:
+            if self.threads.halt_reason is not None:
+                raise flowing.HeldBack(self.threads.halt_reason)
+            return task.fn(**kwargs)
+
+    class InlineExecutor:
+        @asynccontextmanager
+        async def session(self, threads: flowing.RunThreads) -> AsyncIterator[flowing.BodyRunner]:
+            yield InlineRunner(threads)
+
+    Flow(report, executor=InlineExecutor())
+    flowing.HeldBack(1)  # error
     """
 )
 
