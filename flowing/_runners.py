@@ -87,21 +87,22 @@ class _AsyncioRunners:
             scope.cancel()
 
     async def all_done(self) -> None:
-        """Wait for every runner; when cancelled meanwhile, cancel them and still wait."""
-        try:
-            await self._wait_idle()
-        except BaseException:
-            self.cancel()
-            with anyio.CancelScope(shield=True):
-                await self._wait_idle()
-            raise
-        if self._error is not None:
-            raise self._error
-
-    async def _wait_idle(self) -> None:
+        """Wait for every runner. Cancelled meanwhile, cancel them all, wait for them
+        still, then re-raise: as an anyio task group does, even when asyncio's own
+        ``Task.cancel()`` (which no anyio shield stops) arrives again and again."""
+        cancelled: BaseException | None = None
         while self._tasks:
             self._idle = anyio.Event()
-            await self._idle.wait()
+            try:
+                with anyio.CancelScope(shield=cancelled is not None):
+                    await self._idle.wait()
+            except BaseException as exc:  # a cancellation: the runners end first
+                cancelled = cancelled or exc
+                self.cancel()
+        if cancelled is not None:
+            raise cancelled
+        if self._error is not None:
+            raise self._error
 
     async def _run(self, runner: Runner, i: int) -> None:
         try:

@@ -122,3 +122,38 @@ async def test_an_exception_a_runner_lets_out_is_raised_from_the_block() -> None
             runners.start_soon(broken, 1, "broken")
 
     assert "bug in runner 1" in repr(raised.value)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_cancelling_the_block_twice_still_waits_for_every_runner() -> None:
+    import asyncio
+
+    started, shielded, release = anyio.Event(), anyio.Event(), anyio.Event()
+    unwound: list[int] = []
+
+    async def runner(i: int) -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):  # cleanup a body may shield
+                shielded.set()
+                await release.wait()
+            unwound.append(i)
+
+    async def host() -> None:
+        async with open_runners() as runners:
+            runners.start_soon(runner, 0, "r")
+
+    hosting = asyncio.create_task(host())
+    await started.wait()
+    hosting.cancel()
+    await shielded.wait()
+    hosting.cancel()  # asyncio's own cancellation, which no anyio shield stops
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not hosting.done(), "the block was left while a runner still ran"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await hosting
+    assert unwound == [0]
