@@ -248,7 +248,7 @@ async def _call_sync_body(
         try:
             if ctx.slots.halt_reason is not None and not task.detached:
                 raise HeldBack(ctx.slots.halt_reason)  # it got a thread only after the halt
-            return task.fn(**kwargs)
+            return _refuse_coroutine(task, task.fn(**kwargs))  # closed even if abandoned
         finally:
             if slot is not None:
                 slot.thread_returned()

@@ -57,12 +57,26 @@ def showing_progress(events: Broadcaster, enabled: bool) -> Iterator[None]:
         yield
         return
     display = make_display(sys.stderr)
-    display.start()
+    try:
+        display.start()
+    except Exception as error:  # e.g. stderr is closed: the run goes on without progress
+        _display_failed(error)
+        yield
+        return
     try:
         with events.listening(display.on_event, "progress display", guard=False):
             yield
     finally:
-        display.stop()
+        try:
+            display.stop()
+        except Exception as error:  # never hide the run's own outcome
+            _display_failed(error)
+
+
+def _display_failed(error: Exception) -> None:
+    from ._log import logger
+
+    logger.warning("the progress display failed and is off: %r", error)
 
 
 def make_display(file: TextIO) -> Display:
@@ -158,8 +172,9 @@ class PlainDisplay:
     The event loop only appends each event to a queue; the display's own thread
     formats and writes the queued events every ``flush_s`` and at ``stop``, so a
     10,000-task run pays neither the formatting on the loop nor a system call per
-    event. Invariant: every queued event is written exactly once, in order, by
-    ``catch_up`` (one batch at a time, under ``_lock``).
+    event. Invariant: every queued event is taken exactly once, in order, by
+    ``catch_up`` (one batch at a time, under ``_lock``), and written unless the
+    file failed before.
     """
 
     def __init__(self, file: TextIO, flush_s: float = 0.1) -> None:
@@ -169,6 +184,7 @@ class PlainDisplay:
         self._queue: deque[Event] = deque()
         self.on_event: Callable[[Event], None] = self._queue.append  # cannot raise
         self._lock = threading.Lock()
+        self._broken = False  # the file could not be written: drop the events
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -185,16 +201,27 @@ class PlainDisplay:
         self.catch_up()
 
     def catch_up(self) -> None:
-        """Write a line for every queued event now."""
+        """Write a line for every queued event now.
+
+        When the file cannot be written (a closed pipe, say), progress is off for the
+        rest of the run: the failure is logged once and later events are dropped.
+        """
         with self._lock:
-            lines = []
+            batch = []
             while self._queue:
-                event = self._queue.popleft()
-                self.tally.update(event)
-                lines.append(self.describe(event) + "\n")
-            if lines:
+                batch.append(self._queue.popleft())
+            if not batch or self._broken:
+                return
+            try:
+                lines = []
+                for event in batch:
+                    self.tally.update(event)
+                    lines.append(self.describe(event) + "\n")
                 self.file.write("".join(lines))
                 self.file.flush()
+            except Exception as error:
+                self._broken = True
+                _display_failed(error)
 
     def _keep_up(self) -> None:
         while not self._stopping.wait(self.flush_s):
@@ -285,7 +312,10 @@ class RichDisplay:
     def on_event(self, event: Event) -> None:
         self.tally.update(event)
         if _is_news(event):
-            self._print_news(event)
+            try:
+                self._print_news(event)
+            except Exception as error:  # a dead terminal must not break the run
+                _display_failed(error)
 
     def _print_news(self, event: Event) -> None:
         """A line above the display for each retry, failure and abandoned thread."""

@@ -79,7 +79,9 @@ class _AsyncioRunners:
         self._idle: anyio.Event | None = None  # set when the last runner finishes
 
     def start_soon(self, runner: Runner, i: int, name: str) -> None:
-        self._tasks.add(self._loop.create_task(self._run(runner, i), name=name))
+        task = self._loop.create_task(self._run(runner, i), name=name)
+        if not task.done():  # an eager task factory (Python 3.12+) may have run it all
+            self._tasks.add(task)
 
     def cancel(self) -> None:
         self._cancelled = True

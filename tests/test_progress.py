@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import sys
 import time
@@ -184,3 +185,18 @@ def test_the_summary_lists_every_task_and_ends_with_the_verdict(terminal: bool) 
     for row in ("SUCCEEDED flaky", "FAILED broken", "ValueError: bad row", "SKIPPED report"):
         assert row in " ".join(text.split())
     assert text.rstrip().endswith("FAILED: 1 succeeded, 1 failed, 1 skipped")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_progress_that_cannot_be_written_is_logged_and_the_run_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, backend: str
+) -> None:
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        results = build_flow().run(progress=True, backend=backend)  # type: ignore[arg-type]
+    assert results["flaky"].state is StepState.SUCCEEDED
+    assert "the progress display failed and is off: BrokenPipeError" in caplog.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import anyio
 import pytest
 
@@ -157,3 +159,24 @@ async def test_asyncio_cancelling_the_block_twice_still_waits_for_every_runner()
     with pytest.raises(asyncio.CancelledError):
         await hosting
     assert unwound == [0]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in 3.12")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_a_runner_that_an_eager_task_factory_ran_to_the_end_is_not_awaited() -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    finished: list[int] = []
+
+    async def runner(i: int) -> None:  # never suspends: done inside create_task
+        finished.append(i)
+
+    try:
+        with anyio.fail_after(5):
+            async with open_runners() as runners:
+                runners.start_soon(runner, 0, "eager")
+    finally:
+        loop.set_task_factory(None)
+    assert finished == [0]
