@@ -212,9 +212,9 @@ async def _call_with_timeout(
     """One attempt: its start event, then its body under the task's timeout."""
     ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
     if task.timeout_s is None:  # no cancel scope to pay for
-        return _refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
+        return refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
     with anyio.move_on_after(task.timeout_s):
-        return _refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
+        return refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
     raise TimeoutError(
         f"task {task.name!r} timed out after {task.timeout_s:g} s "
         f"(attempt {attempt} of {max_attempts})"
@@ -248,7 +248,7 @@ async def _call_sync_body(
         try:
             if ctx.slots.halt_reason is not None and not task.detached:
                 raise HeldBack(ctx.slots.halt_reason)  # it got a thread only after the halt
-            return _refuse_coroutine(task, task.fn(**kwargs))  # closed even if abandoned
+            return refuse_coroutine(task, task.fn(**kwargs))  # closed even if abandoned
         finally:
             if slot is not None:
                 slot.thread_returned()
@@ -266,7 +266,7 @@ async def _call_sync_body(
     return await ctx.runner.run(task, kwargs, report_abandoned)
 
 
-def _refuse_coroutine(task: TaskDef[..., Any], value: Any) -> Any:
+def refuse_coroutine(task: TaskDef[..., Any], value: Any) -> Any:
     """A body that returns an un-awaited coroutine is a bug in the task: say so."""
     if inspect.iscoroutine(value):
         value.close()

@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._attempt import _refuse_coroutine as refuse_coroutine
+from ._attempt import refuse_coroutine
 from ._task import TaskDef
 
 

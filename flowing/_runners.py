@@ -35,7 +35,7 @@ class Runners(Protocol):
 @asynccontextmanager
 async def open_runners() -> AsyncIterator[Runners]:
     """A group of runners that all end, finished or cancelled, before the block is left."""
-    loop = _running_asyncio_loop()
+    loop = running_asyncio_loop()
     if loop is None:
         async with anyio.create_task_group() as tg:
             yield _TaskGroupRunners(tg)
@@ -133,7 +133,8 @@ def _current_task() -> asyncio.Task[None]:
     return task
 
 
-def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+def running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None on trio."""
     module = sys.modules.get("asyncio")  # imported by whoever runs the loop
     if module is None:
         return None

@@ -3,6 +3,8 @@
 No layers and no polling: every task keeps a count of dependencies still to
 succeed, and the task that completes the count starts its dependent at once.
 Detached tasks run in a second phase, after every main task has finished.
+Tasks run in runners (see ``_run_tasks``) or, plain sync ones on asyncio,
+in thread lanes (see ``_lanes``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any
 import anyio
 
 from ._attempt import Outcome, StepContext, run_step, waits_only_for_a_thread
-from ._events import Event, FlowFinished, FlowStarted, TaskFinished
+from ._events import Event, FlowFinished, FlowStarted, TaskFinished, TaskStarted, ThreadAbandoned
 from ._executor import Executor
 from ._cache import ResultCache
 from ._graph import Graph
 from ._journal import JournalRun
+from ._lanes import Finished, Lanes, Report, chain_successors, lane_result, lane_tasks
 from ._mapping import run_mapped
 from ._pools import Limits, Pool
 from ._results import StepResult, StepState, count_states
@@ -78,6 +81,9 @@ class Scheduler:
         ]
         self._thread_bound_running = 0
         self._queued: deque[int] = deque()
+        # Thread-bound tasks that thread lanes run instead, where the run has them.
+        self._in_lane = lane_tasks(graph, self._thread_bound) if journal is None and executor is None else []
+        self._lanes: Lanes | None = None
         self._ready: deque[int] = deque()  # made ready by a finished task, not yet claimed
         self._phase_detached = False
         self._stopped_by: str | None = None  # first main-graph failure under fail_fast
@@ -86,14 +92,19 @@ class Scheduler:
         self._interrupt: BaseException | None = None
         self._runners: Runners | None = None
         self._ctx: StepContext | None = None
+        self._cancelled_class: type[BaseException] = BaseException  # set when the run starts
 
     async def run(self) -> None:
         """Run every unfinished task; on cancellation record the rest as CANCELLED."""
         started = time.monotonic()
+        self._cancelled_class = anyio.get_cancelled_exc_class()  # lane reports come outside a task
         replayed = self._replayed()
         pending = sum(1 for t in self.graph.tasks if t.name not in self.results) - len(replayed)
         self.emit(FlowStarted(len(self.graph), pending, started))
         threads = ThreadSlots(self.max_workers)
+        if threads.workers is not None and any(self._in_lane):
+            successors = chain_successors(self.graph, self._in_lane, self.results.__contains__)
+            self._lanes = Lanes(self.graph.tasks, successors, threads, threads.workers, self._lane_reports)
         try:
             for i, result in replayed:
                 self._record(i, result)
@@ -116,6 +127,7 @@ class Scheduler:
                 raise self._interrupt
         except BaseException:
             with anyio.CancelScope(shield=True):
+                self._abandon_lanes()
                 self._cancel_unfinished()
             raise
         finally:
@@ -158,9 +170,13 @@ class Scheduler:
             self._runners.start_soon(self._run_tasks, i, self.graph.tasks[i].name)
 
     def _claim(self, i: int) -> bool:
-        """Mark task ``i`` as running, unless fail_fast stopped the run or it must queue."""
+        """Mark task ``i`` as running in a runner, unless fail_fast stopped the run,
+        a thread lane takes it, or it must queue."""
         if self._stopped_by is not None and not self._phase_detached:
             return False  # fail_fast: nothing new starts; _skip_never_started records it
+        if self._lanes is not None and self._in_lane[i] and self._lanes.push(i, self._kwargs(i)):
+            self._keep_lanes()
+            return False
         if self._thread_bound[i]:
             if self._thread_bound_running >= self.max_workers:
                 self._queued.append(i)  # an anyio task would only wait for the limiter
@@ -211,8 +227,7 @@ class Scheduler:
         if self._stopped_by is not None and not self._phase_detached:
             del self._running[i]  # fail_fast stopped the run after this task was claimed
             return  # _skip_never_started records it
-        names = [self.graph.tasks[d].name for d in self.graph.deps[i]]
-        kwargs = {name: self.results[name].value for name in names}
+        kwargs = self._kwargs(i)
         try:
             if task.map_over is None:
                 result = await run_step(task, i, kwargs, self._ctx)
@@ -221,21 +236,87 @@ class Scheduler:
         except anyio.get_cancelled_exc_class() as exc:
             if anyio.current_effective_deadline() == -math.inf:
                 raise  # the run really is being cancelled
-            # A body raised a cancellation of its own (e.g. asyncio.CancelledError):
-            # let out, it would cancel every task of the run without a trace.
-            result = self._failed_with(i, exc, "raised a cancellation nothing had asked for")
+            result = self._let_out(i, exc)
         except BaseException as exc:  # run_step records every Exception itself
-            if _asyncio_cancellation_on_trio(exc):
-                result = self._failed_with(i, exc, "raised a cancellation nothing had asked for")
-            else:
-                self._stop_run(exc)
-                result = self._failed_with(
-                    i, exc, f"raised {type(exc).__name__}, which stopped the run"
-                )
+            result = self._let_out(i, exc)
         if self.journal is not None:
             with anyio.CancelScope(shield=True):  # a success is journaled before it counts
                 result = await self.journal.finish(i, result)
         del self._running[i]
+        self._finish(i, result)
+
+    def _let_out(self, i: int, exc: BaseException) -> StepResult:
+        """Task ``i`` let out a BaseException that is no Exception: a cancellation of
+        its own (e.g. asyncio.CancelledError, which would cancel every task of the run
+        without a trace) fails the task; anything else (KeyboardInterrupt, ...) stops the run."""
+        if _is_cancellation(exc, self._cancelled_class):
+            return self._failed_with(i, exc, "raised a cancellation nothing had asked for")
+        self._stop_run(exc)
+        return self._failed_with(i, exc, f"raised {type(exc).__name__}, which stopped the run")
+
+    def _lane_reports(self, reports: list[Report]) -> None:
+        """On the event loop: what the thread lanes did since their last reports."""
+        try:
+            for report in reports:
+                if isinstance(report, Finished):
+                    self._lane_finished(report)
+                else:
+                    self._running[report.task_index] = report.at
+                    self._emit_started(report.task_index)
+            self._start_ready()
+        except BaseException as exc:  # an event observer raised KeyboardInterrupt or the like
+            self._stop_run(exc)
+
+    def _lane_finished(self, report: Finished) -> None:
+        i, following = report.task_index, report.following
+        if following is not None:  # claimed by the thread, before i's dependents are released
+            self._running[following] = report.finished_at
+        if report.error is None or isinstance(report.error, Exception):
+            result = lane_result(self.graph.tasks[i], report)
+        else:
+            result = self._let_out(i, report.error)
+        del self._running[i]
+        self._finish(i, result)
+        if following is not None:
+            self._emit_started(following)
+
+    def _emit_started(self, i: int) -> None:
+        """A lane task started; like every event, stamped when the loop emits it."""
+        now = time.monotonic()
+        self.emit(TaskStarted(self.graph.tasks[i].name, i, len(self.graph), now, 1, 1))
+
+    def _keep_lanes(self) -> None:
+        """Have the phase wait for the thread lanes while they run (see Lanes.keep)."""
+        assert self._lanes is not None and self._runners is not None
+        if self._lanes.needs_keeper():
+            lanes = self._lanes
+            self._runners.start_soon(lambda _: lanes.keep(), -1, "flowing thread lanes")
+
+    def _abandon_lanes(self) -> None:
+        """The run is cancelled: the lanes' running bodies go on in their threads, unseen."""
+        if self._lanes is None:
+            return
+        self._lanes.abandon()
+        now = time.monotonic()
+        for i in self._running:
+            if self._in_lane[i]:
+                self.emit(ThreadAbandoned(self.graph.tasks[i].name, i, len(self.graph), now, 1))
+
+    def _start_ready(self) -> None:
+        """Start every ready task (from outside a runner)."""
+        kept = self._next_for_runner()
+        if kept is not None:
+            assert self._runners is not None
+            self._runners.start_soon(self._run_tasks, kept, self.graph.tasks[kept].name)
+
+    def _kwargs(self, i: int) -> dict[str, Any]:
+        """Task ``i``'s arguments: its dependencies' values, by name."""
+        names = [self.graph.tasks[d].name for d in self.graph.deps[i]]
+        return {name: self.results[name].value for name in names}
+
+    def _finish(self, i: int, result: StepResult) -> None:
+        """Record task ``i``'s final result; start, skip or halt what follows from it."""
+        task = self.graph.tasks[i]
         self._record(i, result)
         if result.state is StepState.SUCCEEDED:
             self._release_dependents(i)
@@ -303,6 +384,7 @@ class Scheduler:
                 self._waiting_on[d] == 0
                 and self.graph.tasks[d].detached == self._phase_detached
                 and self.graph.tasks[d].name not in self.results
+                and d not in self._running  # a thread lane went on with it
             ):
                 self._ready.append(d)  # started by the runner of task i
 
@@ -359,14 +441,9 @@ def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group if isinstance(current, BaseExceptionGroup) else current
 
 
-def _asyncio_cancellation_on_trio(exc: BaseException) -> bool:
-    """An ``asyncio.CancelledError`` that reached a task on trio: a body raised it itself.
-
-    (On asyncio it is anyio's cancellation class and handled as such.)
-    """
+def _is_cancellation(exc: BaseException, backend_class: type[BaseException]) -> bool:
+    """``exc`` is the backend's cancellation, or asyncio's own (which a body may raise on trio)."""
     asyncio = sys.modules.get("asyncio")
-    return (
-        asyncio is not None
-        and isinstance(exc, asyncio.CancelledError)
-        and not isinstance(exc, anyio.get_cancelled_exc_class())
+    return isinstance(exc, backend_class) or (
+        asyncio is not None and isinstance(exc, asyncio.CancelledError)
     )

@@ -3,7 +3,8 @@
 On asyncio each run has its own few worker threads, fed from a queue: a call
 costs a queue put and one wake-up of the event loop, several times less than
 ``anyio.to_thread.run_sync``, and calls that return together share a wake-up.
-The threads end with the run (an abandoned one once its call returns). Bodies may call
+The threads end with the run (an abandoned one once its call returns); they also
+run the scheduler's thread lanes (see ``_lanes``). Bodies may call
 ``anyio.from_thread`` as in anyio's own worker threads: each thread holds the
 run's event-loop token where anyio looks for it (a private detail of anyio,
 covered by the tests). On trio, ``anyio.from_thread`` relies on trio's own
@@ -24,13 +25,13 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._exceptions import HeldBack
+from ._runners import running_asyncio_loop
 
 if TYPE_CHECKING:
     import asyncio
@@ -42,6 +43,9 @@ try:  # private details of anyio that the fast asyncio path relies on
     _FAST_PATH = True
 except ImportError:  # a future anyio moved them: every call uses anyio.to_thread
     _FAST_PATH = False
+
+
+T = TypeVar("T")
 
 
 class ThreadSlots:
@@ -57,13 +61,15 @@ class ThreadSlots:
         self.limiter = anyio.CapacityLimiter(max_workers)
         self.halt_reason: str | None = None  # set once, when fail_fast stops the run
         self._on_halt: list[Callable[[str], Awaitable[None]]] = []
-        self._report = _Reporter(self.limiter)
-        self._workers: _Workers | None = None
+        # The run's own worker threads (asyncio only; None: anyio.to_thread).
+        self.workers: Workers | None = None
         # close(): idle threads end now, busy ones when their call returns; idempotent.
         self.close: Callable[[], None] = lambda: None
-        if self._report.on_asyncio and _FAST_PATH:
-            self._workers = _Workers(self._report)
-            self.close = weakref.finalize(self, self._workers.close)
+        self._returned = LoopInbox(_call_soon_threadsafe(), self._reported)
+        loop = running_asyncio_loop()
+        if loop is not None and _FAST_PATH:
+            self.workers = Workers(loop)
+            self.close = weakref.finalize(self, self.workers.close)
         # Threads are bounded by `limiter`; this one only keeps anyio's global
         # default limiter (40 threads) out of the way on trio.
         self._unbounded = anyio.CapacityLimiter(math.inf)
@@ -89,14 +95,16 @@ class ThreadSlots:
         thread keeps its token until the function returns, and the cancellation
         propagates.
         """
-        call = _Call(fn, self._report)
+        call = _Call(fn, self._returned.put)
         try:  # a free token costs no trip through the event loop
             self.limiter.acquire_on_behalf_of_nowait(call)
         except anyio.WouldBlock:
             await self.limiter.acquire_on_behalf_of(call)
         try:
-            if self._workers is not None:
-                await self._workers.submit(call)
+            if self.workers is not None:
+                call.wakeup = self.workers.loop.create_future()
+                self.workers.submit(call)
+                await call.wakeup  # a plain future: a fraction of an anyio.Event's cost
             else:
                 await anyio.to_thread.run_sync(
                     call.run, abandon_on_cancel=True, limiter=self._unbounded
@@ -112,6 +120,28 @@ class ThreadSlots:
         self.limiter.release_on_behalf_of(call)
         return call.outcome()
 
+    def _reported(self, calls: list[_Call]) -> None:
+        if self.workers is not None:
+            self.workers.done(len(calls))
+        for call in calls:
+            call.reported = True
+            if call.abandoned:
+                self.limiter.release_on_behalf_of(call)
+            elif call.wakeup is not None and not call.wakeup.done():
+                call.wakeup.set_result(None)
+
+
+def thread_context() -> contextvars.Context:
+    """A copy of the current context as a worker thread should see it.
+
+    Like anyio's worker threads: no event loop runs in the thread, so a body may
+    start its own (a nested ``Flow.run()``).
+    """
+    context = contextvars.copy_context()
+    if _FAST_PATH:
+        context.run(_set_async_library, None)
+    return context
+
 
 class _Call:
     """One sync call; ``returned`` is set by its thread, everything else on the event loop."""
@@ -120,14 +150,10 @@ class _Call:
         "fn", "context", "report", "reported", "wakeup", "value", "error", "returned", "abandoned"
     )
 
-    def __init__(self, fn: Callable[[], Any], report: _Reporter) -> None:
+    def __init__(self, fn: Callable[[], Any], report: Callable[[_Call], None]) -> None:
         self.fn = fn
-        self.context = contextvars.copy_context()
-        # Like anyio's worker threads: no event loop runs in the thread, so a body
-        # may start its own (a nested ``Flow.run()``).
-        if _FAST_PATH:
-            self.context.run(_set_async_library, None)
-        self.report = report
+        self.context = thread_context()
+        self.report = report  # from the thread, once the function returned
         self.reported = False  # the event loop has seen that the call returned
         self.wakeup: asyncio.Future[None] | None = None  # on asyncio: done once reported
         self.value: Any = None
@@ -142,7 +168,7 @@ class _Call:
         except BaseException as error:  # re-raised in the awaiting task
             self.error = error
         self.returned = True
-        self.report.returned(self)
+        self.report(self)
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -150,89 +176,83 @@ class _Call:
         return self.value
 
 
-class _Reporter:
-    """Brings returned calls back to the event loop, one wake-up per batch.
+class LoopInbox(Generic[T]):
+    """Items put from worker threads, delivered to the event loop in batches.
 
-    Invariant: ``_returned`` (under ``_lock``) holds calls whose function returned
-    and that the event loop has not seen; a report is scheduled whenever it is not empty.
+    One wake-up of the loop per batch: items put while one is pending join it.
+    Invariant: ``_items`` (under ``_lock``) holds what the loop has not seen; a
+    delivery is scheduled whenever it is not empty.
     """
 
-    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
-        self._limiter = limiter
-        self.token = anyio.lowlevel.current_token()
-        native: Any = self.token.native_token  # an asyncio loop or a trio.lowlevel.TrioToken
-        asyncio = sys.modules.get("asyncio")  # imported by whoever runs the loop
-        self.on_asyncio = asyncio is not None and isinstance(native, asyncio.AbstractEventLoop)
-        self._call_soon: Callable[[Callable[[], None]], Any] = (
-            native.call_soon_threadsafe if self.on_asyncio else native.run_sync_soon
-        )
-        self._returned: deque[_Call] = deque()
+    def __init__(
+        self, call_soon: Callable[[Callable[[], None]], object], deliver: Callable[[list[T]], None]
+    ) -> None:
+        self._call_soon = call_soon
+        self._deliver = deliver
+        self._items: list[T] = []
         self._lock = threading.Lock()
-        self.on_report: Callable[[int], None] = lambda count: None
 
-    def returned(self, call: _Call) -> None:
-        """In a worker thread: ``call`` returned."""
+    def put(self, item: T) -> None:
+        """From any thread: have ``item`` delivered on the event loop."""
         with self._lock:
-            self._returned.append(call)
-            first = len(self._returned) == 1
+            self._items.append(item)
+            first = len(self._items) == 1
         if first:
             try:
-                self._call_soon(self._report)
+                self._call_soon(self._deliver_batch)
             except RuntimeError:
-                pass  # the run's event loop is gone: nobody waits for the result
+                pass  # the run's event loop is gone: nobody waits for the items
 
-    def _report(self) -> None:
+    def _deliver_batch(self) -> None:
         with self._lock:
-            returned = list(self._returned)
-            self._returned.clear()
-        self.on_report(len(returned))
-        for call in returned:
-            call.reported = True
-            if call.abandoned:
-                self._limiter.release_on_behalf_of(call)
-            elif call.wakeup is not None and not call.wakeup.done():
-                call.wakeup.set_result(None)
+            items, self._items = self._items, []
+        self._deliver(items)
 
 
-class _Workers:
+class Job(Protocol):
+    def run(self) -> None:
+        """In a worker thread: do the job, reporting back to the loop as it goes."""
+
+
+class Workers:
     """The worker threads of one run on asyncio, fed from a queue.
 
-    Invariant: ``_busy`` (event loop only) counts calls submitted and not yet
-    reported back, and there are at least as many threads, so a submitted call
-    never waits for a thread.
+    Invariant: ``_busy`` (event loop only) counts jobs submitted and not yet
+    ``done``, and there are at least as many threads, so a job never waits for a
+    thread: whoever submits a job holds a ``max_workers`` token for it.
     """
 
-    def __init__(self, report: _Reporter) -> None:
-        self._token = report.token
-        loop: Any = report.token.native_token  # _Workers run on asyncio only
-        self._loop: asyncio.AbstractEventLoop = loop
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._token = anyio.lowlevel.current_token()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = 0
         self._busy = 0
-        report.on_report = self._reported
 
-    def submit(self, call: _Call) -> asyncio.Future[None]:
-        """Have a worker thread run ``call``; the future is done once it is reported.
-
-        A plain asyncio future costs a fraction of an ``anyio.Event``, and anyio
-        cancels a task awaiting one like any other.
-        """
-        call.wakeup = self._loop.create_future()
+    def submit(self, job: Job) -> None:
         self._busy += 1
         if self._busy > self._threads:
             self._threads += 1
             threading.Thread(target=self._work, name="flowing worker", daemon=True).start()
-        self._calls.put(call)
-        return call.wakeup
+        self._jobs.put(job)
+
+    def done(self, count: int) -> None:
+        """On the event loop: ``count`` jobs have reported that they ended."""
+        self._busy -= count
 
     def close(self) -> None:
         for _ in range(self._threads):
-            self._calls.put(None)
-
-    def _reported(self, count: int) -> None:
-        self._busy -= count
+            self._jobs.put(None)
 
     def _work(self) -> None:
         _anyio_threadlocals.current_token = self._token
-        while (call := self._calls.get()) is not None:
-            call.run()
+        while (job := self._jobs.get()) is not None:
+            job.run()
+            del job  # not kept alive while the thread waits for the next one
+
+
+def _call_soon_threadsafe() -> Callable[[Callable[[], None]], object]:
+    """How another thread schedules a callback on the running event loop, asyncio or trio."""
+    native: Any = anyio.lowlevel.current_token().native_token
+    loop = running_asyncio_loop()
+    return native.run_sync_soon if loop is None else loop.call_soon_threadsafe

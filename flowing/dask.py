@@ -31,6 +31,7 @@ from ._exceptions import (
     TaskSerializationError,
 )
 from ._executor import BodyRunner, RunThreads
+from ._runners import running_asyncio_loop
 from ._task import TaskDef
 
 try:
@@ -79,7 +80,7 @@ class DaskExecutor:
     @asynccontextmanager
     async def session(self, threads: RunThreads) -> AsyncIterator[BodyRunner]:
         """Connect to the cluster on this run's event loop; close the connection after it."""
-        loop = _running_asyncio_loop()
+        loop = running_asyncio_loop()
         if loop is None:
             raise ExecutorBackendError("DaskExecutor", "trio", "asyncio")
         if self._client is not None and self._client.asynchronous and _loop_of(self._client) is loop:
@@ -257,13 +258,6 @@ def send_by_value(module_names: set[str]) -> None:
         module = sys.modules.get(name)
         if module is not None and not name.startswith("flowing"):
             cloudpickle.register_pickle_by_value(module)
-
-
-def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _loop_of(client: distributed.Client) -> object:

@@ -1,0 +1,260 @@
+"""Thread lanes: sync tasks go straight to worker threads, and a sync chain stays on its thread.
+
+On asyncio, a task that waits for nothing but a worker thread (see
+``waits_only_for_a_thread``; no timeout either, and no journal or executor in the
+run) needs none of the runner and attempt machinery. The scheduler puts it in
+the lanes' queue, and up to ``max_workers`` lane jobs, each holding a thread
+token, take tasks from that queue until it is empty. When a task succeeds and a
+dependent of its own depends on nothing else and is such a task too, the same
+thread runs that dependent at once: a sync chain costs no trip through the event
+loop per step.
+
+The event loop learns what happened from reports, delivered in batches: a task
+started, a task finished (and which dependent its thread went on with), a job
+ended. Results, events and releasing dependents stay on the loop, in the
+scheduler. A task that fail_fast holds back is not reported: its thread skips
+it, and the scheduler records it as never started, like any other.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import anyio
+
+from ._attempt import refuse_coroutine
+from ._graph import Graph
+from ._results import StepResult, StepState
+from ._task import TaskDef
+from ._threads import LoopInbox, ThreadSlots, Workers, thread_context
+
+
+class Started(NamedTuple):
+    """A lane took task ``task_index`` from the queue and called its body."""
+
+    task_index: int
+    at: float
+
+
+class Finished(NamedTuple):
+    """Task ``task_index``'s body returned ``value`` or raised ``error``; its thread went
+    on with task ``following`` (None: with none)."""
+
+    task_index: int
+    value: Any
+    error: BaseException | None
+    started_at: float
+    finished_at: float
+    following: int | None
+
+
+class _JobEnded(NamedTuple):
+    job: _Job
+
+
+Report = Started | Finished
+
+
+def lane_tasks(graph: Graph, thread_bound: Sequence[bool]) -> list[bool]:
+    """Which tasks a lane may run: thread-bound ones without a timeout."""
+    return [bound and task.timeout_s is None for bound, task in zip(thread_bound, graph.tasks)]
+
+
+def chain_successors(graph: Graph, in_lane: Sequence[bool], done: Callable[[str], bool]) -> list[int | None]:
+    """For each lane task, a lane dependent that depends on it alone and has no
+    result yet (``done``): its thread may run that one next."""
+    successors: list[int | None] = [None] * len(graph)
+    for i, dependents in enumerate(graph.dependents):
+        if not in_lane[i]:
+            continue
+        for d in dependents:
+            task = graph.tasks[d]
+            if (
+                in_lane[d]
+                and len(graph.deps[d]) == 1
+                and task.detached == graph.tasks[i].detached
+                and not done(task.name)
+            ):
+                successors[i] = d
+                break
+    return successors
+
+
+def lane_result(task: TaskDef[..., Any], report: Finished) -> StepResult:
+    """The result of a lane task whose body returned or raised an ``Exception``."""
+    failed = report.error is not None
+    return StepResult(
+        task.name,
+        StepState.FAILED if failed else StepState.SUCCEEDED,
+        value=None if failed else report.value,
+        error=report.error,
+        duration_ms=(report.finished_at - report.started_at) * 1000,
+        attempts=1,
+        started_at=report.started_at,
+        finished_at=report.finished_at,
+        detached=task.detached,
+    )
+
+
+class Lanes:
+    """The lane jobs of one run, and the queue they take tasks from.
+
+    Invariants: ``_taking`` (under ``_lock``) counts the jobs still taking from
+    ``_queue``, and the queue is empty whenever it is 0 (a job leaves only an
+    empty queue; a task is queued only with a job to take it); ``_jobs`` (event
+    loop only) counts jobs whose end the loop has not seen, each holding one
+    ``max_workers`` token.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskDef[..., Any]],
+        successors: Sequence[int | None],
+        slots: ThreadSlots,
+        workers: Workers,
+        on_reports: Callable[[list[Report]], None],
+    ) -> None:
+        self._tasks = tasks
+        self._successors = successors
+        self._slots = slots
+        self._workers = workers
+        self._on_reports = on_reports
+        self._inbox: LoopInbox[Report | _JobEnded] = LoopInbox(workers.loop.call_soon_threadsafe, self._deliver)
+        self._context = thread_context()  # each body runs in a copy of it
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self._taking = 0
+        self._jobs = 0
+        self._abandoned = False  # the run was cancelled: take nothing more, report nothing
+        self._kept = False  # a keeper (see keep) is running or about to
+        self._idle: anyio.Event | None = None
+
+    def needs_keeper(self) -> bool:
+        """True once when jobs run and no keeper does: start ``keep()`` as a runner then."""
+        if self._jobs == 0 or self._kept:
+            return False
+        self._kept = True
+        return True
+
+    def push(self, i: int, kwargs: dict[str, Any]) -> bool:
+        """Queue task ``i`` for a lane, starting a job if a token is free.
+
+        False: no job runs and no token is free (other sync bodies hold them all);
+        the task must wait for a token the usual way.
+        """
+        job: _Job | None = None
+        with self._lock:
+            if self._taking < self._slots.limiter.total_tokens:
+                job = _Job(self)
+                try:
+                    self._slots.limiter.acquire_on_behalf_of_nowait(job)
+                except anyio.WouldBlock:
+                    job = None
+            if job is None and self._taking == 0:
+                return False
+            if job is not None:
+                self._taking += 1
+                self._jobs += 1
+            self._queue.append((i, kwargs))
+        if job is not None:
+            self._workers.submit(job)
+        return True
+
+    async def keep(self) -> None:
+        """Run as long as lane jobs do, so that the phase waits for them; cancelled, abandon."""
+        try:
+            while self._jobs:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            self._kept = False
+
+    def abandon(self) -> None:
+        """The run is cancelled: queued tasks are dropped, running bodies finish unseen
+        (their jobs still give their tokens back). Idempotent."""
+        with self._lock:
+            self._abandoned = True
+            self._queue.clear()
+
+    def _deliver(self, reports: list[Report | _JobEnded]) -> None:
+        """On the event loop: a batch of reports from the lanes' threads."""
+        steps: list[Report] = []
+        for report in reports:
+            if isinstance(report, _JobEnded):
+                self._job_ended(report.job)
+            elif not self._abandoned:
+                steps.append(report)
+        if steps:
+            self._on_reports(steps)
+
+    def _job_ended(self, job: _Job) -> None:
+        self._slots.limiter.release_on_behalf_of(job)
+        self._workers.done(1)
+        self._jobs -= 1
+        if self._jobs == 0 and self._idle is not None:
+            self._idle.set()
+
+    # In a worker thread from here on.
+
+    def run_job(self, job: _Job) -> None:
+        while (queued := self._take()) is not None:
+            self._run_chain(*queued)
+        self._inbox.put(_JobEnded(job))
+
+    def _take(self) -> tuple[int, dict[str, Any]] | None:
+        with self._lock:
+            if self._queue and not self._abandoned:
+                return self._queue.popleft()
+            self._taking -= 1
+            return None
+
+    def _run_chain(self, i: int, kwargs: dict[str, Any]) -> None:
+        """Run task ``i``, then each chain successor it leads to while they succeed."""
+        task = self._tasks[i]
+        if self._held_back(task):
+            return
+        started_at = time.monotonic()
+        self._inbox.put(Started(i, started_at))
+        while True:
+            value, error = self._call(task, kwargs)
+            finished_at = time.monotonic()
+            following = self._following(i) if error is None else None
+            self._inbox.put(Finished(i, value, error, started_at, finished_at, following))
+            if following is None:
+                return
+            kwargs = {task.name: value}
+            i, task, started_at = following, self._tasks[following], finished_at
+
+    def _call(self, task: TaskDef[..., Any], kwargs: dict[str, Any]) -> tuple[Any, BaseException | None]:
+        try:
+            return refuse_coroutine(task, self._context.copy().run(task.fn, **kwargs)), None
+        except BaseException as error:  # the scheduler decides what it means
+            return None, error
+
+    def _following(self, i: int) -> int | None:
+        d = self._successors[i]
+        if d is None or self._abandoned or self._held_back(self._tasks[d]):
+            return None
+        return d
+
+    def _held_back(self, task: TaskDef[..., Any]) -> bool:
+        return self._slots.halt_reason is not None and not task.detached
+
+
+class _Job:
+    """One lane job: a worker thread taking tasks from the lanes' queue (and a token's borrower)."""
+
+    __slots__ = ("_lanes",)
+
+    def __init__(self, lanes: Lanes) -> None:
+        self._lanes = lanes
+
+    def run(self) -> None:
+        self._lanes.run_job(self)
