@@ -13,7 +13,9 @@ The event loop learns what happened from reports, delivered in batches: a task
 started, a task finished (and which dependent its thread went on with), a job
 ended. Results, events and releasing dependents stay on the loop, in the
 scheduler. A task that fail_fast holds back is not reported: its thread skips
-it, and the scheduler records it as never started, like any other.
+it, and the scheduler records it as never started, like any other. A lane
+thread holds back its tasks as soon as a lane task fails, before the loop hears
+of the failure.
 """
 
 from __future__ import annotations
@@ -103,11 +105,12 @@ def lane_result(task: TaskDef[..., Any], report: Finished) -> StepResult:
 class Lanes:
     """The lane jobs of one run, and the queue they take tasks from.
 
-    Invariants: ``_taking`` (under ``_lock``) counts the jobs still taking from
-    ``_queue``, and the queue is empty whenever it is 0 (a job leaves only an
-    empty queue; a task is queued only with a job to take it); ``_jobs`` (event
-    loop only) counts jobs whose end the loop has not seen, each holding one
-    ``max_workers`` token.
+    Invariants: ``_jobs`` (event loop only) counts jobs whose end the loop has
+    not seen, each holding one ``max_workers`` token; ``_taking`` (changed under
+    ``_lock``) counts the jobs still taking from ``_queue``. The queue is empty
+    whenever ``_jobs`` is 0: a job ends only with an empty queue (checked under
+    the lock), and the loop starts new jobs for what it queued meanwhile when it
+    sees a job end.
     """
 
     def __init__(
@@ -117,6 +120,8 @@ class Lanes:
         slots: ThreadSlots,
         workers: Workers,
         on_reports: Callable[[list[Report]], None],
+        *,
+        fail_fast: bool,
     ) -> None:
         self._tasks = tasks
         self._successors = successors
@@ -130,6 +135,8 @@ class Lanes:
         self._taking = 0
         self._jobs = 0
         self._abandoned = False  # the run was cancelled: take nothing more, report nothing
+        self._fail_fast = fail_fast
+        self._failed = False  # a main-graph lane task failed: fail_fast holds back the rest
         self._kept = False  # a keeper (see keep) is running or about to
         self._idle: anyio.Event | None = None
 
@@ -141,28 +148,32 @@ class Lanes:
         return True
 
     def push(self, i: int, kwargs: dict[str, Any]) -> bool:
-        """Queue task ``i`` for a lane, starting a job if a token is free.
+        """Queue task ``i`` for a lane, starting a job if it can.
 
         False: no job runs and no token is free (other sync bodies hold them all);
         the task must wait for a token the usual way.
         """
-        job: _Job | None = None
-        with self._lock:
-            if self._taking < self._slots.limiter.total_tokens:
-                job = _Job(self)
+        self._queue.append((i, kwargs))
+        self._start_jobs()
+        if self._jobs == 0:  # so no thread takes from the queue
+            self._queue.pop()
+            return False
+        return True
+
+    def _start_jobs(self) -> None:
+        """Start jobs for the queue while ``max_workers`` tokens are free."""
+        limiter = self._slots.limiter
+        # `_taking` may be stale here: a job that ends meanwhile is seen in _job_ended.
+        while self._queue and self._taking < limiter.total_tokens and limiter.available_tokens:
+            job = _Job(self)
+            with self._lock:
                 try:
                     self._slots.limiter.acquire_on_behalf_of_nowait(job)
                 except anyio.WouldBlock:
-                    job = None
-            if job is None and self._taking == 0:
-                return False
-            if job is not None:
+                    return
                 self._taking += 1
-                self._jobs += 1
-            self._queue.append((i, kwargs))
-        if job is not None:
+            self._jobs += 1
             self._workers.submit(job)
-        return True
 
     async def keep(self) -> None:
         """Run as long as lane jobs do, so that the phase waits for them; cancelled, abandon."""
@@ -195,9 +206,12 @@ class Lanes:
             self._on_reports(steps)
 
     def _job_ended(self, job: _Job) -> None:
+        """Give the job's token back; what was queued as it ended gets a job now."""
         self._slots.limiter.release_on_behalf_of(job)
         self._workers.done(1)
         self._jobs -= 1
+        if not self._abandoned:
+            self._start_jobs()
         if self._jobs == 0 and self._idle is not None:
             self._idle.set()
 
@@ -209,11 +223,21 @@ class Lanes:
         self._inbox.put(_JobEnded(job))
 
     def _take(self) -> tuple[int, dict[str, Any]] | None:
-        with self._lock:
-            if self._queue and not self._abandoned:
-                return self._queue.popleft()
-            self._taking -= 1
-            return None
+        """The next queued task, or None once the job may end.
+
+        A deque's popleft needs no lock; the lock makes "the queue is empty, this
+        job ends" one step, so a task queued meanwhile is never left behind.
+        """
+        while True:
+            if not self._abandoned:
+                try:
+                    return self._queue.popleft()
+                except IndexError:
+                    pass
+            with self._lock:
+                if self._abandoned or not self._queue:
+                    self._taking -= 1
+                    return None
 
     def _run_chain(self, i: int, kwargs: dict[str, Any]) -> None:
         """Run task ``i``, then each chain successor it leads to while they succeed."""
@@ -225,6 +249,8 @@ class Lanes:
         while True:
             value, error = self._call(task, kwargs)
             finished_at = time.monotonic()
+            if error is not None and not task.detached:
+                self._failed = True  # before the loop hears of it: no queued task may start
             following = self._following(i) if error is None else None
             self._inbox.put(Finished(i, value, error, started_at, finished_at, following))
             if following is None:
@@ -245,7 +271,8 @@ class Lanes:
         return d
 
     def _held_back(self, task: TaskDef[..., Any]) -> bool:
-        return self._slots.halt_reason is not None and not task.detached
+        stopped = self._slots.halt_reason is not None or (self._fail_fast and self._failed)
+        return stopped and not task.detached
 
 
 class _Job:

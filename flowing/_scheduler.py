@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._attempt import Outcome, StepContext, run_step, waits_only_for_a_thread
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished, TaskStarted, ThreadAbandoned
@@ -104,7 +105,14 @@ class Scheduler:
         threads = ThreadSlots(self.max_workers)
         if threads.workers is not None and any(self._in_lane):
             successors = chain_successors(self.graph, self._in_lane, self.results.__contains__)
-            self._lanes = Lanes(self.graph.tasks, successors, threads, threads.workers, self._lane_reports)
+            self._lanes = Lanes(
+                self.graph.tasks,
+                successors,
+                threads,
+                threads.workers,
+                self._lane_reports,
+                fail_fast=self.fail_fast,
+            )
         try:
             for i, result in replayed:
                 self._record(i, result)
@@ -120,6 +128,8 @@ class Scheduler:
                     runner=runner,
                     cache=ResultCache(self.cache, self.journal),
                 )
+                # Lane bodies start without a checkpoint: none starts in a cancelled run.
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 await self._run_phase(detached=False)
                 if self._interrupt is None:  # an interrupted run fires no side effects
                     await self._run_phase(detached=True)

@@ -1,0 +1,179 @@
+"""Thread lanes: plain sync tasks go straight to worker threads, a sync chain stays on its thread.
+
+Lanes exist on asyncio only; the tests that do not name a backend state what
+every run guarantees, lanes or not, and run on both.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from flowing import Event, Flow, StepState, TaskDef, TaskFinished, TaskStarted, ThreadAbandoned, task
+
+pytestmark = pytest.mark.anyio
+
+on_asyncio = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")
+
+
+def _chain(length: int, body: Any) -> list[TaskDef[..., Any]]:
+    made: list[TaskDef[..., Any]] = [task(body, name="link0")]
+    for k in range(1, length):
+        made.append(task(body, name=f"link{k}", depends_on=[made[-1]]))
+    return made
+
+
+@on_asyncio
+async def test_a_sync_chain_runs_on_one_worker_thread() -> None:
+    threads: list[int] = []
+
+    def link(**previous: int) -> int:
+        threads.append(threading.get_ident())
+        return 1 + sum(previous.values())
+
+    chain = _chain(50, link)
+    results = await Flow(chain[-1], max_workers=4).arun()
+    assert results["link49"].value == 50
+    assert len(threads) == 50 and len(set(threads)) == 1
+    assert threads[0] != threading.get_ident()
+
+
+async def test_each_chain_link_starts_after_its_dependency_finished() -> None:
+    seen: list[Event] = []
+    chain = _chain(20, lambda **previous: len(previous))
+    results = await Flow(chain[-1], on_event=seen.append).arun()
+    order = [(type(e).__name__, e.task) for e in seen if isinstance(e, (TaskStarted, TaskFinished))]
+    for k in range(1, 20):
+        assert order.index(("TaskFinished", f"link{k - 1}")) < order.index(("TaskStarted", f"link{k}"))
+        before, after = results[f"link{k - 1}"], results[f"link{k}"]
+        assert before.finished_at is not None and after.started_at is not None
+        assert before.finished_at <= after.started_at
+    assert [e.time for e in seen] == sorted(e.time for e in seen)
+    assert all(results[t.name].attempts == 1 for t in chain)
+
+
+async def test_sync_bodies_never_exceed_max_workers_and_use_all_of_them() -> None:
+    running = 0
+    most = 0
+    lock = threading.Lock()
+    all_three_in = threading.Barrier(3, timeout=10)
+
+    def body() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        all_three_in.wait()  # passes only while three bodies run at once
+        with lock:
+            running -= 1
+
+    fan = [task(body, name=f"plain{k}") for k in range(12)]
+    retried = [task(body, name=f"retried{k}", retry=1) for k in range(6)]  # not lane tasks
+    results = await Flow(*fan, *retried, max_workers=3).arun()
+    assert all(r.succeeded for r in results.values()), results
+    assert most == 3
+
+
+async def test_fail_fast_holds_back_queued_sync_tasks_without_a_start_event() -> None:
+    seen: list[Event] = []
+    bad_started = threading.Event()
+    others_queued = threading.Event()
+
+    @task
+    def bad() -> None:
+        bad_started.set()
+        others_queued.wait(10)
+        raise ValueError("boom")
+
+    @task
+    async def gate() -> None:  # the others become ready only while bad holds the one worker
+        await anyio.to_thread.run_sync(bad_started.wait, 10)
+
+    @task(depends_on=[gate])
+    async def release_bad(gate: None) -> None:  # runs once its siblings are claimed
+        others_queued.set()
+
+    others = [task(lambda gate: None, name=f"other{k}", depends_on=[gate]) for k in range(8)]
+    flow = Flow(bad, release_bad, *others, max_workers=1, on_event=seen.append)
+    results = await flow.arun()
+
+    started = {e.task for e in seen if isinstance(e, TaskStarted)}
+    assert results["bad"].state is StepState.FAILED
+    for other in others:
+        assert other.name not in started
+        result = results[other.name]
+        assert result.state is StepState.SKIPPED
+        assert result.reason == "not started: fail_fast stopped the run after 'bad' failed"
+        assert result.started_at is None
+
+
+async def test_a_chain_stops_at_a_failed_link_and_skips_the_rest() -> None:
+    def link(**previous: int) -> int:
+        if previous.get("link2") is not None:
+            raise RuntimeError("link3 breaks")
+        return 1 + sum(previous.values())
+
+    chain = _chain(6, link)
+    results = await Flow(chain[-1], fail_fast=False).arun()
+    assert [results[f"link{k}"].state for k in range(6)] == [StepState.SUCCEEDED] * 3 + [
+        StepState.FAILED
+    ] + [StepState.SKIPPED] * 2
+    assert results["link4"].reason == "dependency 'link3' failed"
+
+
+async def test_a_cancelled_run_keeps_what_finished_and_abandons_the_running_body() -> None:
+    seen: list[Event] = []
+    one_started = threading.Event()
+    release = threading.Event()
+
+    def blocking(done_first: int) -> None:
+        one_started.set()
+        release.wait(10)
+
+    @task
+    def done_first() -> int:
+        return 1
+
+    blockers = [task(blocking, name=f"blocker{k}", depends_on=[done_first]) for k in range(2)]
+    flow = Flow(*blockers, max_workers=1, on_event=seen.append)
+    async with anyio.create_task_group() as tg:
+
+        async def cancel_once_one_runs() -> None:
+            await anyio.to_thread.run_sync(one_started.wait, 10)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(cancel_once_one_runs)
+        await flow.arun()
+    release.set()
+
+    results = flow.results
+    assert results["done_first"].value == 1
+    assert {results[b.name].state for b in blockers} == {StepState.CANCELLED}
+    by_reason = {results[b.name].reason: b.name for b in blockers}
+    assert set(by_reason) == {
+        "the run was cancelled while it was running",
+        "the run was cancelled before it started",
+    }
+    abandoned = [e.task for e in seen if isinstance(e, ThreadAbandoned)]
+    assert abandoned == [by_reason["the run was cancelled while it was running"]]
+
+
+async def test_each_link_of_a_chain_gets_a_fresh_copy_of_the_runs_context() -> None:
+    def link(**previous: str) -> str:
+        seen = marker.get()
+        marker.set("changed by a link")
+        return seen
+
+    chain = _chain(3, link)
+    token = marker.set("set by the caller")
+    try:
+        results = await Flow(chain[-1]).arun()
+    finally:
+        marker.reset(token)
+    assert [results[t.name].value for t in chain] == ["set by the caller"] * 3
