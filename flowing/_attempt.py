@@ -72,9 +72,17 @@ def waits_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
     with no gates, retries, cache, mapping, pool or concurrency limit. The scheduler
     may hold such a task back until a thread is free without delaying anything it
     would await."""
+    return not task.is_async and _is_plain(task)
+
+
+def _is_one_async_call(task: TaskDef[..., Any]) -> bool:
+    """An async body with nothing around it: no gates, retries, cache, pool or timeout."""
+    return task.is_async and task.timeout_s is None and _is_plain(task)
+
+
+def _is_plain(task: TaskDef[..., Any]) -> bool:
     return not (
-        task.is_async
-        or task.cache
+        task.cache
         or task.map_over is not None
         or task.when is not None
         or task.validate is not None
@@ -93,9 +101,24 @@ def run_step(
     A task without gates or cache gets its attempts' coroutine directly: one frame
     less for each of many waiting tasks to hold, and for the garbage collector to scan.
     """
+    if _is_one_async_call(task):
+        return _one_async_call(task, index, kwargs, ctx)
     if task.when is None and task.validate is None and not (task.cache and ctx.cache is not None):
         return _attempts(task, index, kwargs, ctx, Outcome(task))
     return _gated_step(task, index, kwargs, ctx)
+
+
+async def _one_async_call(
+    task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext
+) -> StepResult:
+    """``_attempts`` for a task that has one attempt and no timeout: the body awaited here."""
+    outcome = Outcome(task)
+    ctx.emit(TaskStarted(task.name, index, ctx.total, outcome.started_at, 1, 1))
+    try:
+        value = refuse_coroutine(task, await task.fn(**kwargs))
+    except Exception as error:
+        return outcome(StepState.FAILED, error=error, attempts=1)
+    return outcome(StepState.SUCCEEDED, value=value, attempts=1)
 
 
 async def _gated_step(
