@@ -110,9 +110,10 @@ def log_event(event: Event) -> None:
                 f": {detail}" if detail else "",
             )
     elif isinstance(event, TaskStarted):
-        logger.debug(
-            "task %r started, attempt %d of %d", event.task, event.attempt, event.max_attempts
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # one of two events per task: keep it cheap
+            logger.debug(
+                "task %r started, attempt %d of %d", event.task, event.attempt, event.max_attempts
+            )
     elif isinstance(event, TaskRetrying):
         logger.info(
             "task %r attempt %d of %d failed (%s); retrying in %.0f ms",

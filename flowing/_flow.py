@@ -95,7 +95,7 @@ class Flow:
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
-        self._events.add(self._recorder, "timeline recorder")
+        self._events.add(self._recorder, "timeline recorder", guard=False)  # cannot raise
         if tracing:
             from ._otel import SpanRecorder
 

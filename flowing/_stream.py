@@ -108,9 +108,9 @@ class Broadcaster:
         if isinstance(event, FlowFinished):
             self._streams = [s for s in self._streams if not s.finished]
 
-    def add(self, listener: Callable[[Event], None], what: str) -> None:
-        """Call ``listener`` inline for every event from now on."""
-        self._listeners.append(_Guarded(listener, what))
+    def add(self, listener: Callable[[Event], None], what: str, *, guard: bool = True) -> None:
+        """Call ``listener`` inline for every event from now on (``guard``: see ``listening``)."""
+        self._listeners.append(_Guarded(listener, what) if guard else listener)
 
     def subscribe(self, buffer: int | None = None) -> EventStream:
         """A new stream that receives every event from now until a run finishes."""
