@@ -20,6 +20,7 @@ of the failure.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -107,10 +108,12 @@ class Lanes:
 
     Invariants: ``_jobs`` (event loop only) counts jobs whose end the loop has
     not seen, each holding one ``max_workers`` token; ``_taking`` (changed under
-    ``_lock``) counts the jobs still taking from ``_queue``. The queue is empty
-    whenever ``_jobs`` is 0: a job ends only with an empty queue (checked under
-    the lock), and the loop starts new jobs for what it queued meanwhile when it
-    sees a job end.
+    ``_lock``) counts the jobs still taking from ``_queue``. A job ends when the
+    queue is empty (checked under the lock), when other sync bodies wait for a
+    token (so lanes never starve them), or when the lanes stop. The loop starts a
+    job for each task it queues and each job end it sees, if a token is free; the
+    keeper waits for a token in the limiter's line whenever tasks are queued and
+    fewer than ``max_workers`` jobs take them. So a queued task always gets a job.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Lanes:
         slots: ThreadSlots,
         workers: Workers,
         on_reports: Callable[[list[Report]], None],
+        on_error: Callable[[BaseException], None],
         *,
         fail_fast: bool,
     ) -> None:
@@ -127,65 +131,62 @@ class Lanes:
         self._successors = successors
         self._slots = slots
         self._workers = workers
-        self._on_reports = on_reports
-        self._inbox: LoopInbox[Report | _JobEnded] = LoopInbox(workers.loop.call_soon_threadsafe, self._deliver)
+        # The scheduler's callbacks, dropped by close(): nothing of a run outlives it.
+        self._on_reports: Callable[[list[Report]], None] | None = on_reports
+        self._on_error: Callable[[BaseException], None] | None = on_error
+        self._inbox: LoopInbox[Report | _JobEnded] = LoopInbox(slots.call_soon, self._deliver)
         self._context = thread_context()  # each body runs in a copy of it
         self._lock = threading.Lock()
         self._queue: deque[tuple[int, dict[str, Any]]] = deque()
         self._taking = 0
         self._jobs = 0
         self._abandoned = False  # the run was cancelled: take nothing more, report nothing
+        self._stopped = False  # the run stops (KeyboardInterrupt or the like): take nothing more
         self._fail_fast = fail_fast
         self._failed = False  # a main-graph lane task failed: fail_fast holds back the rest
         self._kept = False  # a keeper (see keep) is running or about to
         self._idle: anyio.Event | None = None
 
+    def push(self, i: int, kwargs: dict[str, Any]) -> None:
+        """Queue task ``i`` for a lane; start a job for it if a token is free."""
+        self._queue.append((i, kwargs))
+        self._start_job()
+
     def needs_keeper(self) -> bool:
-        """True once when jobs run and no keeper does: start ``keep()`` as a runner then."""
-        if self._jobs == 0 or self._kept:
+        """True once while jobs run or tasks wait and no keeper does: start ``keep()`` then."""
+        if self._kept or not (self._jobs or self._queue):
             return False
         self._kept = True
         return True
 
-    def push(self, i: int, kwargs: dict[str, Any]) -> bool:
-        """Queue task ``i`` for a lane, starting a job if it can.
-
-        False: no job runs and no token is free (other sync bodies hold them all);
-        the task must wait for a token the usual way.
-        """
-        self._queue.append((i, kwargs))
-        self._start_jobs()
-        if self._jobs == 0:  # so no thread takes from the queue
-            self._queue.pop()
-            return False
-        return True
-
-    def _start_jobs(self) -> None:
-        """Start jobs for the queue while ``max_workers`` tokens are free."""
-        limiter = self._slots.limiter
-        # `_taking` may be stale here: a job that ends meanwhile is seen in _job_ended.
-        while self._queue and self._taking < limiter.total_tokens and limiter.available_tokens:
-            job = _Job(self)
-            with self._lock:
-                try:
-                    self._slots.limiter.acquire_on_behalf_of_nowait(job)
-                except anyio.WouldBlock:
-                    return
-                self._taking += 1
-            self._jobs += 1
-            self._workers.submit(job)
-
     async def keep(self) -> None:
-        """Run as long as lane jobs do, so that the phase waits for them; cancelled, abandon."""
+        """A runner while lane jobs run or tasks wait for one, so that the phase waits
+        for them. While tasks are queued and fewer than ``max_workers`` jobs take
+        them, it waits for a token in the limiter's line, behind the sync bodies
+        that were waiting first, and starts a job with it. Cancelled, it abandons
+        the lanes."""
+        limiter = self._slots.limiter
         try:
-            while self._jobs:
-                self._idle = anyio.Event()
+            while (self._jobs or self._queue) and not (self._abandoned or self._stopped):
+                if self._queue and self._taking < limiter.total_tokens:
+                    job = _Job(self)
+                    await limiter.acquire_on_behalf_of(job)
+                    if self._queue and not (self._abandoned or self._stopped):
+                        self._submit(job)
+                    else:
+                        limiter.release_on_behalf_of(job)
+                    continue
+                self._idle = anyio.Event()  # set whenever a job ends
                 await self._idle.wait()
         except BaseException:
             self.abandon()
             raise
         finally:
             self._kept = False
+
+    def stop(self) -> None:
+        """The run stops: jobs take no more tasks; what they report still counts."""
+        self._stopped = True
 
     def abandon(self) -> None:
         """The run is cancelled: queued tasks are dropped, running bodies finish unseen
@@ -194,25 +195,68 @@ class Lanes:
             self._abandoned = True
             self._queue.clear()
 
+    def close(self) -> None:
+        """The run is over: drop the scheduler's callbacks; late reports only return tokens."""
+        self.abandon()
+        self._on_reports = self._on_error = None
+
+    def _start_job(self) -> None:
+        """Start one more job if tasks are queued and a token is free.
+
+        ``_taking`` may be stale (a job ending meanwhile): the loop calls this again
+        when it sees that job end.
+        """
+        limiter = self._slots.limiter
+        if (
+            not self._queue
+            or self._abandoned
+            or self._stopped
+            or self._taking >= limiter.total_tokens
+            or not limiter.available_tokens
+        ):
+            return
+        job = _Job(self)
+        try:
+            limiter.acquire_on_behalf_of_nowait(job)
+        except anyio.WouldBlock:
+            return
+        self._submit(job)
+
+    def _submit(self, job: _Job) -> None:
+        """Hand ``job``, which holds a token, to a worker thread."""
+        with self._lock:
+            self._taking += 1
+        try:
+            self._workers.submit(job)
+        except BaseException:  # e.g. no thread could be started
+            with self._lock:
+                self._taking -= 1
+            self._slots.limiter.release_on_behalf_of(job)
+            raise
+        self._jobs += 1
+
     def _deliver(self, reports: list[Report | _JobEnded]) -> None:
         """On the event loop: a batch of reports from the lanes' threads."""
-        steps: list[Report] = []
-        for report in reports:
-            if isinstance(report, _JobEnded):
-                self._job_ended(report.job)
-            elif not self._abandoned:
-                steps.append(report)
-        if steps:
-            self._on_reports(steps)
+        try:
+            steps: list[Report] = []
+            for report in reports:
+                if isinstance(report, _JobEnded):
+                    self._job_ended(report.job)
+                elif not self._abandoned:
+                    steps.append(report)
+            if steps and self._on_reports is not None:
+                self._on_reports(steps)
+        except BaseException as error:  # a loop callback must not let anything out
+            if self._on_error is not None:
+                self._on_error(error)
 
     def _job_ended(self, job: _Job) -> None:
-        """Give the job's token back; what was queued as it ended gets a job now."""
+        """Give the job's token back; what is still queued gets a job now, or the keeper's."""
         self._slots.limiter.release_on_behalf_of(job)
         self._workers.done(1)
         self._jobs -= 1
-        if not self._abandoned:
-            self._start_jobs()
-        if self._jobs == 0 and self._idle is not None:
+        self._start_job()
+        if self._idle is not None:
             self._idle.set()
 
     # In a worker thread from here on.
@@ -223,21 +267,25 @@ class Lanes:
         self._inbox.put(_JobEnded(job))
 
     def _take(self) -> tuple[int, dict[str, Any]] | None:
-        """The next queued task, or None once the job may end.
+        """The next queued task, or None once the job should end.
 
         A deque's popleft needs no lock; the lock makes "the queue is empty, this
         job ends" one step, so a task queued meanwhile is never left behind.
         """
         while True:
-            if not self._abandoned:
+            if not self._must_end():
                 try:
                     return self._queue.popleft()
                 except IndexError:
                     pass
             with self._lock:
-                if self._abandoned or not self._queue:
+                if self._must_end() or not self._queue:
                     self._taking -= 1
                     return None
+
+    def _must_end(self) -> bool:
+        """Give the token back: the lanes stop, or another sync body waits for a token."""
+        return self._abandoned or self._stopped or self._slots.waiting > 0
 
     def _run_chain(self, i: int, kwargs: dict[str, Any]) -> None:
         """Run task ``i``, then each chain successor it leads to while they succeed."""
@@ -249,8 +297,8 @@ class Lanes:
         while True:
             value, error = self._call(task, kwargs)
             finished_at = time.monotonic()
-            if error is not None and not task.detached:
-                self._failed = True  # before the loop hears of it: no queued task may start
+            if error is not None:
+                self._note_failure(task, error)
             following = self._following(i) if error is None else None
             self._inbox.put(Finished(i, value, error, started_at, finished_at, following))
             if following is None:
@@ -264,9 +312,16 @@ class Lanes:
         except BaseException as error:  # the scheduler decides what it means
             return None, error
 
+    def _note_failure(self, task: TaskDef[..., Any], error: BaseException) -> None:
+        """Act on a failure before the loop hears of it: no queued task may start meanwhile."""
+        if not isinstance(error, (Exception, asyncio.CancelledError)):
+            self._stopped = True  # KeyboardInterrupt, SystemExit, ...: the run stops
+        elif not task.detached:
+            self._failed = True
+
     def _following(self, i: int) -> int | None:
         d = self._successors[i]
-        if d is None or self._abandoned or self._held_back(self._tasks[d]):
+        if d is None or self._must_end() or self._held_back(self._tasks[d]):
             return None
         return d
 

@@ -111,6 +111,7 @@ class Scheduler:
                 threads,
                 threads.workers,
                 self._lane_reports,
+                self._stop_run,
                 fail_fast=self.fail_fast,
             )
         try:
@@ -142,6 +143,9 @@ class Scheduler:
             raise
         finally:
             threads.close()
+            if self._lanes is not None:
+                self._lanes.close()  # no cycle keeps this run's results alive
+                self._lanes = None
             finished = time.monotonic()
             self.emit(
                 FlowFinished(
@@ -181,10 +185,11 @@ class Scheduler:
 
     def _claim(self, i: int) -> bool:
         """Mark task ``i`` as running in a runner, unless fail_fast stopped the run,
-        a thread lane takes it, or it must queue."""
+        it goes to the thread lanes, or it must queue."""
         if self._stopped_by is not None and not self._phase_detached:
             return False  # fail_fast: nothing new starts; _skip_never_started records it
-        if self._lanes is not None and self._in_lane[i] and self._lanes.push(i, self._kwargs(i)):
+        if self._lanes is not None and self._in_lane[i]:
+            self._lanes.push(i, self._kwargs(i))
             self._keep_lanes()
             return False
         if self._thread_bound[i]:
@@ -265,17 +270,21 @@ class Scheduler:
         return self._failed_with(i, exc, f"raised {type(exc).__name__}, which stopped the run")
 
     def _lane_reports(self, reports: list[Report]) -> None:
-        """On the event loop: what the thread lanes did since their last reports."""
-        try:
-            for report in reports:
+        """On the event loop: what the thread lanes did since their last reports.
+
+        Each report is applied even when an event observer raises KeyboardInterrupt
+        or the like on an earlier one (that stops the run, as in a runner).
+        """
+        for report in reports:
+            try:
                 if isinstance(report, Finished):
                     self._lane_finished(report)
                 else:
                     self._running[report.task_index] = report.at
                     self._emit_started(report.task_index)
-            self._start_ready()
-        except BaseException as exc:  # an event observer raised KeyboardInterrupt or the like
-            self._stop_run(exc)
+            except BaseException as exc:
+                self._stop_run(exc)
+        self._start_ready()
 
     def _lane_finished(self, report: Finished) -> None:
         i, following = report.task_index, report.following
@@ -368,6 +377,8 @@ class Scheduler:
         """KeyboardInterrupt, SystemExit or the like reached a task: end the run, keep ``exc``."""
         if self._interrupt is None:
             self._interrupt = exc
+        if self._lanes is not None:
+            self._lanes.stop()
         assert self._runners is not None
         self._runners.cancel()
 

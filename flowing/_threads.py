@@ -18,6 +18,7 @@ token is given back only when the function finally returns.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import queue
 import sys
@@ -60,12 +61,15 @@ class ThreadSlots:
     def __init__(self, max_workers: int) -> None:
         self.limiter = anyio.CapacityLimiter(max_workers)
         self.halt_reason: str | None = None  # set once, when fail_fast stops the run
+        self.waiting = 0  # calls waiting for a token (thread lanes make way for them)
         self._on_halt: list[Callable[[str], Awaitable[None]]] = []
         # The run's own worker threads (asyncio only; None: anyio.to_thread).
         self.workers: Workers | None = None
         # close(): idle threads end now, busy ones when their call returns; idempotent.
         self.close: Callable[[], None] = lambda: None
-        self._returned = LoopInbox(_call_soon_threadsafe(), self._reported)
+        # How a worker thread has a callback run on the loop, in the run's context.
+        self.call_soon = _call_soon_threadsafe()
+        self._returned = LoopInbox(self.call_soon, self._reported)
         loop = running_asyncio_loop()
         if loop is not None and _FAST_PATH:
             self.workers = Workers(loop)
@@ -99,7 +103,11 @@ class ThreadSlots:
         try:  # a free token costs no trip through the event loop
             self.limiter.acquire_on_behalf_of_nowait(call)
         except anyio.WouldBlock:
-            await self.limiter.acquire_on_behalf_of(call)
+            self.waiting += 1
+            try:
+                await self.limiter.acquire_on_behalf_of(call)
+            finally:
+                self.waiting -= 1
         try:
             if self.workers is not None:
                 call.wakeup = self.workers.loop.create_future()
@@ -230,10 +238,10 @@ class Workers:
         self._busy = 0
 
     def submit(self, job: Job) -> None:
-        self._busy += 1
-        if self._busy > self._threads:
-            self._threads += 1
+        if self._busy >= self._threads:
             threading.Thread(target=self._work, name="flowing worker", daemon=True).start()
+            self._threads += 1
+        self._busy += 1
         self._jobs.put(job)
 
     def done(self, count: int) -> None:
@@ -252,7 +260,13 @@ class Workers:
 
 
 def _call_soon_threadsafe() -> Callable[[Callable[[], None]], object]:
-    """How another thread schedules a callback on the running event loop, asyncio or trio."""
+    """How another thread schedules a callback on the running event loop, asyncio or trio.
+
+    On asyncio the callback runs in a copy of the current context, not the calling
+    thread's: tasks it starts see the caller's context variables.
+    """
     native: Any = anyio.lowlevel.current_token().native_token
     loop = running_asyncio_loop()
-    return native.run_sync_soon if loop is None else loop.call_soon_threadsafe
+    if loop is None:
+        return native.run_sync_soon  # type: ignore[no-any-return]
+    return functools.partial(loop.call_soon_threadsafe, context=contextvars.copy_context())

@@ -7,7 +7,10 @@ every run guarantees, lanes or not, and run on both.
 from __future__ import annotations
 
 import contextvars
+import gc
 import threading
+import time
+import weakref
 from typing import Any
 
 import anyio
@@ -177,3 +180,187 @@ async def test_each_link_of_a_chain_gets_a_fresh_copy_of_the_runs_context() -> N
     finally:
         marker.reset(token)
     assert [results[t.name].value for t in chain] == ["set by the caller"] * 3
+
+
+async def test_tasks_started_after_a_sync_task_see_the_callers_context_variables() -> None:
+    @task
+    def plain_first() -> int:
+        return 1
+
+    @task(depends_on=[plain_first])
+    async def async_after(plain_first: int) -> str:
+        return marker.get()
+
+    @task(depends_on=[plain_first], retry=1)
+    def retried_after(plain_first: int) -> str:
+        return marker.get()
+
+    seen_by_callback: set[str] = set()
+    token = marker.set("set by the caller")
+    try:
+        flow = Flow(async_after, retried_after, on_event=lambda e: seen_by_callback.add(marker.get()))
+        results = await flow.arun()
+    finally:
+        marker.reset(token)
+    assert results["async_after"].value == "set by the caller"
+    assert results["retried_after"].value == "set by the caller"
+    assert seen_by_callback == {"set by the caller"}
+
+
+def _flow_queueing_a_task_as_the_last_lane_job_ends(
+    seen: list[Event], *, detached_after: bool
+) -> Flow:
+    """With one worker: ``late`` is queued while the job that ran ``first`` and
+    ``second`` finds the queue empty and ends, and ``retried`` waits for the token."""
+    wake = anyio.Event()
+
+    @task
+    def first() -> int:
+        return 1
+
+    @task(depends_on=[first])
+    def second(first: int) -> int:  # first's chain successor: the same job runs it
+        time.sleep(0.05)
+        return 2
+
+    @task
+    async def woken() -> int:
+        await wake.wait()
+        return 3
+
+    @task(depends_on=[first, woken])
+    def late(first: int, woken: int) -> int:
+        return first + woken
+
+    @task(retry=1)  # not a lane task: it waits for the limiter's one token
+    def retried() -> str:
+        time.sleep(0.05)
+        return "r"
+
+    def on_event(event: Event) -> None:
+        seen.append(event)
+        if isinstance(event, TaskFinished) and event.task == "first":
+            wake.set()
+            time.sleep(0.2)  # holds the loop while second's job ends
+
+    terminals: list[TaskDef[..., Any]] = [second, late, retried]
+    if detached_after:
+        terminals.append(task(lambda retried: "sent", name="notify", depends_on=[retried], detached=True))
+    return Flow(*terminals, max_workers=1, on_event=on_event)
+
+
+@on_asyncio
+@pytest.mark.parametrize("detached_after", [False, True])
+async def test_a_task_queued_as_the_last_lane_job_ends_still_runs_once(detached_after: bool) -> None:
+    seen: list[Event] = []
+    flow = _flow_queueing_a_task_as_the_last_lane_job_ends(seen, detached_after=detached_after)
+    with anyio.fail_after(10):
+        results = await flow.arun()
+    assert all(r.succeeded for r in results.values()), results
+    assert [e.task for e in seen if isinstance(e, TaskFinished)].count("late") == 1
+
+
+def test_a_keyboard_interrupt_from_a_sync_body_stops_the_lanes_without_fail_fast(
+    anyio_backend: str,
+) -> None:
+    interrupted = threading.Event()
+    started_after: list[int] = []
+
+    def quick(k: int) -> TaskDef[..., Any]:
+        def body() -> None:
+            if interrupted.is_set():
+                started_after.append(k)
+
+        return task(body, name=f"quick{k}")
+
+    @task
+    def interrupts() -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    flow = Flow(*[quick(k) for k in range(200)], interrupts, max_workers=1, fail_fast=False)
+    assert flow.tasks[0].name == "interrupts"  # so the others are queued behind it
+    with pytest.raises(KeyboardInterrupt):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+    assert len(started_after) <= 1  # at most one already taken when the thread saw it
+
+
+@on_asyncio  # on trio a run's values wait for the collector (trio's own cycles)
+def test_a_runs_values_are_freed_without_the_garbage_collector(anyio_backend: str) -> None:
+    class Value:
+        pass
+
+    made: list[weakref.ref[Value]] = []
+
+    @task
+    def make() -> Value:
+        value = Value()
+        made.append(weakref.ref(value))
+        return value
+
+    flow = Flow(make)
+    gc.collect()
+    gc.disable()
+    try:
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+        assert made[0]() is None, "the first run's results outlived it"
+    finally:
+        gc.enable()
+
+
+async def test_a_sync_task_waiting_for_a_thread_is_not_starved_by_queued_lane_tasks() -> None:
+    order: list[str] = []
+    one_ran = threading.Event()
+
+    def lane_body(k: int) -> TaskDef[..., Any]:
+        def body() -> None:
+            order.append(f"lane{k}")
+            one_ran.set()
+            time.sleep(0.01)
+
+        return task(body, name=f"lane{k}")
+
+    @task
+    async def gate() -> None:
+        await anyio.to_thread.run_sync(one_ran.wait, 10)
+
+    @task(depends_on=[gate], retry=1)  # not a lane task: it waits for a token
+    def urgent(gate: None) -> None:
+        order.append("urgent")
+
+    lanes = [lane_body(k) for k in range(50)]
+    results = await Flow(*lanes, urgent, max_workers=1).arun()
+    assert all(r.succeeded for r in results.values())
+    assert order.index("urgent") < 25, order  # not after every queued lane task
+
+
+@on_asyncio
+async def test_a_worker_thread_that_cannot_start_ends_the_run_with_that_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flowing import _threads
+
+    submit = _threads.Workers.submit
+    submitted = 0
+
+    def fails_second(self: _threads.Workers, job: Any) -> None:
+        nonlocal submitted
+        submitted += 1
+        if submitted == 2:
+            raise RuntimeError("can't start new thread")
+        submit(self, job)
+
+    monkeypatch.setattr(_threads.Workers, "submit", fails_second)
+
+    @task
+    def first() -> int:
+        return 1
+
+    fan = [task(lambda first: first, name=f"fan{k}", depends_on=[first]) for k in range(4)]
+    flow = Flow(*fan, max_workers=2)
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="can't start new thread"):
+        await flow.arun()
+    assert set(flow.results) == {"first", *(t.name for t in fan)}
+    states = {r.state for r in flow.results.values()}
+    assert states <= {StepState.SUCCEEDED, StepState.CANCELLED}, flow.results
