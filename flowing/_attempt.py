@@ -220,6 +220,8 @@ async def _call_in_pool(
     """One attempt of a task with a pool: it starts once the pool lets it."""
     assert task.pool is not None
     async with ctx.limits.hold(task.pool) as slot:
+        if ctx.slots.halt_reason is not None and not task.detached:
+            raise HeldBack(ctx.slots.halt_reason)  # fail_fast stopped the run while it waited
         return await _call_with_timeout(task, index, kwargs, ctx, attempt, max_attempts, slot)
 
 

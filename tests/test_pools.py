@@ -16,6 +16,7 @@ from flowing import (
     InvalidTaskError,
     Pool,
     StepState,
+    TaskFinished,
     TaskStarted,
     ThreadAbandoned,
     ThreadExecutor,
@@ -314,3 +315,36 @@ async def test_a_sync_body_abandoned_after_a_timeout_keeps_its_pool_slot_until_i
     results = await flow.arun()
     assert isinstance(results["slow"].error, TimeoutError)
     assert results["next_in_pool"].value is True  # it ran only once slow's thread was done
+
+
+@pytest.mark.anyio
+async def test_fail_fast_holds_back_an_async_task_still_waiting_for_its_pool() -> None:
+    pool_in_use = anyio.Event()
+    boom_failed = anyio.Event()
+    started: list[str] = []
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, TaskStarted):
+            started.append(event.task)
+            if event.task.startswith("pooled"):
+                pool_in_use.set()
+        if isinstance(event, TaskFinished) and event.task == "boom":
+            boom_failed.set()
+
+    def pooled(k: int) -> Any:
+        async def body() -> None:
+            await boom_failed.wait()  # holds the pool's one slot until boom failed
+
+        return task(body, name=f"pooled{k}", pool="one")
+
+    @task
+    async def boom() -> None:
+        await pool_in_use.wait()  # the other pooled task now waits for the slot
+        raise ValueError("boom")
+
+    results = await Flow(pooled(0), pooled(1), boom, pools={"one": 1}, on_event=on_event).arun()
+    by_state = {results[f"pooled{k}"].state: f"pooled{k}" for k in range(2)}
+    assert set(by_state) == {StepState.SUCCEEDED, StepState.SKIPPED}
+    held = by_state[StepState.SKIPPED]
+    assert results[held].reason == "not started: fail_fast stopped the run after 'boom' failed"
+    assert held not in started
