@@ -126,26 +126,25 @@ class Tally:
         """Apply one event. The rich display does it on the event loop while rich's
         thread renders from copies of these dicts (a copy is one step under the GIL);
         the plain display applies and reads them in its own thread. By the event's
-        type rather than a chain of isinstance checks: two events per task add up."""
-        apply = _TALLY_UPDATES.get(type(event))
-        if apply is not None:
-            apply(self, event)
-
-    def _started(self, event: TaskStarted) -> None:
-        if event.attempt == 1:
+        type, the two events every task has handled inline: they add up."""
+        if type(event) is TaskStarted and event.attempt == 1:
             self.running[event.task] = (event.time, 1, event.max_attempts, None)
+        elif type(event) is TaskFinished:
+            self.running.pop(event.task, None)
+            result = event.result
+            self.by_state[result.state] += 1
+            if result.cached:
+                self.cached += 1  # replayed: counted, but not part of `pending`
+            else:
+                self.finished += 1
         else:
-            first = self.running.get(event.task, (event.time,))[0]
-            self.running[event.task] = (first, event.attempt, event.max_attempts, None)
+            apply = _OTHER_UPDATES.get(type(event))
+            if apply is not None:
+                apply(self, event)
 
-    def _finished(self, event: TaskFinished) -> None:
-        self.running.pop(event.task, None)
-        result = event.result
-        self.by_state[result.state] += 1
-        if result.cached:
-            self.cached += 1  # replayed: counted, but not part of `pending`
-        else:
-            self.finished += 1
+    def _restarted(self, event: TaskStarted) -> None:
+        first = self.running.get(event.task, (event.time,))[0]
+        self.running[event.task] = (first, event.attempt, event.max_attempts, None)
 
     def _instance_finished(self, event: InstanceFinished) -> None:
         self.running.pop(event.task, None)  # mapped instances count with their step
@@ -176,9 +175,8 @@ class Tally:
         return self.elapsed(now) / done * max(self.pending - done, 0)
 
 
-_TALLY_UPDATES: dict[type, Callable[[Tally, Any], None]] = {
-    TaskStarted: Tally._started,
-    TaskFinished: Tally._finished,
+_OTHER_UPDATES: dict[type, Callable[[Tally, Any], None]] = {
+    TaskStarted: Tally._restarted,
     InstanceFinished: Tally._instance_finished,
     TaskRetrying: Tally._retrying,
     FlowStarted: Tally._flow_started,
@@ -330,11 +328,11 @@ class RichDisplay:
         self.live.stop()
 
     def on_event(self, event: Event) -> None:
-        kind = type(event)
-        apply = _TALLY_UPDATES.get(kind)  # Tally.update inlined: one call less per event
-        if apply is not None:
-            apply(self.tally, event)
-        if kind in _MAYBE_NEWS and _is_news(event):
+        self.tally.update(event)
+        # A failure, a retry or an abandoned thread is news: checked inline, as for
+        # the tally, since nearly every event is not.
+        failed = type(event) is TaskFinished and event.result.state is StepState.FAILED
+        if failed or type(event) in _OTHER_NEWS:
             try:
                 self._print_news(event)
             except Exception as error:  # a dead terminal must not break the run
@@ -400,14 +398,7 @@ class RichDisplay:
         return Group(bar, line, tasks) if running else Group(bar, line)
 
 
-_MAYBE_NEWS = frozenset((TaskFinished, TaskRetrying, ThreadAbandoned))
-
-
-def _is_news(event: Event) -> bool:
-    """A retry, a failure or an abandoned thread: worth a line above the live display."""
-    if isinstance(event, TaskFinished):
-        return event.result.state is StepState.FAILED
-    return isinstance(event, (TaskRetrying, ThreadAbandoned))
+_OTHER_NEWS = frozenset((TaskRetrying, ThreadAbandoned))
 
 
 def _clock(seconds: float) -> str:

@@ -16,6 +16,10 @@ class StepState(enum.Enum):
     SKIPPED = "skipped"  # never ran: `when` was falsy, a dependency did not succeed, or fail_fast
     CANCELLED = "cancelled"  # the run itself was cancelled (or timed out) before it finished
 
+    # Members are singletons compared by identity; Enum's own hash is a Python call
+    # on the name, paid in every dict of states (progress counts two per task).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
