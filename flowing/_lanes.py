@@ -167,11 +167,14 @@ class Lanes:
         the lanes."""
         limiter = self._slots.limiter
         try:
-            while (self._jobs or self._queue) and not (self._abandoned or self._stopped):
-                if self._queue and self._taking < limiter.total_tokens:
+            while self._jobs or (self._queue and not self._ending):  # jobs that run are waited for
+                if self._queue and not self._ending and self._taking < limiter.total_tokens:
                     job = _Job(self)
-                    await limiter.acquire_on_behalf_of(job)
-                    if self._queue and not (self._abandoned or self._stopped):
+                    try:  # a free token: no checkpoint at which a cancellation could slip by
+                        limiter.acquire_on_behalf_of_nowait(job)
+                    except anyio.WouldBlock:
+                        await limiter.acquire_on_behalf_of(job)
+                    if self._queue and not self._ending:
                         self._submit(job)
                     else:
                         limiter.release_on_behalf_of(job)
@@ -183,6 +186,10 @@ class Lanes:
             raise
         finally:
             self._kept = False
+
+    @property
+    def _ending(self) -> bool:
+        return self._abandoned or self._stopped
 
     def stop(self) -> None:
         """The run stops: jobs take no more tasks; what they report still counts."""
@@ -209,8 +216,7 @@ class Lanes:
         limiter = self._slots.limiter
         if (
             not self._queue
-            or self._abandoned
-            or self._stopped
+            or self._ending
             or self._taking >= limiter.total_tokens
             or not limiter.available_tokens
         ):
@@ -262,30 +268,33 @@ class Lanes:
     # In a worker thread from here on.
 
     def run_job(self, job: _Job) -> None:
-        while (queued := self._take()) is not None:
+        first = True  # the job earned its token: its first task runs even if others wait
+        while (queued := self._take(first)) is not None:
             self._run_chain(*queued)
+            first = False
         self._inbox.put(_JobEnded(job))
 
-    def _take(self) -> tuple[int, dict[str, Any]] | None:
+    def _take(self, first: bool) -> tuple[int, dict[str, Any]] | None:
         """The next queued task, or None once the job should end.
 
         A deque's popleft needs no lock; the lock makes "the queue is empty, this
         job ends" one step, so a task queued meanwhile is never left behind.
         """
         while True:
-            if not self._must_end():
+            if not self._must_end(first):
                 try:
                     return self._queue.popleft()
                 except IndexError:
                     pass
             with self._lock:
-                if self._must_end() or not self._queue:
+                if self._must_end(first) or not self._queue:
                     self._taking -= 1
                     return None
 
-    def _must_end(self) -> bool:
-        """Give the token back: the lanes stop, or another sync body waits for a token."""
-        return self._abandoned or self._stopped or self._slots.waiting > 0
+    def _must_end(self, first: bool = False) -> bool:
+        """Give the token back: the lanes stop, or (after the job's first task)
+        another sync body waits for a token."""
+        return self._ending or (not first and self._slots.waiting > 0)
 
     def _run_chain(self, i: int, kwargs: dict[str, Any]) -> None:
         """Run task ``i``, then each chain successor it leads to while they succeed."""

@@ -108,17 +108,20 @@ class ThreadSlots:
                 await self.limiter.acquire_on_behalf_of(call)
             finally:
                 self.waiting -= 1
+        submitted = False  # once it is, the call reports back, however it ends
         try:
             if self.workers is not None:
                 call.wakeup = self.workers.loop.create_future()
                 self.workers.submit(call)
+                submitted = True
                 await call.wakeup  # a plain future: a fraction of an anyio.Event's cost
             else:
+                submitted = True
                 await anyio.to_thread.run_sync(
                     call.run, abandon_on_cancel=True, limiter=self._unbounded
                 )
         except BaseException:
-            if call.reported:  # cancelled just after the report: release here
+            if call.reported or not submitted:  # no report will give the token back
                 self.limiter.release_on_behalf_of(call)
             else:
                 call.abandoned = True  # the report gives the token back

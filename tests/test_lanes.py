@@ -364,3 +364,103 @@ async def test_a_worker_thread_that_cannot_start_ends_the_run_with_that_error(
     assert set(flow.results) == {"first", *(t.name for t in fan)}
     states = {r.state for r in flow.results.values()}
     assert states <= {StepState.SUCCEEDED, StepState.CANCELLED}, flow.results
+
+
+@on_asyncio
+def test_a_keyboard_interrupt_is_raised_even_when_another_lane_job_ends_first(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowing import _lanes
+
+    note_failure = _lanes.Lanes._note_failure
+
+    def reported_late(self: _lanes.Lanes, task: Any, error: BaseException) -> None:
+        note_failure(self, task, error)
+        time.sleep(0.2)  # the thread is preempted before it reports the interrupt
+
+    monkeypatch.setattr(_lanes.Lanes, "_note_failure", reported_late)
+    side_effects: list[str] = []
+
+    @task
+    def interrupted() -> None:
+        time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    @task
+    def other() -> int:
+        time.sleep(0.1)  # its job ends after the lanes stopped, before the interrupt is heard
+        return 1
+
+    @task(depends_on=[other], detached=True)
+    def side_effect(other: int) -> None:
+        side_effects.append("ran")
+
+    flow = Flow(interrupted, side_effect, max_workers=2, fail_fast=False)
+    with pytest.raises(KeyboardInterrupt):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+    assert flow.results["interrupted"].state is StepState.FAILED
+    assert side_effects == []
+
+
+async def test_a_sync_task_is_not_starved_by_a_stream_of_mapped_instances() -> None:
+    order: list[str] = []
+
+    @task
+    def items() -> list[int]:
+        return list(range(100))
+
+    @task(depends_on=[items], map_over="items")  # each instance waits for a token
+    def mapped(items: int) -> int:
+        order.append("item")
+        time.sleep(0.002)
+        return items
+
+    @task
+    async def soon() -> None:
+        while "item" not in order:
+            await anyio.sleep(0.005)
+        order.append("ready")
+
+    @task(depends_on=[soon])
+    def plain(soon: None) -> None:  # a lane task on asyncio
+        order.append("plain")
+
+    results = await Flow(mapped, plain, max_workers=1).arun()
+    assert all(r.succeeded for r in results.values())
+    items_between = order.index("plain") - order.index("ready") - 1
+    assert items_between < 30, order  # not after every remaining instance
+
+
+@on_asyncio
+async def test_a_worker_thread_that_cannot_start_gives_its_token_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    start = threading.Thread.start
+    failed_once: list[bool] = []
+
+    def fails_first_worker(thread: threading.Thread) -> None:
+        if thread.name == "flowing worker" and not failed_once:
+            failed_once.append(True)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", fails_first_worker)
+
+    @task(retry=1, retry_backoff_base_ms=1)  # not a lane task: it waits for a token
+    def first() -> int:
+        return 1
+
+    @task
+    async def later() -> int:
+        await anyio.sleep(0.01)
+        return 1
+
+    @task(depends_on=[later])
+    def after(later: int) -> int:  # needs the one token
+        return 2
+
+    flow = Flow(first, after, max_workers=1, fail_fast=False)
+    with anyio.fail_after(10):
+        results = await flow.arun()
+    assert results["first"].value == 1 and results["first"].attempts == 2  # the retry ran
+    assert results["after"].value == 2
