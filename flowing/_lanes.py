@@ -110,7 +110,8 @@ class Lanes:
     not seen, each holding one ``max_workers`` token; ``_taking`` (changed under
     ``_lock``) counts the jobs still taking from ``_queue``. A job ends when the
     queue is empty (checked under the lock), when other sync bodies wait for a
-    token (so lanes never starve them), or when the lanes stop. The loop starts a
+    token and it has run its first task (so neither side starves the other), or
+    when the lanes stop. The loop starts a
     job for each task it queues and each job end it sees, if a token is free; the
     keeper waits for a token in the limiter's line whenever tasks are queued and
     fewer than ``max_workers`` jobs take them. So a queued task always gets a job.
