@@ -161,13 +161,17 @@ class Scheduler:
         try:
             async with open_runners() as runners:
                 self._runners = runners
-                for i, task in enumerate(self.graph.tasks):
-                    if (
-                        task.detached == detached
-                        and task.name not in self.results
-                        and self._waiting_on[i] == 0
-                    ):
-                        self._start(i)
+                # Listed before any starts: on a loop with an eager task factory a
+                # runner may run (and claim what it makes ready) inside _start.
+                ready = [
+                    i
+                    for i, task in enumerate(self.graph.tasks)
+                    if task.detached == detached
+                    and task.name not in self.results
+                    and self._waiting_on[i] == 0
+                ]
+                for i in ready:
+                    self._start(i)
         except BaseExceptionGroup as group:
             # e.g. trio delivers Ctrl-C to the waiting task group as a group of one
             lone = _lone_exception(group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -311,3 +312,37 @@ async def test_fail_fast_holds_back_sync_bodies_still_waiting_for_a_worker_threa
     assert (results[first].state, results[first].value) == (StepState.SUCCEEDED, first)
     assert (results[other].state, results[other].attempts) == (StepState.SKIPPED, 0)
     assert results[other].reason == "not started: fail_fast stopped the run after 'boom' failed"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in 3.12")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_an_eager_task_factory_each_task_runs_once() -> None:
+    import asyncio
+
+    runs: list[str] = []
+
+    @task
+    async def first() -> int:  # finishes inside create_task: its dependent is claimed there
+        runs.append("first")
+        return 1
+
+    @task(depends_on=[first])
+    async def suspends(first: int) -> int:
+        runs.append("suspends")
+        await anyio.sleep(0)
+        return 2
+
+    @task(depends_on=[suspends, first])
+    async def last(suspends: int, first: int) -> int:
+        runs.append("last")
+        return 3
+
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        with anyio.fail_after(10):
+            results = await Flow(last, max_workers=1).arun()
+    finally:
+        loop.set_task_factory(None)
+    assert results["last"].value == 3
+    assert sorted(runs) == ["first", "last", "suspends"]
