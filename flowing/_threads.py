@@ -108,25 +108,23 @@ class ThreadSlots:
                 await self.limiter.acquire_on_behalf_of(call)
             finally:
                 self.waiting -= 1
-        submitted = False  # once it is, the call reports back, however it ends
         try:
             if self.workers is not None:
                 call.wakeup = self.workers.loop.create_future()
                 self.workers.submit(call)
-                submitted = True
                 await call.wakeup  # a plain future: a fraction of an anyio.Event's cost
             else:
-                submitted = True
                 await anyio.to_thread.run_sync(
                     call.run, abandon_on_cancel=True, limiter=self._unbounded
                 )
         except BaseException:
-            if call.reported or not submitted:  # no report will give the token back
+            with _STARTING:
+                call.abandoned = True
+                started = call.started
+            if call.reported or not started:  # no report will give the token back
                 self.limiter.release_on_behalf_of(call)
-            else:
-                call.abandoned = True  # the report gives the token back
-                if not call.returned:
-                    on_abandon()
+            elif not call.returned:  # the report gives the token back
+                on_abandon()
             raise
         self.limiter.release_on_behalf_of(call)
         return call.outcome()
@@ -136,7 +134,7 @@ class ThreadSlots:
             self.workers.done(len(calls))
         for call in calls:
             call.reported = True
-            if call.abandoned:
+            if call.abandoned and call.started:
                 self.limiter.release_on_behalf_of(call)
             elif call.wakeup is not None and not call.wakeup.done():
                 call.wakeup.set_result(None)
@@ -154,11 +152,18 @@ def thread_context() -> contextvars.Context:
     return context
 
 
+_STARTING = threading.Lock()  # makes "abandoned before it started" one step for both sides
+
+
 class _Call:
-    """One sync call; ``returned`` is set by its thread, everything else on the event loop."""
+    """One sync call; ``started`` and ``returned`` are set by its thread, everything
+    else on the event loop. A call abandoned before its thread starts it never runs
+    (its token is given back at once): whether the thread could not be started, or
+    the awaiting task was cancelled first."""
 
     __slots__ = (
-        "fn", "context", "report", "reported", "wakeup", "value", "error", "returned", "abandoned"
+        "fn", "context", "report", "reported", "wakeup", "value", "error",
+        "started", "returned", "abandoned",
     )
 
     def __init__(self, fn: Callable[[], Any], report: Callable[[_Call], None]) -> None:
@@ -169,16 +174,21 @@ class _Call:
         self.wakeup: asyncio.Future[None] | None = None  # on asyncio: done once reported
         self.value: Any = None
         self.error: BaseException | None = None
+        self.started = False
         self.returned = False
         self.abandoned = False
 
     def run(self) -> None:
-        """In the worker thread: call the function, then report back to the event loop."""
-        try:
-            self.value = self.context.run(self.fn)
-        except BaseException as error:  # re-raised in the awaiting task
-            self.error = error
-        self.returned = True
+        """In the worker thread: call the function unless it was abandoned already,
+        then report back to the event loop."""
+        with _STARTING:
+            self.started = not self.abandoned
+        if self.started:
+            try:
+                self.value = self.context.run(self.fn)
+            except BaseException as error:  # re-raised in the awaiting task
+                self.error = error
+            self.returned = True
         self.report(self)
 
     def outcome(self) -> Any:

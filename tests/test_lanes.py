@@ -429,38 +429,3 @@ async def test_a_sync_task_is_not_starved_by_a_stream_of_mapped_instances() -> N
     assert all(r.succeeded for r in results.values())
     items_between = order.index("plain") - order.index("ready") - 1
     assert items_between < 30, order  # not after every remaining instance
-
-
-@on_asyncio
-async def test_a_worker_thread_that_cannot_start_gives_its_token_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    start = threading.Thread.start
-    failed_once: list[bool] = []
-
-    def fails_first_worker(thread: threading.Thread) -> None:
-        if thread.name == "flowing worker" and not failed_once:
-            failed_once.append(True)
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", fails_first_worker)
-
-    @task(retry=1, retry_backoff_base_ms=1)  # not a lane task: it waits for a token
-    def first() -> int:
-        return 1
-
-    @task
-    async def later() -> int:
-        await anyio.sleep(0.01)
-        return 1
-
-    @task(depends_on=[later])
-    def after(later: int) -> int:  # needs the one token
-        return 2
-
-    flow = Flow(first, after, max_workers=1, fail_fast=False)
-    with anyio.fail_after(10):
-        results = await flow.arun()
-    assert results["first"].value == 1 and results["first"].attempts == 2  # the retry ran
-    assert results["after"].value == 2

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.to_thread
 import pytest
 
 from flowing import Flow, StepState, task
@@ -174,3 +175,48 @@ async def test_without_anyios_private_thread_details_sync_bodies_use_anyio_to_th
     results = await Flow(second).arun()
     assert results["second"].value not in ("MainThread!", "flowing worker!")
     assert results["second"].succeeded and called_on_loop.is_set()
+
+
+async def test_a_worker_thread_that_cannot_start_gives_its_token_back(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed_once: list[bool] = []
+    if anyio_backend == "asyncio":  # the run's own worker threads
+        start = threading.Thread.start
+
+        def fails_first_worker(thread: threading.Thread) -> None:
+            if thread.name == "flowing worker" and not failed_once:
+                failed_once.append(True)
+                raise RuntimeError("can't start new thread")
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", fails_first_worker)
+    else:  # trio: anyio's threads
+        run_sync = anyio.to_thread.run_sync
+
+        async def fails_first_call(*args: Any, **kwargs: Any) -> Any:
+            if not failed_once:
+                failed_once.append(True)
+                raise RuntimeError("can't start new thread")
+            return await run_sync(*args, **kwargs)
+
+        monkeypatch.setattr(anyio.to_thread, "run_sync", fails_first_call)
+
+    @task(retry=1, retry_backoff_base_ms=1)  # not a lane task: it waits for a token
+    def first() -> int:
+        return 1
+
+    @task
+    async def later() -> int:
+        await anyio.sleep(0.01)
+        return 1
+
+    @task(depends_on=[later])
+    def after(later: int) -> int:  # needs the one token
+        return 2
+
+    flow = Flow(first, after, max_workers=1, fail_fast=False)
+    with anyio.fail_after(10):
+        results = await flow.arun()
+    assert results["first"].value == 1 and results["first"].attempts == 2  # the retry ran
+    assert results["after"].value == 2
