@@ -33,7 +33,7 @@ from ._attempt import refuse_coroutine
 from ._graph import Graph
 from ._results import StepResult, StepState
 from ._task import TaskDef
-from ._threads import LoopInbox, ThreadSlots, Workers, thread_context
+from ._threads import LoopInbox, ThreadSlots, thread_context
 
 
 class Started(NamedTuple):
@@ -122,7 +122,6 @@ class Lanes:
         tasks: Sequence[TaskDef[..., Any]],
         successors: Sequence[int | None],
         slots: ThreadSlots,
-        workers: Workers,
         on_reports: Callable[[list[Report]], None],
         on_error: Callable[[BaseException], None],
         *,
@@ -130,8 +129,9 @@ class Lanes:
     ) -> None:
         self._tasks = tasks
         self._successors = successors
+        assert slots.workers is not None, "lanes run in the run's own worker threads (asyncio)"
         self._slots = slots
-        self._workers = workers
+        self._workers = slots.workers
         # The scheduler's callbacks, dropped by close(): nothing of a run outlives it.
         self._on_reports: Callable[[list[Report]], None] | None = on_reports
         self._on_error: Callable[[BaseException], None] | None = on_error

@@ -109,7 +109,6 @@ class Scheduler:
                 self.graph.tasks,
                 successors,
                 threads,
-                threads.workers,
                 self._lane_reports,
                 self._stop_run,
                 fail_fast=self.fail_fast,

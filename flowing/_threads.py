@@ -21,10 +21,8 @@ import contextvars
 import functools
 import math
 import queue
-import sys
 import threading
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 

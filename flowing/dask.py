@@ -12,7 +12,6 @@ run fails at once with ``ExecutorBackendError``.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import pickle
 import sys
