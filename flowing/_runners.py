@@ -2,9 +2,12 @@
 
 anyio's task group wraps every child in a task handle with its own cancel scope
 and event, about 30 µs a task, which dominates a flow of many small async tasks.
-On asyncio the runners are plain asyncio tasks instead, each inside its own anyio
-cancel scope (about a third of the cost): cancel scopes, shields and deadlines
-inside them behave as in any anyio task. On trio they use an anyio task group.
+On asyncio the runners are plain asyncio tasks instead, which anyio counts as
+children of one cancel scope, as its own task group does with its children: cancel
+scopes, shields and deadlines inside them behave as in any anyio task, and a
+cancellation from outside reaches them. That bookkeeping is anyio's private API
+(``_task_states`` and a scope's ``_tasks``); when an anyio release lacks it, and
+on trio, the runners use an anyio task group.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from anyio.abc import TaskGroup
 
 if TYPE_CHECKING:
     import asyncio
+    from weakref import WeakKeyDictionary
 
 Runner = Callable[[int], Coroutine[Any, Any, None]]
 
@@ -36,19 +40,23 @@ class Runners(Protocol):
 async def open_runners() -> AsyncIterator[Runners]:
     """A group of runners that all end, finished or cancelled, before the block is left."""
     loop = running_asyncio_loop()
-    if loop is None:
+    states = _AnyioTaskStates.find() if loop is not None else None
+    if loop is None or states is None:
         async with anyio.create_task_group() as tg:
             yield _TaskGroupRunners(tg)
         return
-    runners = _AsyncioRunners(loop)
-    try:
-        yield runners
-    except BaseException:
-        runners.cancel()
-        with anyio.CancelScope(shield=True):
-            await runners.all_done()
-        raise
-    await runners.all_done()
+    with anyio.CancelScope() as scope:
+        runners = _AsyncioRunners(loop, scope, states)
+        try:
+            yield runners
+        except BaseException:
+            runners.cancel()
+            with anyio.CancelScope(shield=True):
+                await runners.all_done()
+            raise
+        await runners.all_done()
+    if runners.error is not None:
+        raise runners.error
 
 
 class _TaskGroupRunners:
@@ -62,24 +70,61 @@ class _TaskGroupRunners:
         self._tg.cancel_scope.cancel()
 
 
-class _AsyncioRunners:
-    """Runners as asyncio tasks, each under an anyio cancel scope that ``cancel()`` cancels.
+class _AnyioTaskStates:
+    """anyio's record of which cancel scope each asyncio task runs in (private API)."""
 
-    Invariants: ``_tasks`` holds every runner task that has not finished (asyncio
-    itself keeps only weak references to tasks); ``_scopes`` the cancel scopes of
-    those that have begun.
+    def __init__(
+        self, states: WeakKeyDictionary[Any, Any], state_class: Callable[[int | None, Any], Any]
+    ) -> None:
+        self._states = states
+        self._state_class = state_class
+
+    @classmethod
+    def find(cls) -> _AnyioTaskStates | None:
+        """anyio's task states, or None when this anyio release keeps them otherwise."""
+        backend = sys.modules.get("anyio._backends._asyncio")
+        states = getattr(backend, "_task_states", None)
+        state_class = getattr(backend, "TaskState", None)
+        scope_class = getattr(backend, "CancelScope", None)
+        if states is None or state_class is None or not hasattr(scope_class, "_tasks"):
+            return None
+        try:
+            probe = state_class(None, None)
+        except TypeError:  # TaskState takes other arguments now
+            return None
+        if not hasattr(probe, "cancel_scope"):
+            return None
+        return cls(states, state_class)
+
+    def adopt(self, task: asyncio.Task[None], scope: anyio.CancelScope, parent_id: int) -> None:
+        """Have anyio count ``task`` as running directly in ``scope``."""
+        self._states[task] = self._state_class(parent_id, scope)
+        scope._tasks.add(task)  # type: ignore[attr-defined]
+
+    def release(self, task: asyncio.Task[None], scope: anyio.CancelScope) -> None:
+        scope._tasks.discard(task)  # type: ignore[attr-defined]
+        self._states.pop(task, None)
+
+
+class _AsyncioRunners:
+    """Runners as asyncio tasks that anyio counts as children of ``scope``, which
+    the block's own task is in; ``cancel()`` cancels that scope.
+
+    Invariant: ``_tasks`` holds every runner task that has not finished (asyncio
+    itself keeps only weak references to tasks).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, scope: anyio.CancelScope, states: _AnyioTaskStates
+    ) -> None:
         self._loop = loop
+        self._scope = scope
+        self._states = states
+        self._parent_id = id(_current_task())
         self._tasks: set[asyncio.Task[None]] = set()
-        self._scopes: set[anyio.CancelScope] = set()
         self._cancelled = False
-        self._error: BaseException | None = None  # the first one a runner let out
+        self.error: BaseException | None = None  # the first one a runner let out
         self._idle: anyio.Event | None = None  # set when the last runner finishes
-        # anyio.CancelScope() looks up the backend and initialises the backend's scope
-        # twice (about 2.6 µs); that class called directly gives the same scope in 0.7 µs.
-        self._new_scope: Callable[[], anyio.CancelScope] = type(anyio.CancelScope())
 
     def start_soon(self, runner: Runner, i: int, name: str) -> None:
         task = self._loop.create_task(self._run(runner, i), name=name)
@@ -88,8 +133,7 @@ class _AsyncioRunners:
 
     def cancel(self) -> None:
         self._cancelled = True
-        for scope in list(self._scopes):
-            scope.cancel()
+        self._scope.cancel()
 
     async def all_done(self) -> None:
         """Wait for every runner. Cancelled meanwhile, cancel them all, wait for them
@@ -106,26 +150,24 @@ class _AsyncioRunners:
                 self.cancel()
         if cancelled is not None:
             raise cancelled
-        if self._error is not None:
-            raise self._error
 
     async def _run(self, runner: Runner, i: int) -> None:
+        task = _current_task()
         try:
             if self._cancelled:
                 return
-            with self._new_scope() as scope:
-                self._scopes.add(scope)
-                try:
-                    await runner(i)
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as error:  # a runner lets nothing out: a bug, raise it
-                    self._error = self._error or error
-                    self.cancel()
-                finally:
-                    self._scopes.discard(scope)
+            self._states.adopt(task, self._scope, self._parent_id)
+            try:
+                await runner(i)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as error:  # a runner lets nothing out: a bug, raise it
+                self.error = self.error or error
+                self.cancel()
+            finally:
+                self._states.release(task, self._scope)
         finally:  # here rather than in a done callback: no callback object per task
-            self._tasks.discard(_current_task())
+            self._tasks.discard(task)
             if not self._tasks and self._idle is not None:
                 self._idle.set()
 

@@ -3,13 +3,56 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import anyio
 import pytest
 
+from flowing import _runners
 from flowing._runners import open_runners
 
 pytestmark = pytest.mark.anyio
+
+find_task_states = _runners._AnyioTaskStates.find  # as anyio is, whatever a test patches
+
+
+@pytest.fixture(autouse=True, params=["anyio's task states", "an anyio task group"])
+def asyncio_runners(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """On asyncio, every test runs with runners anyio counts through its private task
+    states, and again with the task group used where an anyio release lacks them."""
+    if request.param == "an anyio task group":
+        monkeypatch.setattr(_runners._AnyioTaskStates, "find", classmethod(lambda cls: None))
+    return str(request.param)
+
+
+class _TaskStateOfAnotherShape:
+    def __init__(self, cancel_scope: object) -> None:
+        self.cancel_scope = cancel_scope
+
+
+def test_an_anyio_release_whose_task_state_takes_other_arguments_is_detected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import anyio._backends._asyncio as backend
+
+    monkeypatch.setattr(backend, "TaskState", _TaskStateOfAnotherShape)
+    assert find_task_states() is None
+
+
+@pytest.mark.parametrize(
+    "missing",
+    ["_task_states", "TaskState", "CancelScope"],
+    ids=["no task states", "no TaskState class", "no scope class"],
+)
+def test_an_anyio_release_without_task_states_is_detected(
+    missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio._backends._asyncio as backend
+
+    assert find_task_states() is not None
+    stripped = types.SimpleNamespace(**{k: v for k, v in vars(backend).items() if k != missing})
+    monkeypatch.setitem(sys.modules, "anyio._backends._asyncio", stripped)
+    assert find_task_states() is None
 
 
 async def test_leaving_the_block_waits_for_every_runner_including_those_started_by_runners() -> None:
@@ -109,6 +152,33 @@ async def test_cancelling_the_block_from_outside_cancels_the_runners_and_waits_f
 
     assert outer.cancelled_caught
     assert sorted(unwound) == [0, 1, 2]
+
+
+async def test_cancel_reaches_the_tasks_of_a_task_group_inside_a_runner() -> None:
+    cancelled: list[str] = []
+    both_waiting = anyio.Event()
+
+    async def wait_forever(who: str) -> None:
+        try:
+            if who == "child":
+                both_waiting.set()
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(who)
+            raise
+
+    async def runner(i: int) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_forever, "child")
+            await wait_forever("runner")
+
+    with anyio.fail_after(5):
+        async with open_runners() as runners:
+            runners.start_soon(runner, 0, "r")
+            await both_waiting.wait()
+            runners.cancel()
+
+    assert sorted(cancelled) == ["child", "runner"]
 
 
 async def test_an_exception_a_runner_lets_out_is_raised_from_the_block() -> None:
