@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 if TYPE_CHECKING:
@@ -45,17 +46,22 @@ async def open_runners() -> AsyncIterator[Runners]:
         async with anyio.create_task_group() as tg:
             yield _TaskGroupRunners(tg)
         return
-    with anyio.CancelScope() as scope:
-        runners = _AsyncioRunners(loop, scope, states)
-        try:
-            yield runners
-        except BaseException:
-            runners.cancel()
-            with anyio.CancelScope(shield=True):
-                await runners.all_done()
+    scope = anyio.CancelScope()
+    runners = _AsyncioRunners(loop, scope, states)
+    try:
+        with scope:
+            try:
+                yield runners
+            except BaseException:
+                runners.cancel()
+                with anyio.CancelScope(shield=True):
+                    await runners.all_done()
+                raise
+            await runners.all_done()
+    except anyio.get_cancelled_exc_class():
+        if runners.error is None:
             raise
-        await runners.all_done()
-    if runners.error is not None:
+    if runners.error is not None:  # a bug outranks the cancellation it met, as in a task group
         raise runners.error
 
 
@@ -150,6 +156,9 @@ class _AsyncioRunners:
                 self.cancel()
         if cancelled is not None:
             raise cancelled
+        # A runner that ended at a cancellation may have woken this task before
+        # anyio's cancel delivery reached it (it skips the task that called cancel()).
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def _run(self, runner: Runner, i: int) -> None:
         task = _current_task()

@@ -250,3 +250,36 @@ async def test_asyncio_a_runner_that_an_eager_task_factory_ran_to_the_end_is_not
     finally:
         loop.set_task_factory(None)
     assert finished == [0]
+
+
+async def test_a_cancel_scope_around_the_block_cancelled_while_runners_wait_cancels_the_block() -> None:
+    waiting = anyio.Event()
+    left_normally: list[str] = []
+
+    async def runner(i: int) -> None:
+        waiting.set()
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(5):
+        with anyio.CancelScope() as outer:
+            async with open_runners() as runners:
+                runners.start_soon(runner, 0, "r")
+                await waiting.wait()
+                outer.cancel()  # by the block's own task: anyio skips it until its next wait
+            left_normally.append("the block was left without the cancellation")
+
+    assert left_normally == []
+    assert outer.cancelled_caught
+
+
+async def test_an_exception_a_runner_lets_out_is_raised_even_when_the_block_is_cancelled_meanwhile() -> None:
+    async def broken(i: int) -> None:
+        raise LookupError(f"bug in runner {i}")
+
+    with anyio.fail_after(5), pytest.raises(Exception) as raised:
+        with anyio.CancelScope() as outer:
+            async with open_runners() as runners:
+                runners.start_soon(broken, 1, "broken")
+                outer.cancel()
+
+    assert "bug in runner 1" in repr(raised.value)
