@@ -13,7 +13,7 @@ import anyio
 
 from ._events import Event, TaskRetrying, TaskStarted, ThreadAbandoned
 from ._pools import Limits, PoolSlot
-from ._results import StepResult, StepState
+from ._results import FAILED, SUCCEEDED, StepResult, StepState
 from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
 from ._exceptions import HeldBack
@@ -117,8 +117,8 @@ async def _one_async_call(
     try:
         value = refuse_coroutine(task, await task.fn(**kwargs))
     except Exception as error:
-        return outcome(StepState.FAILED, error=error, attempts=1)
-    return outcome(StepState.SUCCEEDED, value=value, attempts=1)
+        return outcome(FAILED, error=error, attempts=1)
+    return outcome(SUCCEEDED, value=value, attempts=1)
 
 
 async def _gated_step(

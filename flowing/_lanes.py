@@ -31,7 +31,7 @@ import anyio
 
 from ._attempt import refuse_coroutine
 from ._graph import Graph
-from ._results import StepResult, StepState
+from ._results import FAILED, SUCCEEDED, StepResult
 from ._task import TaskDef
 from ._threads import LoopInbox, ThreadSlots, thread_context
 
@@ -92,7 +92,7 @@ def lane_result(task: TaskDef[..., Any], report: Finished) -> StepResult:
     failed = report.error is not None
     return StepResult(
         task.name,
-        StepState.FAILED if failed else StepState.SUCCEEDED,
+        FAILED if failed else SUCCEEDED,
         value=None if failed else report.value,
         error=report.error,
         duration_ms=(report.finished_at - report.started_at) * 1000,

@@ -34,7 +34,7 @@ from ._events import (
     TaskStarted,
     ThreadAbandoned,
 )
-from ._results import StepResult, StepState, describe_error, format_summary
+from ._results import FAILED, StepResult, StepState, describe_error, format_summary
 from ._stream import Broadcaster
 
 _MAX_RUNNING_SHOWN = 8
@@ -331,7 +331,7 @@ class RichDisplay:
         self.tally.update(event)
         # A failure, a retry or an abandoned thread is news: checked inline, as for
         # the tally, since nearly every event is not.
-        failed = type(event) is TaskFinished and event.result.state is StepState.FAILED
+        failed = type(event) is TaskFinished and event.result.state is FAILED
         if failed or type(event) in _OTHER_NEWS:
             try:
                 self._print_news(event)

@@ -21,6 +21,12 @@ class StepState(enum.Enum):
     __hash__ = object.__hash__
 
 
+# Hot paths (once or twice per task) compare against these: on Python 3.11 reading a
+# member off the Enum class is a Python-level lookup (0.18 µs; 0.03 µs on 3.12).
+SUCCEEDED = StepState.SUCCEEDED
+FAILED = StepState.FAILED
+
+
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """The outcome of one task: its state, value or error, and how it got there.
@@ -44,7 +50,7 @@ class StepResult:
 
     @property
     def succeeded(self) -> bool:
-        return self.state is StepState.SUCCEEDED
+        return self.state is SUCCEEDED
 
 
 _HEADERS = ("state", "task", "duration", "attempts", "", "error / reason")

@@ -29,7 +29,7 @@ from ._journal import JournalRun
 from ._lanes import Finished, Lanes, Report, chain_successors, lane_result, lane_tasks
 from ._mapping import run_mapped
 from ._pools import Limits, Pool
-from ._results import StepResult, StepState, count_states
+from ._results import FAILED, SUCCEEDED, StepResult, StepState, count_states
 from ._runners import Runners, open_runners
 from ._task import TaskDef
 from ._threads import ThreadSlots
@@ -340,10 +340,10 @@ class Scheduler:
         """Record task ``i``'s final result; start, skip or halt what follows from it."""
         task = self.graph.tasks[i]
         self._record(i, result)
-        if result.state is StepState.SUCCEEDED:
+        if result.state is SUCCEEDED:
             self._release_dependents(i)
         else:
-            if result.state is StepState.FAILED and not task.detached and self.fail_fast:
+            if result.state is FAILED and not task.detached and self.fail_fast:
                 self._halt(i)
             self._skip_descendants(i, result.state)
 
