@@ -139,6 +139,9 @@ class Lanes:
         self._context = thread_context()  # each body runs in a copy of it
         self._lock = threading.Lock()
         self._queue: deque[tuple[int, dict[str, Any]]] = deque()
+        # Bodies running in the lanes' threads now, by task index, with their start
+        # times: changed by those threads only, one dict step each under the GIL.
+        self._bodies: dict[int, float] = {}
         self._taking = 0
         self._jobs = 0
         self._abandoned = False  # the run was cancelled: take nothing more, report nothing
@@ -196,12 +199,15 @@ class Lanes:
         """The run stops: jobs take no more tasks; what they report still counts."""
         self._stopped = True
 
-    def abandon(self) -> None:
+    def abandon(self) -> dict[int, float]:
         """The run is cancelled: queued tasks are dropped, running bodies finish unseen
-        (their jobs still give their tokens back). Idempotent."""
+        (their jobs still give their tokens back). Idempotent. Returns the bodies
+        running now, by task index, with their start times: the loop may not have
+        heard yet that they started."""
         with self._lock:
             self._abandoned = True
             self._queue.clear()
+            return dict(self._bodies)
 
     def close(self) -> None:
         """The run is over: drop the scheduler's callbacks; late reports only return tokens."""
@@ -305,8 +311,10 @@ class Lanes:
         started_at = time.monotonic()
         self._inbox.put(Started(i, started_at))
         while True:
+            self._bodies[i] = started_at
             value, error = self._call(task, kwargs)
             finished_at = time.monotonic()
+            del self._bodies[i]
             if error is not None:
                 self._note_failure(task, error)
             following = self._following(i) if error is None else None

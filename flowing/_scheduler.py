@@ -315,10 +315,17 @@ class Scheduler:
             self._runners.start_soon(lambda _: lanes.keep(), -1, "flowing thread lanes")
 
     def _abandon_lanes(self) -> None:
-        """The run is cancelled: the lanes' running bodies go on in their threads, unseen."""
+        """The run is cancelled: the lanes' running bodies go on in their threads, unseen.
+
+        A body may have started in its thread before the loop heard of it: it counts
+        as running (and started) all the same.
+        """
         if self._lanes is None:
             return
-        self._lanes.abandon()
+        for i, started_at in self._lanes.abandon().items():
+            if i not in self._running:
+                self._running[i] = started_at
+                self._emit_started(i)
         now = time.monotonic()
         for i in self._running:
             if self._in_lane[i]:

@@ -167,6 +167,45 @@ async def test_a_cancelled_run_keeps_what_finished_and_abandons_the_running_body
     assert abandoned == [by_reason["the run was cancelled while it was running"]]
 
 
+@on_asyncio
+async def test_a_body_the_loop_has_not_heard_of_yet_is_abandoned_as_running_when_the_run_is_cancelled() -> None:
+    seen: list[Event] = []
+    gate_runs, go = threading.Event(), threading.Event()
+    last_started, release = threading.Event(), threading.Event()
+
+    def gate() -> int:
+        gate_runs.set()
+        go.wait(10)
+        return 1
+
+    def last(gate: int) -> None:  # runs next on gate's thread: a chain
+        last_started.set()
+        release.wait(10)
+
+    gate_task = task(gate)
+    last_task = task(last, depends_on=[gate_task])
+
+    @task
+    async def watcher() -> None:
+        await anyio.to_thread.run_sync(gate_runs.wait, 10)
+        outer.cancel()  # the lanes' keeper will drop their reports before it hears of `last`
+        go.set()
+        last_started.wait(10)  # blocks the loop: `last` starts before the cancellation lands
+        await anyio.sleep_forever()
+
+    flow = Flow(last_task, watcher, max_workers=2, on_event=seen.append)
+    try:
+        with anyio.CancelScope() as outer:
+            await flow.arun()
+    finally:
+        release.set()
+
+    result = flow.results["last"]
+    assert (result.state, result.reason) == (StepState.CANCELLED, "the run was cancelled while it was running")
+    about_last = [type(e).__name__ for e in seen if getattr(e, "task", None) == "last"]
+    assert about_last == ["TaskStarted", "ThreadAbandoned", "TaskFinished"]
+
+
 async def test_each_link_of_a_chain_gets_a_fresh_copy_of_the_runs_context() -> None:
     def link(**previous: str) -> str:
         seen = marker.get()
