@@ -128,7 +128,6 @@ class _AsyncioRunners:
         self._states = states
         self._parent_id = id(_current_task())
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cancelled = False
         self.error: BaseException | None = None  # the first one a runner let out
         self._idle: anyio.Event | None = None  # set when the last runner finishes
 
@@ -138,7 +137,6 @@ class _AsyncioRunners:
             self._tasks.add(task)
 
     def cancel(self) -> None:
-        self._cancelled = True
         self._scope.cancel()
 
     async def all_done(self) -> None:
@@ -163,7 +161,7 @@ class _AsyncioRunners:
     async def _run(self, runner: Runner, i: int) -> None:
         task = _current_task()
         try:
-            if self._cancelled:
+            if self._scope.cancel_called:
                 return
             self._states.adopt(task, self._scope, self._parent_id)
             try:
