@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._events import Event, TaskRetrying, TaskStarted, ThreadAbandoned
+from ._events import Event, TaskRetrying, ThreadAbandoned, make_started
 from ._pools import Limits, PoolSlot
-from ._results import FAILED, SUCCEEDED, StepResult, StepState
+from ._results import FAILED, SUCCEEDED, StepResult, StepState, make_result
 from ._retry import retry_delay_ms, should_retry
 from ._task import TaskDef, call_gate
 from ._exceptions import HeldBack
@@ -53,7 +53,7 @@ class Outcome:
         reason: str | None = None,
     ) -> StepResult:
         finished_at = time.monotonic()
-        return StepResult(
+        return make_result(
             name=self.task.name,
             state=state,
             value=value,
@@ -113,7 +113,7 @@ async def _one_async_call(
 ) -> StepResult:
     """``_attempts`` for a task that has one attempt and no timeout: the body awaited here."""
     outcome = Outcome(task)
-    ctx.emit(TaskStarted(task.name, index, ctx.total, outcome.started_at, 1, 1))
+    ctx.emit(make_started(task.name, index, ctx.total, outcome.started_at, 1, 1))
     try:
         value = refuse_coroutine(task, await task.fn(**kwargs))
     except Exception as error:
@@ -161,7 +161,7 @@ async def _attempts(
             if attempt == 1:  # like every task fail_fast held back: never started, no timing
                 reason = f"not started: {held.reason}"
                 detached = task.detached
-                return StepResult(task.name, StepState.SKIPPED, reason=reason, detached=detached)
+                return make_result(task.name, StepState.SKIPPED, reason=reason, detached=detached)
             return outcome(  # the earlier attempts' outcome stands
                 StepState.FAILED,
                 value=value,
@@ -235,7 +235,7 @@ async def _call_with_timeout(
     slot: PoolSlot | None = None,
 ) -> Any:
     """One attempt: its start event, then its body under the task's timeout."""
-    ctx.emit(TaskStarted(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+    ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
     if task.timeout_s is None:  # no cancel scope to pay for
         return refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
     with anyio.move_on_after(task.timeout_s):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from ._log import logger
+from ._frozen import quick_constructor
 from ._results import StepResult, describe_error
 
 
@@ -81,6 +82,11 @@ class InstanceFinished(_TaskEvent):
     item: int
     result: StepResult
 
+
+# For the engine, which builds two or three events per task.
+make_started = quick_constructor(TaskStarted)
+make_finished = quick_constructor(TaskFinished)
+make_instance_finished = quick_constructor(InstanceFinished)
 
 Event = Union[
     FlowStarted,

@@ -31,7 +31,7 @@ import anyio
 
 from ._attempt import refuse_coroutine
 from ._graph import Graph
-from ._results import FAILED, SUCCEEDED, StepResult
+from ._results import FAILED, SUCCEEDED, StepResult, make_result
 from ._task import TaskDef
 from ._threads import LoopInbox, ThreadSlots, thread_context
 
@@ -90,7 +90,7 @@ def chain_successors(graph: Graph, in_lane: Sequence[bool], done: Callable[[str]
 def lane_result(task: TaskDef[..., Any], report: Finished) -> StepResult:
     """The result of a lane task whose body returned or raised an ``Exception``."""
     failed = report.error is not None
-    return StepResult(
+    return make_result(
         task.name,
         FAILED if failed else SUCCEEDED,
         value=None if failed else report.value,

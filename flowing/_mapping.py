@@ -20,9 +20,9 @@ from typing import Any
 import anyio
 
 from ._attempt import Outcome, StepContext, run_step
-from ._events import InstanceFinished
+from ._events import make_instance_finished
 from ._exceptions import MapOverError
-from ._results import StepResult, StepState
+from ._results import StepResult, StepState, make_result
 from ._task import TaskDef
 
 QUEUED_PER_THREAD = 4
@@ -184,14 +184,14 @@ class _FanOut:
         for k in range(first, len(self.results)):
             name = f"{self.task.name}[{k}]"
             detached = self.task.detached
-            self._finish(k, StepResult(name, StepState.SKIPPED, reason=reason, detached=detached))
+            self._finish(k, make_result(name, StepState.SKIPPED, reason=reason, detached=detached))
 
     def _finish(self, k: int, result: StepResult) -> None:
         self.results[k] = result
         if result.state is StepState.FAILED:
             self.failed = True
         self.ctx.emit(
-            InstanceFinished(result.name, self.index, self.ctx.total, time.monotonic(), k, result)
+            make_instance_finished(result.name, self.index, self.ctx.total, time.monotonic(), k, result)
         )
 
     def outcome(self, started_at: float) -> StepResult:

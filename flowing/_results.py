@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._frozen import quick_constructor
+
 
 class StepState(enum.Enum):
     """The final state of one task in one run."""
@@ -51,6 +53,9 @@ class StepResult:
     @property
     def succeeded(self) -> bool:
         return self.state is SUCCEEDED
+
+
+make_result = quick_constructor(StepResult)  # for the engine: one per task
 
 
 _HEADERS = ("state", "task", "duration", "attempts", "", "error / reason")

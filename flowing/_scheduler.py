@@ -21,7 +21,7 @@ import anyio
 import anyio.lowlevel
 
 from ._attempt import Outcome, StepContext, run_step, waits_only_for_a_thread
-from ._events import Event, FlowFinished, FlowStarted, TaskFinished, TaskStarted, ThreadAbandoned
+from ._events import Event, FlowFinished, FlowStarted, ThreadAbandoned, make_finished, make_started
 from ._executor import Executor
 from ._cache import ResultCache
 from ._graph import Graph
@@ -29,7 +29,7 @@ from ._journal import JournalRun
 from ._lanes import Finished, Lanes, Report, chain_successors, lane_result, lane_tasks
 from ._mapping import run_mapped
 from ._pools import Limits, Pool
-from ._results import FAILED, SUCCEEDED, StepResult, StepState, count_states
+from ._results import FAILED, SUCCEEDED, StepResult, StepState, count_states, make_result
 from ._runners import Runners, open_runners
 from ._task import TaskDef
 from ._threads import ThreadSlots
@@ -305,7 +305,7 @@ class Scheduler:
     def _emit_started(self, i: int) -> None:
         """A lane task started; like every event, stamped when the loop emits it."""
         now = time.monotonic()
-        self.emit(TaskStarted(self.graph.tasks[i].name, i, len(self.graph), now, 1, 1))
+        self.emit(make_started(self.graph.tasks[i].name, i, len(self.graph), now, 1, 1))
 
     def _keep_lanes(self) -> None:
         """Have the phase wait for the thread lanes while they run (see Lanes.keep)."""
@@ -452,11 +452,11 @@ class Scheduler:
 
     def _unstarted(self, i: int, state: StepState, reason: str) -> StepResult:
         task = self.graph.tasks[i]
-        return StepResult(task.name, state, reason=reason, detached=task.detached)
+        return make_result(task.name, state, reason=reason, detached=task.detached)
 
     def _record(self, i: int, result: StepResult) -> None:
         self.results[result.name] = result
-        self.emit(TaskFinished(result.name, i, len(self.graph), time.monotonic(), result))
+        self.emit(make_finished(result.name, i, len(self.graph), time.monotonic(), result))
 
     def _succeeded(self, i: int) -> bool:
         result = self.results.get(self.graph.tasks[i].name)
