@@ -16,7 +16,7 @@ from flowing._results import make_result
 
 RESULT = StepResult("load", StepState.SUCCEEDED, value=[1, 2], attempts=1, started_at=1.0)
 CASES: list[tuple[Callable[..., Any], type, tuple[Any, ...], dict[str, Any]]] = [
-    (make_result, StepResult, ("load", StepState.FAILED), {"error": ValueError("x"), "attempts": 2}),
+    (make_result, StepResult, ("load", StepState.FAILED), {"error": KeyError("x"), "attempts": 2}),
     (make_started, TaskStarted, ("load", 0, 3, 12.5, 1, 3), {}),
     (make_finished, TaskFinished, ("load", 0, 3, 12.5), {"result": RESULT}),
     (make_instance_finished, InstanceFinished, ("load[1]", 0, 3, 12.5, 1, RESULT), {}),
@@ -49,8 +49,9 @@ def test_a_quick_instance_is_frozen(built: tuple[Any, Any]) -> None:
 def test_a_quick_instance_pickles_and_replaces_like_a_normal_one(built: tuple[Any, Any]) -> None:
     quick, normal = built
     first = dataclasses.fields(quick)[0].name
-    assert dataclasses.replace(quick, **{first: "other"}) == dataclasses.replace(normal, **{first: "other"})
-    if not isinstance(quick, StepResult):  # a ValueError in a result does not compare equal after pickling
+    renamed = {first: "other"}
+    assert dataclasses.replace(quick, **renamed) == dataclasses.replace(normal, **renamed)
+    if not isinstance(quick, StepResult):  # its ValueError would not compare equal once pickled
         assert pickle.loads(pickle.dumps(quick)) == normal
 
 
