@@ -97,16 +97,24 @@ def _is_terminal(file: TextIO) -> bool:
 
 
 class Tally:
-    """Counts and running tasks, updated from events; read by a display."""
+    """Counts and running tasks, updated from events; read by a display.
 
-    def __init__(self) -> None:
+    ``on_news`` (if given) is called with each failure, retry and abandoned thread,
+    from ``update``: a display that tallies on the event loop can then take ``update``
+    itself as its listener, one Python call per event.
+    """
+
+    def __init__(self, on_news: Callable[[Event], None] | None = None) -> None:
+        self.on_news = on_news
         self._reset(time.monotonic(), 0)
 
     def _reset(self, started_at: float, pending: int) -> None:
-        # Invariant: `running` maps each task with a started, unfinished attempt to
-        # (first start time, attempt, max attempts, next retry time or None while an
-        # attempt runs), in the order of their first start; `by_state` counts every finished task, `finished` those of
-        # the `pending` ones (not replayed from a journal), `cached` the replayed ones.
+        # Invariant: `running` maps each task with a started, unfinished attempt to its
+        # first start time, in the order of their first start (a float: no object for
+        # the garbage collector per running task); `attempts` maps those of them that
+        # may take more than one attempt to (attempt, max attempts, next retry time or
+        # None while an attempt runs). `by_state` counts every finished task, `finished`
+        # those of the `pending` ones (not replayed from a journal), `cached` the replayed ones.
         self.started_at = started_at
         self.pending = pending
         self.width = len(str(pending))
@@ -114,7 +122,8 @@ class Tally:
         self.retries = 0
         self.finished = 0
         self.cached = 0
-        self.running: dict[str, tuple[float, int, int, float | None]] = {}
+        self.running: dict[str, float] = {}
+        self.attempts: dict[str, tuple[int, int, float | None]] = {}
         self.finished_at: float | None = None
 
     @property
@@ -127,8 +136,8 @@ class Tally:
         thread renders from copies of these dicts (a copy is one step under the GIL);
         the plain display applies and reads them in its own thread. By the event's
         type, the two events every task has handled inline: they add up."""
-        if type(event) is TaskStarted and event.attempt == 1:
-            self.running[event.task] = (event.time, 1, event.max_attempts, None)
+        if type(event) is TaskStarted and event.max_attempts == 1:
+            self.running[event.task] = event.time
         elif type(event) is TaskFinished:
             self.running.pop(event.task, None)
             result = event.result
@@ -137,23 +146,37 @@ class Tally:
                 self.cached += 1  # replayed: counted, but not part of `pending`
             else:
                 self.finished += 1
+            if self.attempts:
+                self.attempts.pop(event.task, None)
+            if result.state is FAILED:
+                self._news(event)
         else:
             apply = _OTHER_UPDATES.get(type(event))
             if apply is not None:
                 apply(self, event)
 
-    def _restarted(self, event: TaskStarted) -> None:
-        first = self.running.get(event.task, (event.time,))[0]
-        self.running[event.task] = (first, event.attempt, event.max_attempts, None)
+    def _started(self, event: TaskStarted) -> None:
+        """An attempt of a task that may take more than one."""
+        self.running.setdefault(event.task, event.time)
+        self.attempts[event.task] = (event.attempt, event.max_attempts, None)
 
     def _instance_finished(self, event: InstanceFinished) -> None:
         self.running.pop(event.task, None)  # mapped instances count with their step
+        self.attempts.pop(event.task, None)
 
     def _retrying(self, event: TaskRetrying) -> None:
         self.retries += 1
-        first = self.running.get(event.task, (event.time,))[0]
+        self.running.setdefault(event.task, event.time)
         retry_at = event.time + event.delay_ms / 1000
-        self.running[event.task] = (first, event.attempt, event.max_attempts, retry_at)
+        self.attempts[event.task] = (event.attempt, event.max_attempts, retry_at)
+        self._news(event)
+
+    def _abandoned(self, event: ThreadAbandoned) -> None:
+        self._news(event)
+
+    def _news(self, event: Event) -> None:
+        if self.on_news is not None:
+            self.on_news(event)
 
     def _flow_started(self, event: FlowStarted) -> None:
         self._reset(event.time, event.pending)
@@ -176,9 +199,10 @@ class Tally:
 
 
 _OTHER_UPDATES: dict[type, Callable[[Tally, Any], None]] = {
-    TaskStarted: Tally._restarted,
+    TaskStarted: Tally._started,
     InstanceFinished: Tally._instance_finished,
     TaskRetrying: Tally._retrying,
+    ThreadAbandoned: Tally._abandoned,
     FlowStarted: Tally._flow_started,
     FlowFinished: Tally._flow_finished,
 }
@@ -301,17 +325,19 @@ def _counts(counts: dict[str, int]) -> str:
 class RichDisplay:
     """A rich ``Live`` display on stderr, redrawn four times a second from rich's thread.
 
-    Each event updates the tally on the event loop (a fraction of a microsecond,
-    and the event can be freed at once: queuing thousands of them for a display
-    thread made the garbage collector work harder than the tally ever did); a
-    retry, failure or abandoned thread also prints its line at once.
+    The tally's ``update`` is the listener: each event updates it on the event loop
+    (a fraction of a microsecond, and the event can be freed at once: queuing
+    thousands of them for a display thread made the garbage collector work harder
+    than the tally ever did). A retry, failure or abandoned thread, news the tally
+    hands on, also prints its line at once.
     """
 
     def __init__(self, file: TextIO) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        self.tally = Tally()
+        self.tally = Tally(on_news=self._news)
+        self.on_event: Callable[[Event], None] = self.tally.update
         self.console = Console(file=file, highlight=False)
         self.live = Live(
             get_renderable=self.render,
@@ -327,16 +353,11 @@ class RichDisplay:
     def stop(self) -> None:
         self.live.stop()
 
-    def on_event(self, event: Event) -> None:
-        self.tally.update(event)
-        # A failure, a retry or an abandoned thread is news: checked inline, as for
-        # the tally, since nearly every event is not.
-        failed = type(event) is TaskFinished and event.result.state is FAILED
-        if failed or type(event) in _OTHER_NEWS:
-            try:
-                self._print_news(event)
-            except Exception as error:  # a dead terminal must not break the run
-                _display_failed(error)
+    def _news(self, event: Event) -> None:
+        try:
+            self._print_news(event)
+        except Exception as error:  # a dead terminal must not break the run
+            _display_failed(error)
 
     def _print_news(self, event: Event) -> None:
         """A line above the display for each retry, failure and abandoned thread."""
@@ -363,7 +384,8 @@ class RichDisplay:
         now = time.monotonic()
         tally = self.tally
         counts = tally.counts
-        running = dict(tally.running)  # one step under the GIL: the loop may update it meanwhile
+        # Copies, each one step under the GIL: the loop may update them meanwhile.
+        running, attempts = dict(tally.running), dict(tally.attempts)
         longest = list(itertools.islice(running.items(), _MAX_RUNNING_SHOWN))
         finished, pending, retries = tally.finished, tally.pending, tally.retries
         elapsed, eta = tally.elapsed(now), tally.eta(now)
@@ -388,17 +410,24 @@ class RichDisplay:
         if counts["cancelled"]:
             line.append(f"   ⊘ {counts['cancelled']} cancelled", style="magenta")
         tasks = Table.grid(padding=(0, 2))
-        for name, (first, attempt, max_attempts, retry_at) in longest:
-            tries = f"attempt {attempt}/{max_attempts}" if max_attempts > 1 else ""
-            if retry_at is not None:
-                tries = f"attempt {attempt}/{max_attempts} failed, retry in {max(retry_at - now, 0):.1f}s"
-            tasks.add_row(Text("  ▸ " + name, style="cyan"), f"{now - first:5.1f}s", Text(tries, style="yellow"))
+        for name, first in longest:
+            tasks.add_row(
+                Text("  ▸ " + name, style="cyan"),
+                f"{now - first:5.1f}s",
+                Text(_tries(attempts.get(name), now), style="yellow"),
+            )
         if len(running) > _MAX_RUNNING_SHOWN:
             tasks.add_row(Text(f"    … and {len(running) - _MAX_RUNNING_SHOWN} more", style="dim"), "", "")
         return Group(bar, line, tasks) if running else Group(bar, line)
 
 
-_OTHER_NEWS = frozenset((TaskRetrying, ThreadAbandoned))
+def _tries(attempts: tuple[int, int, float | None] | None, now: float) -> str:
+    if attempts is None:
+        return ""
+    attempt, max_attempts, retry_at = attempts
+    if retry_at is None:
+        return f"attempt {attempt}/{max_attempts}"
+    return f"attempt {attempt}/{max_attempts} failed, retry in {max(retry_at - now, 0):.1f}s"
 
 
 def _clock(seconds: float) -> str:

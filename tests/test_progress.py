@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 
-from flowing import Event, Flow, FlowStarted, StepResult, StepState, TaskFinished, task
+from flowing import (
+    Event,
+    Flow,
+    FlowStarted,
+    StepResult,
+    StepState,
+    TaskFinished,
+    TaskRetrying,
+    task,
+)
 from flowing._progress import PlainDisplay, RichDisplay, Tally, make_display
 
 
@@ -116,6 +125,44 @@ def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
     assert "1 retries" in text
     assert "flaky" in text and "attempt 2/2" in text
     assert "↻ flaky attempt 1/2 failed: ConnectionError: first call fails (retry in 0 ms)" in terminal.text()
+
+
+def test_the_rich_display_shows_a_task_waiting_for_its_retry() -> None:
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    display = RichDisplay(FakeTerminal())
+    seen: list[Event] = []
+    build_flow(seen.append).run()
+    for event in seen[:3]:  # flaky's first attempt failed, its retry not started
+        display.on_event(event)
+    screen = Console(file=io.StringIO(), width=100, record=True)
+    screen.print(display.render())
+    assert "attempt 1/2 failed, retry in 0.0s" in screen.export_text()
+
+
+def test_the_tally_forgets_a_task_with_retries_once_it_finished() -> None:
+    tally = Tally()
+    seen: list[Event] = []
+    build_flow(seen.append).run()
+    for event in seen:
+        tally.update(event)
+    assert tally.running == {} and tally.attempts == {}
+    assert (tally.retries, tally.finished) == (1, 3)
+
+
+def test_the_tally_hands_on_failures_and_retries_as_news() -> None:
+    news: list[Event] = []
+    tally = Tally(on_news=news.append)
+    seen: list[Event] = []
+    build_flow(seen.append).run()
+    for event in seen:
+        tally.update(event)
+    assert [(type(e).__name__, e.task) for e in news if isinstance(e, TaskFinished | TaskRetrying)] == [
+        ("TaskRetrying", "flaky"),
+        ("TaskFinished", "broken"),
+    ]
+    assert len(news) == 2
 
 
 def test_the_rich_display_prints_failures_as_they_happen() -> None:
