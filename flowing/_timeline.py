@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._events import Event, FlowFinished, FlowStarted, TaskFinished, TaskRetrying
 from ._exceptions import MissingExtraError, NoRunError
+from ._results import StepResult
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -41,21 +42,23 @@ class RunRecorder:
 
     def __init__(self) -> None:
         # Invariant: `started` is the FlowStarted time of the latest run (None before
-        # any); `finished` holds that run's TaskFinished events for tasks that started.
+        # any); `finished` maps the index of each task of that run that started to its
+        # result: the results the flow keeps anyway rather than the events, so that a
+        # big run leaves no extra object per task for the garbage collector to walk.
         self.started: float | None = None
         self.ended: float | None = None
-        self.finished: list[TaskFinished] = []
+        self.finished: dict[int, StepResult] = {}
         self.retries: dict[str, list[float]] = {}
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, TaskFinished):
             if event.result.started_at is not None and not event.result.cached:
-                self.finished.append(event)
+                self.finished[event.index] = event.result
         elif isinstance(event, TaskRetrying):
             self.retries.setdefault(event.task, []).append(event.time)
         elif isinstance(event, FlowStarted):
             self.started, self.ended = event.time, None
-            self.finished, self.retries = [], {}
+            self.finished, self.retries = {}, {}
         elif isinstance(event, FlowFinished):
             self.ended = event.time
 
@@ -65,22 +68,22 @@ class RunRecorder:
             raise NoRunError("timeline()")
         origin = self.started
         spans = {
-            e.index: (e.result.started_at or origin, e.result.finished_at or e.time, e)
-            for e in self.finished
+            i: (r.started_at or origin, r.finished_at or r.started_at or origin, r)
+            for i, r in self.finished.items()
         }
         critical = _critical_path(graph, {i: end for i, (_, end, _) in spans.items()})
         bars = [
             Bar(
-                name=e.task,
+                name=r.name,
                 index=i,
                 start_ms=(start - origin) * 1000,
                 end_ms=(end - origin) * 1000,
-                state=node_state(e.result) or "",
-                detached=e.result.detached,
-                retries_ms=tuple((t - origin) * 1000 for t in self.retries.get(e.task, ())),
+                state=node_state(r) or "",
+                detached=r.detached,
+                retries_ms=tuple((t - origin) * 1000 for t in self.retries.get(r.name, ())),
                 critical=i in critical,
             )
-            for i, (start, end, e) in spans.items()
+            for i, (start, end, r) in spans.items()
         ]
         return sorted(bars, key=lambda b: (b.start_ms, b.index))
 

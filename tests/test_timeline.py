@@ -91,6 +91,23 @@ def test_only_the_latest_run_is_drawn() -> None:
     assert "quick" not in parse_gantt(flow.timeline())
 
 
+def test_a_retried_task_has_one_bar_with_its_retry_inside() -> None:
+    calls = {"n": 0}
+
+    @task(retry=1, retry_backoff_base_ms=0)
+    def flaky() -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("first call fails")
+        return 1
+
+    flow = Flow(flaky)
+    flow.run()
+    (bar,) = flow._recorder.bars(flow._graph)
+    assert (bar.name, bar.state, len(bar.retries_ms)) == ("flaky", "succeeded", 1)
+    assert bar.start_ms <= bar.retries_ms[0] <= bar.end_ms
+
+
 @pytest.mark.parametrize(
     "ends,expected",
     [
