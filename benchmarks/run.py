@@ -52,7 +52,7 @@ class Case:
         names = [self.floor, "flowing"]
         if self.workload == "W1" and not quick:
             names.append("flowing-mapped")  # the same fan-out as one mapped task
-        if self.n == 10_000 and self.workload in ("W1", "W2") and not quick:
+        if self.n == 10_000 and self.workload != "W4" and not quick:
             names += ["flowing+plain", "flowing+rich"]  # the cost of run(progress=True)
         if self.sync_only:
             names.append("dask")
