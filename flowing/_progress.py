@@ -183,6 +183,9 @@ class Tally:
 
     def _flow_finished(self, event: FlowFinished) -> None:
         self.finished_at = event.time
+        # A cancelled run finishes its mapped steps without an InstanceFinished for
+        # their running instances: none of them runs on once the run is over.
+        self.running, self.attempts = {}, {}
 
     def elapsed(self, now: float | None = None) -> float:
         end = self.finished_at if self.finished_at is not None else (now or time.monotonic())

@@ -9,12 +9,14 @@ import sys
 import time
 from typing import Any
 
+import anyio
 import pytest
 
 from flowing import (
     Event,
     Flow,
     FlowStarted,
+    FlowTimeoutError,
     StepResult,
     StepState,
     TaskFinished,
@@ -149,6 +151,22 @@ def test_the_tally_forgets_a_task_with_retries_once_it_finished() -> None:
         tally.update(event)
     assert tally.running == {} and tally.attempts == {}
     assert (tally.retries, tally.finished) == (1, 3)
+
+
+def test_the_tally_shows_nothing_running_once_a_run_cancelled_inside_a_mapped_task_finished() -> None:
+    @task
+    def items() -> list[int]:
+        return [1, 2, 3]
+
+    @task(depends_on=[items], map_over="items", retry=1)
+    async def wait(items: int) -> None:
+        await anyio.sleep(10)
+
+    tally = Tally()
+    with pytest.raises(FlowTimeoutError):
+        Flow(wait, on_event=tally.update).run(timeout_s=0.2)
+    assert tally.counts["cancelled"] == 1
+    assert tally.running == {} and tally.attempts == {}
 
 
 def test_the_tally_hands_on_failures_and_retries_as_news() -> None:
