@@ -24,7 +24,7 @@ from ._exceptions import FlowDefinitionError
 from ._graph import Graph
 from ._keys import KEY_VERSION, compute_step_key
 from ._log import logger
-from ._results import StepResult, StepState
+from ._results import REPLAYED_REASON, StepResult, StepState
 from ._serializers import Serializer
 
 if sys.platform != "win32":
@@ -123,7 +123,7 @@ class Journal:
             name,
             StepState.SUCCEEDED,
             value=value,
-            reason="replayed from the journal",
+            reason=REPLAYED_REASON,
             detached=detached,
             cached=True,
             step_key=record.key,

@@ -34,7 +34,7 @@ from ._events import (
     TaskStarted,
     ThreadAbandoned,
 )
-from ._results import FAILED, StepResult, StepState, describe_error, format_summary
+from ._results import FAILED, REPLAYED_REASON, StepResult, StepState, describe_error, format_summary
 from ._stream import Broadcaster
 
 _MAX_RUNNING_SHOWN = 8
@@ -114,7 +114,8 @@ class Tally:
         # the garbage collector per running task); `attempts` maps those of them that
         # may take more than one attempt to (attempt, max attempts, next retry time or
         # None while an attempt runs). `by_state` counts every finished task, `finished`
-        # those of the `pending` ones (not replayed from a journal), `cached` the replayed ones.
+        # those of the `pending` ones (all but the replays from a journal), `cached` those
+        # replayed or hits of the cache.
         self.started_at = started_at
         self.pending = pending
         self.width = len(str(pending))
@@ -142,10 +143,12 @@ class Tally:
             self.running.pop(event.task, None)
             result = event.result
             self.by_state[result.state] += 1
-            if result.cached:
-                self.cached += 1  # replayed: counted, but not part of `pending`
-            else:
+            if not result.cached:
                 self.finished += 1
+            else:
+                self.cached += 1
+                if result.reason != REPLAYED_REASON:  # a replay is not part of `pending`
+                    self.finished += 1  # a cache hit is
             if self.attempts:
                 self.attempts.pop(event.task, None)
             if result.state is FAILED:

@@ -57,6 +57,9 @@ class StepResult:
 
 make_result = quick_constructor(StepResult)  # for the engine: one per task
 
+# The reason of a task's result replayed from the journal (a cache hit is cached too).
+REPLAYED_REASON = "replayed from the journal"
+
 
 _HEADERS = ("state", "task", "duration", "attempts", "", "error / reason")
 

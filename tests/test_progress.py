@@ -237,6 +237,23 @@ def test_tasks_replayed_from_a_journal_are_counted_apart_from_the_pending_ones()
     assert (tally.finished, tally.cached, tally.pending, tally.counts["succeeded"]) == (1, 1, 1, 2)
 
 
+def test_a_cache_hit_is_one_of_the_pending_tasks_and_counts_as_finished() -> None:
+    @task(cache=True)
+    def load() -> int:
+        return 1
+
+    @task(depends_on=[load])
+    def report(load: int) -> int:
+        return load
+
+    tally = Tally()
+    flow = Flow(report, on_event=tally.update)
+    flow.run()
+    flow.run()  # load is a hit on its code and inputs: it still was one of the 2 to run
+    assert flow.results["load"].cached
+    assert (tally.finished, tally.pending, tally.counts["succeeded"]) == (2, 2, 2)
+
+
 @pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
 def test_the_summary_lists_every_task_and_ends_with_the_verdict(terminal: bool) -> None:
     pytest.importorskip("rich")
