@@ -19,8 +19,16 @@ T = TypeVar("T")
 
 
 def quick_constructor(cls: Callable[P, T]) -> Callable[P, T]:
-    """A constructor for the frozen slots dataclass ``cls``, with its signature."""
+    """A constructor for the frozen slots dataclass ``cls``, with its signature.
+
+    Only for plain fields: a field with ``init=False`` or ``kw_only=True``, or a
+    ``__post_init__``, would be built differently, so those are refused.
+    """
     frozen: Any = cls
+    unsupported = [f.name for f in fields(frozen) if not f.init or f.kw_only is True]
+    if unsupported or hasattr(frozen, "__post_init__"):
+        what = f"fields {unsupported}" if unsupported else "__post_init__"
+        raise TypeError(f"quick_constructor({frozen.__name__}): {what} not supported")
     plain: Any = make_dataclass(
         frozen.__name__,
         [

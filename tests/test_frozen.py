@@ -79,3 +79,29 @@ def test_a_default_factory_gives_each_instance_its_own_value() -> None:
     first, second = make_bag(), make_bag()
     first.items.append(1)
     assert second.items == [] and type(first) is Bag
+
+
+@pytest.mark.parametrize(
+    "field",
+    [dataclasses.field(default=0, init=False), dataclasses.field(default=0, kw_only=True)],
+    ids=["init-false", "kw-only"],
+)
+def test_a_field_the_plain_constructor_would_build_differently_is_refused(field: Any) -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Odd:
+        name: str
+        extra: int = field
+
+    with pytest.raises(TypeError, match="extra"):
+        quick_constructor(Odd)
+
+
+def test_a_post_init_is_refused() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        name: str
+
+        def __post_init__(self) -> None: ...
+
+    with pytest.raises(TypeError, match="__post_init__"):
+        quick_constructor(Checked)
