@@ -339,12 +339,11 @@ class RichDisplay:
     """
 
     def __init__(self, file: TextIO) -> None:
-        from rich.console import Console
         from rich.live import Live
 
         self.tally = Tally(on_news=self._news)
         self.on_event: Callable[[Event], None] = self.tally.update
-        self.console = Console(file=file, highlight=False)
+        self.console = _console(file)
         self.live = Live(
             get_renderable=self.render,
             console=self.console,
@@ -363,6 +362,7 @@ class RichDisplay:
         try:
             self._print_news(event)
         except Exception as error:  # a dead terminal must not break the run
+            self.tally.on_news = None  # nor be written to again, nor logged once per event
             _display_failed(error)
 
     def _print_news(self, event: Event) -> None:
@@ -436,6 +436,22 @@ def _tries(attempts: tuple[int, int, float | None] | None, now: float) -> str:
     return f"attempt {attempt}/{max_attempts} failed, retry in {max(retry_at - now, 0):.1f}s"
 
 
+def _console(file: TextIO) -> Any:
+    """A rich console on ``file`` that goes quiet when its pipe breaks.
+
+    rich's own answer to a broken pipe is to point the process's stdout at /dev/null
+    and raise SystemExit: a library's display must not end the run or take stdout.
+    """
+    from rich.console import Console
+
+    class QuietOnBrokenPipe(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            _display_failed(BrokenPipeError(f"cannot write to {file!r}"))
+
+    return QuietOnBrokenPipe(file=file, highlight=False)
+
+
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(max(seconds, 0.0), 60)
     return f"{int(minutes)}:{secs:04.1f}"
@@ -462,7 +478,6 @@ _STATE_STYLES = {"succeeded": "green", "failed": "bold red", "skipped": "yellow"
 
 
 def _print_rich_summary(results: list[StepResult], verdict: str, file: TextIO) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, header_style="bold dim")
@@ -479,7 +494,7 @@ def _print_rich_summary(results: list[StepResult], verdict: str, file: TextIO) -
             "[dim]detached[/]" if r.detached else "",
             _escape(describe_error(r.error) if r.error is not None else r.reason or ""),
         )
-    console = Console(file=file, highlight=False)
+    console = _console(file)
     console.print(table)
     ok = verdict.startswith("ok")
     console.print(f"[{'bold green' if ok else 'bold red'}]{_escape(verdict)}[/]")

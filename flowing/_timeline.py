@@ -48,14 +48,14 @@ class RunRecorder:
         self.started: float | None = None
         self.ended: float | None = None
         self.finished: dict[int, StepResult] = {}
-        self.retries: dict[str, list[float]] = {}
+        self.retries: dict[int, list[float]] = {}  # by task index: a mapped step's instances' too
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, TaskFinished):
             if event.result.started_at is not None and not event.result.cached:
                 self.finished[event.index] = event.result
         elif isinstance(event, TaskRetrying):
-            self.retries.setdefault(event.task, []).append(event.time)
+            self.retries.setdefault(event.index, []).append(event.time)
         elif isinstance(event, FlowStarted):
             self.started, self.ended = event.time, None
             self.finished, self.retries = {}, {}
@@ -80,7 +80,7 @@ class RunRecorder:
                 end_ms=(end - origin) * 1000,
                 state=node_state(r) or "",
                 detached=r.detached,
-                retries_ms=tuple((t - origin) * 1000 for t in self.retries.get(r.name, ())),
+                retries_ms=tuple((t - origin) * 1000 for t in self.retries.get(i, ())),
                 critical=i in critical,
             )
             for i, (start, end, r) in spans.items()

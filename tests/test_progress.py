@@ -196,6 +196,30 @@ def test_the_rich_display_prints_failures_as_they_happen() -> None:
     assert "✗ broken failed: ValueError: bad row" in terminal.text()
 
 
+@pytest.mark.parametrize("error", [BrokenPipeError, OSError], ids=["broken-pipe", "os-error"])
+def test_the_rich_display_stops_printing_news_once_the_terminal_failed(
+    error: type[OSError], caplog: pytest.LogCaptureFixture
+) -> None:
+    """rich itself would answer a broken pipe with SystemExit, and stdout sent to /dev/null."""
+    pytest.importorskip("rich")
+
+    class DeadTerminal(FakeTerminal):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            DeadTerminal.writes += 1
+            raise error("terminal gone")
+
+    display = RichDisplay(DeadTerminal())
+    seen: list[Event] = []
+    build_flow(seen.append).run()
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        for event in seen + seen:  # a retry and a failure each time: four pieces of news
+            display.on_event(event)
+    assert DeadTerminal.writes == 1
+    assert caplog.text.count("the progress display failed and is off") == 1
+
+
 @pytest.mark.parametrize(
     "finished,pending,elapsed,expected",
     [(0, 10, 5.0, None), (5, 10, 5.0, 5.0), (10, 10, 5.0, 0.0)],

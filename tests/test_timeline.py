@@ -108,6 +108,26 @@ def test_a_retried_task_has_one_bar_with_its_retry_inside() -> None:
     assert bar.start_ms <= bar.retries_ms[0] <= bar.end_ms
 
 
+def test_a_mapped_step_bar_shows_its_instances_retries() -> None:
+    failed: set[int] = set()
+
+    @task
+    def items() -> list[int]:
+        return [1, 2]
+
+    @task(depends_on=[items], map_over="items", retry=1, retry_backoff_base_ms=0)
+    def each(items: int) -> int:
+        if items not in failed:
+            failed.add(items)
+            raise ConnectionError("first call fails")
+        return items
+
+    flow = Flow(each)
+    flow.run()
+    bars = {bar.name: bar for bar in flow._recorder.bars(flow._graph)}
+    assert len(bars["each"].retries_ms) == 2 and bars["items"].retries_ms == ()
+
+
 @pytest.mark.parametrize(
     "ends,expected",
     [
