@@ -367,7 +367,15 @@ def _run_on_new_loop(
 
     if backend == "asyncio":
         return run_on_asyncio(run)
-    return anyio.run(run, backend=backend)
+    # trio keeps its run's outcome in a reference cycle until the garbage collector
+    # runs: let that outcome be None, not the results and every value in them.
+    results: list[dict[str, StepResult]] = []
+
+    async def run_and_keep() -> None:
+        results.append(await run())
+
+    anyio.run(run_and_keep, backend=backend)
+    return results[0]
 
 
 def _check_timeout(timeout_s: float | None) -> None:

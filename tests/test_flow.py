@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from typing import Any
 
 import anyio
@@ -55,6 +57,32 @@ def test_run_blocks_and_returns_every_result_on_either_backend(backend: Any) -> 
     assert list(results) == ["step_1", "step_2"]
     assert results["step_2"].value == 2
     assert flow.value(step_2) == 2
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_value_is_freed_with_its_flow_without_waiting_for_the_garbage_collector(
+    backend: Any,
+) -> None:
+    class Big:
+        pass
+
+    made: list[weakref.ref[Big]] = []
+
+    @task
+    async def produce() -> Big:
+        value = Big()
+        made.append(weakref.ref(value))
+        return value
+
+    Flow(produce).run(backend=backend)  # trio's first import leaves cycles of its own
+    gc.disable()
+    try:
+        flow = Flow(produce)
+        flow.run(backend=backend)
+        del flow
+        assert made[-1]() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.anyio
