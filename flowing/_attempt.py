@@ -36,33 +36,6 @@ class StepContext:
     runner: BodyRunner | None = None  # the run's executor; None: sync bodies use ``slots``
 
 
-class Outcome:
-    """Builds the StepResult of one task, timed from ``started_at`` (default: now)."""
-
-    def __init__(self, task: TaskDef[..., Any], started_at: float | None = None) -> None:
-        self.task = task
-        self.started_at = time.monotonic() if started_at is None else started_at
-
-    def __call__(
-        self,
-        state: StepState,
-        *,
-        value: Any = None,
-        error: BaseException | None = None,
-        attempts: int = 0,
-        reason: str | None = None,
-    ) -> StepResult:
-        return step_result(
-            self.task,
-            self.started_at,
-            state,
-            value=value,
-            error=error,
-            attempts=attempts,
-            reason=reason,
-        )
-
-
 def step_result(
     task: TaskDef[..., Any],
     started_at: float,
@@ -126,7 +99,7 @@ def run_step(
     if _is_one_async_call(task):
         return _one_async_call(task, index, kwargs, ctx)
     if task.when is None and task.validate is None and not (task.cache and ctx.cache is not None):
-        return _attempts(task, index, kwargs, ctx, Outcome(task))
+        return _attempts(task, index, kwargs, ctx, time.monotonic())
     return _gated_step(task, index, kwargs, ctx)
 
 
@@ -135,8 +108,8 @@ async def _one_async_call(
 ) -> StepResult:
     """``_attempts`` for a task that has one attempt and no timeout: the body awaited here.
 
-    It keeps nothing but a float while the body runs (no ``Outcome``): one object
-    fewer for each of thousands of waiting tasks."""
+    It keeps nothing but a float while the body runs (no ``step_result`` partial):
+    one object fewer for each of thousands of waiting tasks."""
     started_at = time.monotonic()
     ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
     try:
@@ -149,7 +122,8 @@ async def _one_async_call(
 async def _gated_step(
     task: TaskDef[..., Any], index: int, kwargs: dict[str, Any], ctx: StepContext
 ) -> StepResult:
-    outcome = Outcome(task)
+    started_at = time.monotonic()
+    outcome = functools.partial(step_result, task, started_at)
     if task.when is not None:
         try:
             allowed = await call_gate(task.when, **kwargs)
@@ -163,9 +137,9 @@ async def _gated_step(
         except Exception as error:
             return outcome(StepState.FAILED, error=error, reason="validate= rejected the inputs")
     if task.cache and ctx.cache is not None:
-        attempts = functools.partial(_attempts, task, index, kwargs, ctx, outcome)
+        attempts = functools.partial(_attempts, task, index, kwargs, ctx, started_at)
         return await ctx.cache.run(task, kwargs, attempts)
-    return await _attempts(task, index, kwargs, ctx, outcome)
+    return await _attempts(task, index, kwargs, ctx, started_at)
 
 
 async def _attempts(
@@ -173,8 +147,9 @@ async def _attempts(
     index: int,
     kwargs: dict[str, Any],
     ctx: StepContext,
-    outcome: Outcome,
+    started_at: float,
 ) -> StepResult:
+    outcome = functools.partial(step_result, task, started_at)
     max_attempts = task.retry + 1
     value: Any = None
     error: Exception | None = None

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from ._attempt import Outcome, StepContext, run_step
+from ._attempt import StepContext, run_step, step_result
 from ._events import make_instance_finished
 from ._exceptions import MapOverError
 from ._results import StepResult, StepState, make_result
@@ -82,7 +82,7 @@ async def run_mapped(
         items = _elements(task, task.map_over, kwargs[task.map_over])
     except Exception as error:
         reason = f"cannot map over {task.map_over!r}"
-        return Outcome(task, started_at)(StepState.FAILED, error=error, reason=reason)
+        return step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
     fan_out = _FanOut(task, index, kwargs, ctx, fail_fast, halted)
     await fan_out.run(items)
     return fan_out.outcome(started_at)
@@ -201,7 +201,9 @@ class _FanOut:
         failed = [r for r in done if r.state is StepState.FAILED]
         if failed:
             first = failed[0]
-            return Outcome(self.task, started_at)(
+            return step_result(
+                self.task,
+                started_at,
                 StepState.FAILED,
                 error=first.error,
                 attempts=attempts,
@@ -210,13 +212,17 @@ class _FanOut:
             )
         skipped = [r for r in done if r.state is not StepState.SUCCEEDED]
         if skipped:
-            return Outcome(self.task, started_at)(
+            return step_result(
+                self.task,
+                started_at,
                 StepState.SKIPPED,
                 attempts=attempts,
                 reason=f"{len(skipped)} of {len(self.results)} instance(s) did not succeed, "
                 f"first {skipped[0].name!r}: {skipped[0].reason}",
             )
-        return Outcome(self.task, started_at)(
+        return step_result(
+            self.task,
+            started_at,
             StepState.SUCCEEDED,
             value=[r.value for r in done],
             attempts=attempts,

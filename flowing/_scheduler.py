@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ._attempt import Outcome, StepContext, run_step, waits_only_for_a_thread
+from ._attempt import StepContext, run_step, step_result, waits_only_for_a_thread
 from ._events import Event, FlowFinished, FlowStarted, ThreadAbandoned, make_finished, make_started
 from ._executor import Executor
 from ._cache import ResultCache
@@ -393,8 +393,8 @@ class Scheduler:
         self._runners.cancel()
 
     def _failed_with(self, i: int, exc: BaseException, reason: str) -> StepResult:
-        outcome = Outcome(self.graph.tasks[i], self._running[i])
-        return outcome(StepState.FAILED, error=exc, reason=reason)
+        task = self.graph.tasks[i]
+        return step_result(task, self._running[i], StepState.FAILED, error=exc, reason=reason)
 
     def _replayed(self) -> list[tuple[int, StepResult]]:
         """Results the journal holds for tasks without one, in topological order."""
@@ -445,9 +445,8 @@ class Scheduler:
             if started_at is None:
                 result = self._unstarted(i, StepState.CANCELLED, "the run was cancelled before it started")
             else:
-                result = Outcome(task, started_at)(
-                    StepState.CANCELLED, reason="the run was cancelled while it was running"
-                )
+                reason = "the run was cancelled while it was running"
+                result = step_result(task, started_at, StepState.CANCELLED, reason=reason)
             self._record(i, result)
 
     def _unstarted(self, i: int, state: StepState, reason: str) -> StepResult:
