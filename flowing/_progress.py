@@ -34,7 +34,7 @@ from ._events import (
     TaskStarted,
     ThreadAbandoned,
 )
-from ._results import FAILED, REPLAYED_REASON, StepResult, StepState, describe_error, format_summary
+from ._results import FAILED, REPLAYED_REASON, SUCCEEDED, StepResult, StepState, describe_error, format_summary
 from ._stream import Broadcaster
 
 _MAX_RUNNING_SHOWN = 8
@@ -113,12 +113,15 @@ class Tally:
         # first start time, in the order of their first start (a float: no object for
         # the garbage collector per running task); `attempts` maps those of them that
         # may take more than one attempt to (attempt, max attempts, next retry time or
-        # None while an attempt runs). `by_state` counts every finished task, `finished`
-        # those of the `pending` ones (all but the replays from a journal), `cached` those
-        # replayed or hits of the cache.
+        # None while an attempt runs). `succeeded` plus `by_state` count every finished
+        # task: the common case, a task that ran and succeeded, in `succeeded` (no enum
+        # hashing on the event loop), every other one in `by_state`. `finished` counts
+        # those of the `pending` ones (all but the replays from a journal), `cached`
+        # those replayed or hits of the cache.
         self.started_at = started_at
         self.pending = pending
         self.width = len(str(pending))
+        self.succeeded = 0
         self.by_state = dict.fromkeys(StepState, 0)
         self.retries = 0
         self.finished = 0
@@ -130,7 +133,9 @@ class Tally:
     @property
     def counts(self) -> dict[str, int]:
         """Finished tasks by state value (``"succeeded"``, ...)."""
-        return {state.value: n for state, n in dict(self.by_state).items()}
+        counts = {state.value: n for state, n in dict(self.by_state).items()}
+        counts[SUCCEEDED.value] += self.succeeded
+        return counts
 
     def update(self, event: Event) -> None:
         """Apply one event. The rich display does it on the event loop while rich's
@@ -142,21 +147,30 @@ class Tally:
         elif type(event) is TaskFinished:
             self.running.pop(event.task, None)
             result = event.result
-            self.by_state[result.state] += 1
-            if not result.cached:
+            if result.state is SUCCEEDED and not result.cached:
+                self.succeeded += 1
                 self.finished += 1
             else:
-                self.cached += 1
-                if result.reason != REPLAYED_REASON:  # a replay is not part of `pending`
-                    self.finished += 1  # a cache hit is
+                self._finished_otherwise(event)
             if self.attempts:
                 self.attempts.pop(event.task, None)
-            if result.state is FAILED:
-                self._news(event)
         else:
             apply = _OTHER_UPDATES.get(type(event))
             if apply is not None:
                 apply(self, event)
+
+    def _finished_otherwise(self, event: TaskFinished) -> None:
+        """A task that failed, was skipped or cancelled, or came from a journal or cache."""
+        result = event.result
+        self.by_state[result.state] += 1
+        if not result.cached:
+            self.finished += 1
+        else:
+            self.cached += 1
+            if result.reason != REPLAYED_REASON:  # a replay is not part of `pending`
+                self.finished += 1  # a cache hit is
+        if result.state is FAILED:
+            self._news(event)
 
     def _started(self, event: TaskStarted) -> None:
         """An attempt of a task that may take more than one."""
@@ -382,9 +396,9 @@ class RichDisplay:
             )
 
     def render(self) -> Any:
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
+        """The display as one ``Text``: rich lays it out in a fraction of a table's time,
+        and a redraw holds the interpreter lock that the run needs."""
+        from rich.cells import cell_len
         from rich.text import Text
 
         now = time.monotonic()
@@ -392,39 +406,43 @@ class RichDisplay:
         counts = tally.counts
         # Copies, each one step under the GIL: the loop may update them meanwhile.
         running, attempts = dict(tally.running), dict(tally.attempts)
-        longest = list(itertools.islice(running.items(), _MAX_RUNNING_SHOWN))
         finished, pending, retries = tally.finished, tally.pending, tally.retries
         elapsed, eta = tally.elapsed(now), tally.eta(now)
-        bar = Table.grid(padding=(0, 1))
-        bar.add_row(
-            ProgressBar(total=max(pending, 1), completed=finished, width=40),
-            Text(f"{finished}/{pending}", style="bold"),
-            Text(f"{_clock(elapsed)}  ETA {_clock(eta) if eta is not None else '?'}", style="dim"),
-        )
+        screen = Text(no_wrap=True, overflow="ellipsis")
+        _append_bar(screen, finished, pending, done=tally.finished_at is not None)
+        screen.append(f" {finished}/{pending}", style="bold")
+        screen.append(f"  {_clock(elapsed)}  ETA {_clock(eta) if eta is not None else '?'}\n", style="dim")
         cached = f" ({tally.cached} cached)" if tally.cached else ""
-        line = Text.assemble(
-            (f"✓ {counts['succeeded']} done{cached}", "green"),
-            "   ",
-            (f"● {len(running)} running", "cyan"),
-            "   ",
-            (f"✗ {counts['failed']} failed", "red" if counts["failed"] else "dim"),
-            "   ",
-            (f"⤼ {counts['skipped']} skipped", "yellow" if counts["skipped"] else "dim"),
-            "   ",
-            (f"↻ {retries} retries", "yellow" if retries else "dim"),
-        )
+        screen.append(f"✓ {counts['succeeded']} done{cached}", style="green")
+        screen.append(f"   ● {len(running)} running", style="cyan")
+        screen.append(f"   ✗ {counts['failed']} failed", style="red" if counts["failed"] else "dim")
+        screen.append(f"   ⤼ {counts['skipped']} skipped", style="yellow" if counts["skipped"] else "dim")
+        screen.append(f"   ↻ {retries} retries", style="yellow" if retries else "dim")
         if counts["cancelled"]:
-            line.append(f"   ⊘ {counts['cancelled']} cancelled", style="magenta")
-        tasks = Table.grid(padding=(0, 2))
-        for name, first in longest:
-            tasks.add_row(
-                Text("  ▸ " + name, style="cyan"),
-                f"{now - first:5.1f}s",
-                Text(_tries(attempts.get(name), now), style="yellow"),
-            )
+            screen.append(f"   ⊘ {counts['cancelled']} cancelled", style="magenta")
+        shown = list(itertools.islice(running.items(), _MAX_RUNNING_SHOWN))
+        width = max((cell_len(name) for name, _ in shown), default=0)
+        for name, first in shown:
+            screen.append(f"\n  ▸ {name}{' ' * (width - cell_len(name))}", style="cyan")
+            screen.append(f"  {now - first:5.1f}s")
+            screen.append(_tries(attempts.get(name), now), style="yellow")
         if len(running) > _MAX_RUNNING_SHOWN:
-            tasks.add_row(Text(f"    … and {len(running) - _MAX_RUNNING_SHOWN} more", style="dim"), "", "")
-        return Group(bar, line, tasks) if running else Group(bar, line)
+            screen.append(f"\n    … and {len(running) - _MAX_RUNNING_SHOWN} more", style="dim")
+        return screen
+
+
+_BAR_WIDTH = 40
+
+
+def _append_bar(text: Any, completed: int, total: int, done: bool) -> None:
+    """A progress bar drawn as rich's ``ProgressBar`` draws it, in half cells."""
+    halves = _BAR_WIDTH * 2 * min(completed, total) // max(total, 1)
+    full, half = divmod(halves, 2)
+    style = "bar.finished" if done or full == _BAR_WIDTH else "bar.complete"
+    text.append("━" * full + "╸" * half, style=style)
+    rest = _BAR_WIDTH - full - half
+    if rest:
+        text.append(("╺" if full and not half else "━") + "━" * (rest - 1), style="bar.back")
 
 
 def _tries(attempts: tuple[int, int, float | None] | None, now: float) -> str:
@@ -432,8 +450,8 @@ def _tries(attempts: tuple[int, int, float | None] | None, now: float) -> str:
         return ""
     attempt, max_attempts, retry_at = attempts
     if retry_at is None:
-        return f"attempt {attempt}/{max_attempts}"
-    return f"attempt {attempt}/{max_attempts} failed, retry in {max(retry_at - now, 0):.1f}s"
+        return f"  attempt {attempt}/{max_attempts}"
+    return f"  attempt {attempt}/{max_attempts} failed, retry in {max(retry_at - now, 0):.1f}s"
 
 
 def _console(file: TextIO) -> Any:

@@ -21,6 +21,7 @@ from flowing import (
     StepState,
     TaskFinished,
     TaskRetrying,
+    TaskStarted,
     task,
 )
 from flowing._progress import PlainDisplay, RichDisplay, Tally, make_display
@@ -141,6 +142,53 @@ def test_the_rich_display_shows_a_task_waiting_for_its_retry() -> None:
     screen = Console(file=io.StringIO(), width=100, record=True)
     screen.print(display.render())
     assert "attempt 1/2 failed, retry in 0.0s" in screen.export_text()
+
+
+@pytest.mark.parametrize(
+    "completed,total,done,expected",
+    [
+        (0, 10, False, ("", "━" * 40)),
+        (5, 10, False, ("━" * 20, "╺" + "━" * 19)),
+        (1, 80, False, ("╸", "━" * 39)),
+        (10, 10, True, ("━" * 40, "")),
+        (0, 0, True, ("", "━" * 40)),
+    ],
+    ids=["empty", "half", "half-a-cell", "full", "nothing-to-run"],
+)
+def test_the_progress_bar_fills_forty_cells_in_half_cells(
+    completed: int, total: int, done: bool, expected: tuple[str, str]
+) -> None:
+    pytest.importorskip("rich")
+    from rich.text import Text
+
+    from flowing._progress import _append_bar
+
+    bar = Text()
+    _append_bar(bar, completed, total, done)
+    filled = "".join(bar.plain[s.start : s.end] for s in bar.spans if s.style != "bar.back")
+    back = "".join(bar.plain[s.start : s.end] for s in bar.spans if s.style == "bar.back")
+    assert (filled, back) == expected
+    assert all(s.style == "bar.finished" for s in bar.spans if s.style != "bar.back") or not done
+
+
+def test_the_rich_display_lines_up_the_running_tasks_and_counts_the_rest() -> None:
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    display = RichDisplay(FakeTerminal())
+    now = time.monotonic()
+    display.on_event(FlowStarted(total=20, pending=20, time=now))
+    for i, name in enumerate(["a", "ccc"] + [f"task{k}" for k in range(8)]):
+        display.on_event(TaskStarted(name, i, 20, now, 1, 1))
+    screen = Console(file=io.StringIO(), width=60, record=True)
+    screen.print(display.render())
+    lines = screen.export_text().splitlines()
+    assert lines[1].startswith("✓ 0 done   ● 10 running")
+    running = [line for line in lines if "▸" in line]
+    assert [line.split()[1] for line in running] == ["a", "ccc"] + [f"task{k}" for k in range(6)]
+    elapsed_columns = {re.search(r"\d\.\ds", line).start() for line in running}  # type: ignore[union-attr]
+    assert len(elapsed_columns) == 1
+    assert lines[-1].strip() == "… and 2 more"
 
 
 def test_the_tally_forgets_a_task_with_retries_once_it_finished() -> None:
