@@ -5,7 +5,8 @@
 A runner in ``PAIRED`` (flowing with a progress display) costs a few percent,
 less than the run-to-run noise of separate processes on a shared machine: it is
 timed ``PAIR_ROUNDS`` times beside its baseline in the same process, each in
-turn first, and the line also gives the baseline's median, ``baseline_s``.
+turn first, and the line also gives the baseline's median, ``baseline_s``, and
+each pair's ratio, ``pair_ratios``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .runners import RUNNERS
 from .workloads import build
 
 PAIRED = {"flowing+plain": "flowing", "flowing+rich": "flowing"}
-PAIR_ROUNDS = 6
+PAIR_ROUNDS = 10
 
 
 def main(argv: list[str]) -> int:
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
             walls.append(wall_s)
         wall_s = statistics.median(walls)
         result["baseline_s"] = statistics.median(baseline_walls)
+        result["pair_ratios"] = [w / b for w, b in zip(walls, baseline_walls)]
     else:
         wall_s, value = _timed(run)
     if value != spec.expected:
