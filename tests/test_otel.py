@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import pytest
 
-from flowing import Flow, MissingExtraError, task
+from _flows import flaky_broken_report
+
+from flowing import MissingExtraError
 
 pytest.importorskip("opentelemetry.sdk")
 
@@ -29,31 +30,11 @@ def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
     return provider, exporter
 
 
-def build_flow(on_event: Any = None, **options: Any) -> Flow:
-    calls = {"n": 0}
-
-    @task(retry=1, retry_backoff_base_ms=0)
-    def flaky() -> int:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ConnectionError("first call fails")
-        return 1
-
-    @task(depends_on=[flaky])
-    def broken(flaky: int) -> int:
-        raise ValueError("bad row")
-
-    @task(depends_on=[broken])
-    def report(broken: int) -> None: ...
-
-    return Flow(report, on_event=on_event, fail_fast=False, **options)
-
-
 def test_each_attempt_is_a_span_under_the_run_under_the_callers_span(
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     provider, exporter = spans
-    flow = build_flow(SpanRecorder(provider))
+    flow = flaky_broken_report(SpanRecorder(provider))
     with provider.get_tracer("app").start_as_current_span("request") as request:
         flow.run()
     finished = {(s.name, s.attributes.get("flowing.attempt")): s for s in exporter.get_finished_spans()}
@@ -82,7 +63,7 @@ async def test_arun_nests_under_the_span_current_in_the_calling_task(
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     provider, exporter = spans
-    flow = build_flow(SpanRecorder(provider))
+    flow = flaky_broken_report(SpanRecorder(provider))
     with provider.get_tracer("app").start_as_current_span("handler") as handler:
         await flow.arun()
     run = next(s for s in exporter.get_finished_spans() if s.name == "flowing.run")
@@ -90,11 +71,11 @@ async def test_arun_nests_under_the_span_current_in_the_calling_task(
 
 
 def test_without_an_sdk_tracing_is_a_no_op() -> None:
-    results = build_flow(tracing=True).run()
+    results = flaky_broken_report(tracing=True).run()
     assert [r.state.value for r in results.values()] == ["succeeded", "failed", "skipped"]
 
 
 def test_tracing_without_opentelemetry_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'flowing\[otel\]'"):
-        build_flow(tracing=True)
+        flaky_broken_report(tracing=True)

@@ -7,10 +7,11 @@ import logging
 import re
 import sys
 import time
-from typing import Any
 
 import anyio
 import pytest
+
+from _flows import flaky_broken_report
 
 from flowing import (
     Event,
@@ -36,29 +37,9 @@ class FakeTerminal(io.StringIO):
         return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", self.getvalue()).split())
 
 
-def build_flow(on_event: Any = None) -> Flow:
-    attempts = {"n": 0}
-
-    @task(retry=1, retry_backoff_base_ms=0)
-    def flaky() -> int:
-        attempts["n"] += 1
-        if attempts["n"] == 1:
-            raise ConnectionError("first call fails")
-        return 1
-
-    @task(depends_on=[flaky])
-    def broken(flaky: int) -> int:
-        raise ValueError("bad row")
-
-    @task(depends_on=[broken])
-    def report(broken: int) -> None: ...
-
-    return Flow(report, on_event=on_event)
-
-
 def test_without_a_terminal_each_event_is_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:
     seen: list[Event] = []
-    build_flow(seen.append).run(progress=True)
+    flaky_broken_report(seen.append).run(progress=True)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == len(seen)
     words = [line.split()[2:4] for line in lines]
@@ -81,14 +62,14 @@ def test_without_a_terminal_each_event_is_one_plain_line(capsys: pytest.CaptureF
 
 def test_progress_never_changes_the_results(capsys: pytest.CaptureFixture[str]) -> None:
     def outcome(progress: bool) -> dict[str, tuple[StepState, int]]:
-        results = build_flow().run(progress=progress)
+        results = flaky_broken_report().run(progress=progress)
         return {name: (r.state, r.attempts) for name, r in results.items()}
 
     assert outcome(progress=True) == outcome(progress=False)
 
 
 def test_without_progress_nothing_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    build_flow().run()
+    flaky_broken_report().run()
     assert capsys.readouterr() == ("", "")
 
 
@@ -117,7 +98,7 @@ def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
     terminal = FakeTerminal()
     display = RichDisplay(terminal)
     seen: list[Event] = []
-    build_flow(seen.append).run()
+    flaky_broken_report(seen.append).run()
     for event in seen[:4]:  # up to flaky's second attempt
         display.on_event(event)
     screen = Console(file=io.StringIO(), width=100, record=True)
@@ -136,7 +117,7 @@ def test_the_rich_display_shows_a_task_waiting_for_its_retry() -> None:
 
     display = RichDisplay(FakeTerminal())
     seen: list[Event] = []
-    build_flow(seen.append).run()
+    flaky_broken_report(seen.append).run()
     for event in seen[:3]:  # flaky's first attempt failed, its retry not started
         display.on_event(event)
     screen = Console(file=io.StringIO(), width=100, record=True)
@@ -194,7 +175,7 @@ def test_the_rich_display_lines_up_the_running_tasks_and_counts_the_rest() -> No
 def test_the_tally_forgets_a_task_with_retries_once_it_finished() -> None:
     tally = Tally()
     seen: list[Event] = []
-    build_flow(seen.append).run()
+    flaky_broken_report(seen.append).run()
     for event in seen:
         tally.update(event)
     assert tally.running == {} and tally.attempts == {}
@@ -221,7 +202,7 @@ def test_the_tally_hands_on_failures_and_retries_as_news() -> None:
     news: list[Event] = []
     tally = Tally(on_news=news.append)
     seen: list[Event] = []
-    build_flow(seen.append).run()
+    flaky_broken_report(seen.append).run()
     for event in seen:
         tally.update(event)
     assert [(type(e).__name__, e.task) for e in news if isinstance(e, TaskFinished | TaskRetrying)] == [
@@ -236,7 +217,7 @@ def test_the_rich_display_prints_failures_as_they_happen() -> None:
     terminal = FakeTerminal()
     display = RichDisplay(terminal)
     seen: list[Event] = []
-    build_flow(seen.append).run()
+    flaky_broken_report(seen.append).run()
     display.start()
     for event in seen:
         display.on_event(event)
@@ -260,7 +241,7 @@ def test_the_rich_display_stops_printing_news_once_the_terminal_failed(
 
     display = RichDisplay(DeadTerminal())
     seen: list[Event] = []
-    build_flow(seen.append).run()
+    flaky_broken_report(seen.append).run()
     with caplog.at_level(logging.WARNING, logger="flowing"):
         for event in seen + seen:  # a retry and a failure each time: four pieces of news
             display.on_event(event)
@@ -286,7 +267,7 @@ def test_plain_lines_are_written_soon_without_waiting_for_more_events() -> None:
     out = io.StringIO()
     display = PlainDisplay(out, flush_s=0.01)
     seen: list[Event] = []
-    build_flow(seen.append).run()
+    flaky_broken_report(seen.append).run()
     display.start()
     display.on_event(seen[0])
     deadline = time.monotonic() + 10
@@ -331,7 +312,7 @@ def test_the_summary_lists_every_task_and_ends_with_the_verdict(terminal: bool) 
     pytest.importorskip("rich")
     from flowing._progress import print_summary
 
-    flow = build_flow()
+    flow = flaky_broken_report()
     flow.run()
     out = FakeTerminal() if terminal else io.StringIO()
     print_summary(flow.results.values(), "FAILED: 1 succeeded, 1 failed, 1 skipped", out)
@@ -351,6 +332,6 @@ def test_progress_that_cannot_be_written_is_logged_and_the_run_goes_on(
 
     monkeypatch.setattr(sys, "stderr", ClosedPipe())
     with caplog.at_level(logging.WARNING, logger="flowing"):
-        results = build_flow().run(progress=True, backend=backend)  # type: ignore[arg-type]
+        results = flaky_broken_report().run(progress=True, backend=backend)  # type: ignore[arg-type]
     assert results["flaky"].state is StepState.SUCCEEDED
     assert "the progress display failed and is off: BrokenPipeError" in caplog.text
