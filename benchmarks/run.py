@@ -192,7 +192,9 @@ def _summarise(case: Case, runners: list[str], samples: dict[str, list[dict[str,
         # pooling them narrows the noise of a few percent that a display costs.
         paired = [ratio for s in samples[runner] for ratio in s.get("pair_ratios", ())]
         if paired and "median_s" in row["runners"][runner]:
-            row["runners"][runner]["vs_baseline"] = statistics.median(paired)
+            quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+            row["runners"][runner]["vs_baseline"] = quartiles[1]
+            row["runners"][runner]["vs_baseline_iqr"] = [quartiles[0], quartiles[2]]
             row["runners"][runner]["pairs"] = len(paired)
     return row
 
@@ -206,7 +208,11 @@ def _print_case(row: dict[str, Any]) -> None:
             continue
         extra = f"  ({s['ratio_to_ideal']:.2f}x ideal)" if "ratio_to_ideal" in s else ""
         if "vs_baseline" in s:
-            extra += f"  ({s['vs_baseline'] - 1:+.1%} vs flowing, median of {s['pairs']} pairs)"
+            low, high = s["vs_baseline_iqr"]
+            extra += (
+                f"  ({s['vs_baseline'] - 1:+.1%} vs flowing, median of {s['pairs']} pairs;"
+                f" middle half {low - 1:+.0%} to {high - 1:+.0%})"
+            )
         print(
             f"  {runner:<14}{s.get('ratio', float('nan')):>6.2f}x  {s['median_s']:>9.4f}  "
             f"{s['min_s']:>7.4f}-{s['max_s']:<7.4f}  {s['us_per_task']:>9.1f}  "
