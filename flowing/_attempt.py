@@ -62,6 +62,31 @@ def step_result(
     )
 
 
+def call_result(
+    name: str,
+    *,
+    detached: bool,
+    value: Any,
+    error: BaseException | None,
+    started_at: float,
+    finished_at: float,
+) -> StepResult:
+    """The result of a task run as one call of its body in a worker thread, which
+    returned ``value`` or raised the ``Exception`` ``error``."""
+    failed = error is not None
+    return make_result(
+        name,
+        FAILED if failed else SUCCEEDED,
+        value=None if failed else value,
+        error=error,
+        duration_ms=(finished_at - started_at) * 1000,
+        attempts=1,
+        started_at=started_at,
+        finished_at=finished_at,
+        detached=detached,
+    )
+
+
 def waits_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
     """True when ``task``'s run waits for nothing but a worker thread: a sync body
     with no gates, retries, cache, mapping, pool or concurrency limit. The scheduler
@@ -70,15 +95,24 @@ def waits_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
     return not task.is_async and _is_plain(task)
 
 
+def instances_wait_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
+    """True when each instance of the mapped ``task`` waits for nothing but a worker
+    thread: a sync body with no gates, retries, timeout, cache, pool or concurrency limit."""
+    return not task.is_async and task.timeout_s is None and _has_no_policies(task)
+
+
 def _is_one_async_call(task: TaskDef[..., Any]) -> bool:
     """An async body with nothing around it: no gates, retries, cache, pool or timeout."""
     return task.is_async and task.timeout_s is None and _is_plain(task)
 
 
 def _is_plain(task: TaskDef[..., Any]) -> bool:
+    return task.map_over is None and _has_no_policies(task)
+
+
+def _has_no_policies(task: TaskDef[..., Any]) -> bool:
     return not (
         task.cache
-        or task.map_over is not None
         or task.when is not None
         or task.validate is not None
         or task.retry

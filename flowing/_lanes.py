@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from ._attempt import refuse_coroutine
+from ._attempt import call_result, refuse_coroutine
 from ._graph import Graph
-from ._results import FAILED, SUCCEEDED, StepResult, make_result
+from ._results import StepResult
 from ._task import TaskDef
 from ._threads import LoopInbox, ThreadSlots, thread_context
 
@@ -89,17 +89,13 @@ def chain_successors(graph: Graph, in_lane: Sequence[bool], done: Callable[[str]
 
 def lane_result(task: TaskDef[..., Any], report: Finished) -> StepResult:
     """The result of a lane task whose body returned or raised an ``Exception``."""
-    failed = report.error is not None
-    return make_result(
+    return call_result(
         task.name,
-        FAILED if failed else SUCCEEDED,
-        value=None if failed else report.value,
+        detached=task.detached,
+        value=report.value,
         error=report.error,
-        duration_ms=(report.finished_at - report.started_at) * 1000,
-        attempts=1,
         started_at=report.started_at,
         finished_at=report.finished_at,
-        detached=task.detached,
     )
 
 

@@ -5,8 +5,10 @@ one *instance* per element of ``src``'s value, each a full run of the task (gate
 retries, timeout, events) named ``"task[k]"`` that receives the element as ``src``.
 The step's value is the list of the instances' values, in element order.
 
-At most ``window`` instances are in progress at once: the task's ``max_concurrency``,
-else (sync bodies) ``4 * max_workers``, else no bound. Under fail_fast, once an instance
+Instances of a plain sync task (no gates, retries, timeout, cache, pool or
+``max_concurrency``) run in batches on at most ``max_workers`` worker threads (see
+``_batches``). Otherwise at most ``window`` instances are in progress at once: the
+task's ``max_concurrency``, else (sync bodies) ``4 * max_workers``, else no bound. Under fail_fast, once an instance
 fails (or the run stops) no new instance starts; the unstarted ones are SKIPPED.
 """
 
@@ -19,8 +21,15 @@ from typing import Any
 
 import anyio
 
-from ._attempt import StepContext, run_step, step_result
-from ._events import make_instance_finished
+from ._attempt import (
+    StepContext,
+    call_result,
+    instances_wait_only_for_a_thread,
+    run_step,
+    step_result,
+)
+from ._batches import InstanceBatches, Returned, Started
+from ._events import ThreadAbandoned, make_instance_finished, make_started
 from ._exceptions import MapOverError
 from ._results import StepResult, StepState, make_result
 from ._task import TaskDef
@@ -120,6 +129,9 @@ class _FanOut:
 
     async def run(self, items: list[Any]) -> None:
         self.results = [None] * len(items)
+        if self.journal is None and self.ctx.runner is None and instances_wait_only_for_a_thread(self.task):
+            await self._run_in_batches(items)
+            return
         window = launch_window(self.task, self.ctx)
         slots = anyio.Semaphore(window) if window is not None else None
         async with anyio.create_task_group() as tg:
@@ -134,6 +146,45 @@ class _FanOut:
                 tg.start_soon(self._instance, k, item, slots, tg.cancel_scope)
         if self._interrupt is not None:
             raise self._interrupt
+
+    async def _run_in_batches(self, items: list[Any]) -> None:
+        """Plain sync instances: worker threads run them in batches (see ``_batches``)."""
+        batches = InstanceBatches(
+            self.task,
+            self.kwargs,
+            items,
+            self.ctx,
+            fail_fast=self.fail_fast,
+            stopping=self._stopping,
+            on_started=self._batch_started,
+            on_returned=self._batch_returned,
+            on_abandoned=self._batch_abandoned,
+        )
+        unstarted = await batches.run()
+        if unstarted is not None:
+            self._skip_from(unstarted)
+
+    def _batch_started(self, report: Started) -> None:
+        name = self._instance_name(report.k)
+        self.ctx.emit(make_started(name, self.index, self.ctx.total, report.at, 1, 1))
+
+    def _batch_returned(self, report: Returned) -> None:
+        result = call_result(
+            self._instance_name(report.k),
+            detached=self.task.detached,
+            value=report.value,
+            error=report.error,
+            started_at=report.started_at,
+            finished_at=report.finished_at,
+        )
+        self._finish(report.k, result)
+
+    def _batch_abandoned(self, k: int) -> None:
+        name = self._instance_name(k)
+        self.ctx.emit(ThreadAbandoned(name, self.index, self.ctx.total, time.monotonic(), 1))
+
+    def _instance_name(self, k: int) -> str:
+        return f"{self.task.name}[{k}]"
 
     async def _instance(
         self, k: int, item: Any, slots: anyio.Semaphore | None, scope: anyio.CancelScope
@@ -182,7 +233,7 @@ class _FanOut:
         why = f"{culprit!r} failed" if culprit else "the run stopped"
         reason = f"not started: fail_fast stopped the mapping after {why}"
         for k in range(first, len(self.results)):
-            name = f"{self.task.name}[{k}]"
+            name = self._instance_name(k)
             detached = self.task.detached
             self._finish(k, make_result(name, StepState.SKIPPED, reason=reason, detached=detached))
 

@@ -222,6 +222,10 @@ class LoopInbox(Generic[T]):
             except RuntimeError:
                 pass  # the run's event loop is gone: nobody waits for the items
 
+    def flush(self) -> None:
+        """On the event loop: deliver what is pending now, without waiting for its turn."""
+        self._deliver_batch()
+
     def _deliver_batch(self) -> None:
         with self._lock:
             items, self._items = self._items, []

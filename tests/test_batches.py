@@ -1,0 +1,247 @@
+"""Plain sync instances of a mapped task run in batches on the run's worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from flowing import (
+    Event,
+    Flow,
+    FlowFinished,
+    FlowTimeoutError,
+    InstanceFinished,
+    StepState,
+    TaskFinished,
+    TaskStarted,
+    ThreadAbandoned,
+    task,
+)
+
+from _tracker import Tracker
+
+WAIT_S = 10  # a generous bound: only reached when something is broken
+pytestmark = pytest.mark.anyio
+
+
+def _source(value: Any, name: str = "items") -> Any:
+    return task(name=name)(lambda: value)
+
+
+async def test_instances_run_on_at_most_max_workers_threads_and_keep_element_order() -> None:
+    tracker = Tracker(limit=2)
+    items = _source(list(range(6)))
+
+    @task(depends_on=[items], map_over="items")
+    def square(items: int) -> int:
+        tracker.enter()
+        try:
+            if items < 2:  # the first two hold on until both run at once
+                assert tracker.full.wait(WAIT_S)
+            return items * items
+        finally:
+            tracker.leave()
+
+    results = await Flow(square, max_workers=2).arun()
+    assert results["square"].value == [0, 1, 4, 9, 16, 25]
+    assert tracker.peak == 2
+
+
+async def test_each_instance_starts_then_finishes_before_its_step_finishes() -> None:
+    items = _source([1, 2, 3])
+
+    @task(depends_on=[items], map_over="items")
+    def double(items: int) -> int:
+        return 2 * items
+
+    events: list[Event] = []
+    await Flow(double, on_event=events.append).arun()
+    mine = [(type(e).__name__, e.task) for e in events if getattr(e, "task", "").startswith("double")]
+    for k in range(3):
+        assert mine.index(("TaskStarted", f"double[{k}]")) < mine.index(("InstanceFinished", f"double[{k}]"))
+    assert mine[-1] == ("TaskFinished", "double")
+    assert len(mine) == 3 * 2 + 1  # and the step's own end, as for instances run one by one
+    started = {e.task: e for e in events if isinstance(e, TaskStarted)}
+    finished = {e.task: e.result for e in events if isinstance(e, InstanceFinished)}
+    for k in range(3):
+        result = finished[f"double[{k}]"]
+        assert (result.state, result.value, result.attempts) == (StepState.SUCCEEDED, 2 * (k + 1), 1)
+        assert started[f"double[{k}]"].time == result.started_at <= result.finished_at
+
+
+async def test_under_fail_fast_no_instance_starts_after_one_failed() -> None:
+    items = _source(list(range(6)))
+    calls: list[int] = []
+
+    @task(depends_on=[items], map_over="items")
+    def check(items: int) -> int:
+        calls.append(items)
+        if items == 1:
+            raise ValueError("bad")
+        return items
+
+    events: list[Event] = []
+    results = await Flow(check, max_workers=1, on_event=events.append).arun()
+    assert calls == [0, 1]
+    assert results["check"].state is StepState.FAILED
+    assert isinstance(results["check"].error, ValueError)
+    skipped = [e.result for e in events if isinstance(e, InstanceFinished) and e.item >= 2]
+    assert [r.state for r in skipped] == [StepState.SKIPPED] * 4
+    assert skipped[0].reason == "not started: fail_fast stopped the mapping after 'check[1]' failed"
+
+
+async def test_a_body_that_raises_cancelled_error_fails_its_instance_only() -> None:
+    items = _source([0, 1])
+
+    @task(depends_on=[items], map_over="items")
+    def odd(items: int) -> int:
+        if items == 1:
+            raise asyncio.CancelledError("nobody asked")
+        return items
+
+    results = await Flow(odd, fail_fast=False).arun()
+    assert results["odd"].state is StepState.FAILED
+    assert isinstance(results["odd"].error, asyncio.CancelledError)
+    assert results["odd"].reason == "1 of 2 instance(s) failed, first 'odd[1]'"
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_keyboardinterrupt_in_an_instance_stops_the_run_then_propagates(
+    exc_type: type[BaseException], anyio_backend: str
+) -> None:
+    items = _source([0, 1, 2])
+    calls: list[int] = []
+
+    @task(depends_on=[items], map_over="items")
+    def use(items: int) -> int:
+        calls.append(items)
+        if items == 1:
+            raise exc_type
+        return items
+
+    flow = Flow(use, max_workers=1)
+    with pytest.raises(exc_type):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+    assert calls == [0, 1]
+    assert flow.results["use"].state is StepState.FAILED
+    assert isinstance(flow.results["use"].error, exc_type)
+
+
+def test_an_instance_running_when_the_run_times_out_is_reported_abandoned(anyio_backend: str) -> None:
+    items = _source([0, 1])
+    release = threading.Event()
+    running = threading.Event()
+
+    @task(depends_on=[items], map_over="items")
+    def wait(items: int) -> int:
+        running.set()
+        assert release.wait(WAIT_S)
+        return items
+
+    events: list[Event] = []
+    flow = Flow(wait, max_workers=1, on_event=events.append)
+    try:
+        with pytest.raises(FlowTimeoutError):
+            flow.run(timeout_s=0.2, backend=anyio_backend)  # type: ignore[arg-type]
+    finally:
+        release.set()
+    assert running.is_set()
+    abandoned = [e.task for e in events if isinstance(e, ThreadAbandoned)]
+    assert abandoned == ["wait[0]"]
+    assert isinstance(events[-1], FlowFinished)
+    assert flow.results["wait"].state is StepState.CANCELLED
+    assert not any(isinstance(e, InstanceFinished) for e in events)
+
+
+async def test_another_sync_task_gets_a_thread_while_many_instances_wait() -> None:
+    """The only thread is not kept for the whole mapping: a batch makes way every slice."""
+    items = _source(list(range(100)))
+    mapping_started = threading.Event()
+    order: list[str] = []
+
+    @task(depends_on=[items], map_over="items")
+    def slow(items: int) -> None:
+        mapping_started.set()
+        order.append(f"slow[{items}]")
+        time.sleep(0.002)
+
+    @task(depends_on=[items])
+    async def later(items: list[int]) -> None:
+        with anyio.fail_after(WAIT_S):
+            while not mapping_started.is_set():
+                await anyio.sleep(0.001)
+
+    @task(depends_on=[later])
+    def other(later: None) -> None:
+        order.append("other")
+
+    @task(depends_on=[slow, other])
+    def both(slow: list[None], other: None) -> None: ...
+
+    await Flow(both, max_workers=1).arun()
+    assert order.index("other") < order.index("slow[99]")
+
+
+async def test_bodies_see_the_context_of_the_run() -> None:
+    request = contextvars.ContextVar("request", default="none")
+    items = _source([0, 1])
+
+    @task(depends_on=[items], map_over="items")
+    def read(items: int) -> str:
+        return request.get()
+
+    request.set("r-42")
+    results = await Flow(read).arun()
+    assert results["read"].value == ["r-42", "r-42"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"retry": 1}, {"timeout_s": 5.0}, {"max_concurrency": 2}, {"when": lambda items: True}],
+    ids=["retry", "timeout", "max_concurrency", "gate"],
+)
+async def test_instances_with_a_policy_still_run_one_by_one_with_the_same_results(
+    options: dict[str, Any],
+) -> None:
+    items = _source([1, 2, 3])
+
+    @task(depends_on=[items], map_over="items", **options)
+    def triple(items: int) -> int:
+        return 3 * items
+
+    events: list[Event] = []
+    results = await Flow(triple, on_event=events.append).arun()
+    assert results["triple"].value == [3, 6, 9]
+    assert [e.task for e in events if isinstance(e, TaskFinished)][-1] == "triple"
+
+
+async def test_a_batch_runs_many_instances_with_few_trips_through_the_event_loop() -> None:
+    """What the batches are for: 2,000 instances, far fewer deliveries than instances."""
+    items = _source(list(range(2000)))
+    deliveries = 0
+    from flowing import _batches
+
+    original = _batches.InstanceBatches._deliver
+
+    def counting(self: Any, reports: list[Any]) -> None:
+        nonlocal deliveries
+        deliveries += 1
+        original(self, reports)
+
+    @task(depends_on=[items], map_over="items")
+    def same(items: int) -> int:
+        return items
+
+    _batches.InstanceBatches._deliver = counting  # type: ignore[method-assign]
+    try:
+        results = await Flow(same).arun()
+    finally:
+        _batches.InstanceBatches._deliver = original  # type: ignore[method-assign]
+    assert results["same"].value == list(range(2000))
+    assert 0 < deliveries < 1000
