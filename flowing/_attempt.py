@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ def call_result(
     error: BaseException | None,
     started_at: float,
     finished_at: float,
+    reason: str | None = None,
 ) -> StepResult:
     """The result of a task run as one call of its body in a worker thread, which
     returned ``value`` or raised the ``Exception`` ``error``."""
@@ -83,7 +85,19 @@ def call_result(
         attempts=1,
         started_at=started_at,
         finished_at=finished_at,
+        reason=reason,
         detached=detached,
+    )
+
+
+UNASKED_CANCELLATION = "raised a cancellation nothing had asked for"
+
+
+def is_cancellation(exc: BaseException, backend_class: type[BaseException]) -> bool:
+    """``exc`` is the backend's cancellation, or asyncio's own (which a body may raise on trio)."""
+    asyncio = sys.modules.get("asyncio")
+    return isinstance(exc, backend_class) or (
+        asyncio is not None and isinstance(exc, asyncio.CancelledError)
     )
 
 

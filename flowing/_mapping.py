@@ -14,7 +14,9 @@ fails (or the run stops) no new instance starts; the unstarted ones are SKIPPED.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +24,11 @@ from typing import Any
 import anyio
 
 from ._attempt import (
+    UNASKED_CANCELLATION,
     StepContext,
     call_result,
     instances_wait_only_for_a_thread,
+    is_cancellation,
     run_step,
     step_result,
 )
@@ -176,6 +180,7 @@ class _FanOut:
             error=report.error,
             started_at=report.started_at,
             finished_at=report.finished_at,
+            reason=UNASKED_CANCELLATION if isinstance(report.error, asyncio.CancelledError) else None,
         )
         self._finish(report.k, result)
 
@@ -192,6 +197,7 @@ class _FanOut:
         instance = TaskInstance.of_element(self.task, k, self.slot_values)
         kwargs = {**self.kwargs, self.source: item}
         key = self._journal_key(k)
+        started_at = time.monotonic()
         try:
             result = await self._replayed(key, instance)
             if result is None:
@@ -199,12 +205,16 @@ class _FanOut:
                 if key is not None and self.journal is not None and result.succeeded:
                     with anyio.CancelScope(shield=True):  # journaled before it counts
                         await self.journal.save(key, result)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as exc:  # KeyboardInterrupt and the like: stop, re-raise later
-            self._interrupt = self._interrupt or exc
-            scope.cancel()
-            return
+        except BaseException as exc:
+            if not is_cancellation(exc, anyio.get_cancelled_exc_class()):
+                self._interrupt = self._interrupt or exc  # KeyboardInterrupt and the like:
+                scope.cancel()  # stop, re-raise once the other instances ended
+                return
+            if anyio.current_effective_deadline() == -math.inf:
+                raise  # the step really is being cancelled
+            # The body's own (e.g. asyncio.CancelledError): uncaught, the instance
+            # would vanish from the step's value without a trace.
+            result = step_result(instance, started_at, StepState.FAILED, error=exc, reason=UNASKED_CANCELLATION)
         finally:
             if slots is not None:
                 slots.release()

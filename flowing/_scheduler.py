@@ -20,7 +20,14 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ._attempt import StepContext, run_step, step_result, waits_only_for_a_thread
+from ._attempt import (
+    UNASKED_CANCELLATION,
+    StepContext,
+    is_cancellation,
+    run_step,
+    step_result,
+    waits_only_for_a_thread,
+)
 from ._events import Event, FlowFinished, FlowStarted, ThreadAbandoned, make_finished, make_started
 from ._executor import Executor
 from ._cache import ResultCache
@@ -267,8 +274,8 @@ class Scheduler:
         """Task ``i`` let out a BaseException that is no Exception: a cancellation of
         its own (e.g. asyncio.CancelledError, which would cancel every task of the run
         without a trace) fails the task; anything else (KeyboardInterrupt, ...) stops the run."""
-        if _is_cancellation(exc, self._cancelled_class):
-            return self._failed_with(i, exc, "raised a cancellation nothing had asked for")
+        if is_cancellation(exc, self._cancelled_class):
+            return self._failed_with(i, exc, UNASKED_CANCELLATION)
         self._stop_run(exc)
         return self._failed_with(i, exc, f"raised {type(exc).__name__}, which stopped the run")
 
@@ -469,11 +476,3 @@ def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(current, BaseExceptionGroup) and len(current.exceptions) == 1:
         current = current.exceptions[0]
     return group if isinstance(current, BaseExceptionGroup) else current
-
-
-def _is_cancellation(exc: BaseException, backend_class: type[BaseException]) -> bool:
-    """``exc`` is the backend's cancellation, or asyncio's own (which a body may raise on trio)."""
-    asyncio = sys.modules.get("asyncio")
-    return isinstance(exc, backend_class) or (
-        asyncio is not None and isinstance(exc, asyncio.CancelledError)
-    )

@@ -108,7 +108,9 @@ async def test_a_body_that_raises_cancelled_error_fails_its_instance_only() -> N
     results = await Flow(odd, fail_fast=False).arun()
     assert results["odd"].state is StepState.FAILED
     assert isinstance(results["odd"].error, asyncio.CancelledError)
-    assert results["odd"].reason == "1 of 2 instance(s) failed, first 'odd[1]'"
+    assert results["odd"].reason == (
+        "1 of 2 instance(s) failed, first 'odd[1]': raised a cancellation nothing had asked for"
+    )
 
 
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import threading
@@ -362,6 +363,36 @@ def test_a_failed_instance_is_logged_as_a_warning(caplog: pytest.LogCaptureFixtu
         "instance 'use[0]' succeeded after 1 attempt(s)",
         "instance 'use[1]' failed after 1 attempt(s): ValueError: nope",
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync-with-retries", "async"])
+async def test_an_instance_raising_its_own_cancellation_fails_and_does_not_vanish(
+    is_async: bool,
+) -> None:
+    """asyncio.CancelledError from a body is no cancellation of the run: the instance
+    fails with it, as a declared task would (it used to drop out of the step's value)."""
+    items = _source([0, 1, 2])
+
+    def body(items: int) -> int:
+        if items == 1:
+            raise asyncio.CancelledError("nobody asked")
+        return items
+
+    async def async_body(items: int) -> int:
+        return body(items)
+
+    mapped = task(depends_on=[items], map_over="items", name="odd", retry=0 if is_async else 1)(
+        async_body if is_async else body
+    )
+    events: list[Event] = []
+    results = await Flow(mapped, fail_fast=False, on_event=events.append).arun()
+    assert results["odd"].state is StepState.FAILED
+    assert isinstance(results["odd"].error, asyncio.CancelledError)
+    assert results["odd"].reason == (
+        "1 of 3 instance(s) failed, first 'odd[1]': raised a cancellation nothing had asked for"
+    )
+    assert sorted(e.item for e in events if isinstance(e, InstanceFinished)) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
