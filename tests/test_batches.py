@@ -247,3 +247,53 @@ async def test_a_batch_runs_many_instances_with_few_trips_through_the_event_loop
         _batches.InstanceBatches._deliver = original  # type: ignore[method-assign]
     assert results["same"].value == list(range(2000))
     assert 0 < deliveries < 1000
+
+
+async def test_an_instance_abandoned_by_a_cancelled_run_was_reported_started_before() -> None:
+    """The run is cancelled just as the thread starts the next instance: its
+    TaskStarted, pending on the way to the loop, must precede its ThreadAbandoned."""
+    items = _source([0, 1])
+    cancelled = threading.Event()
+    second_runs = threading.Event()
+    release = threading.Event()
+
+    @task(depends_on=[items], map_over="items")
+    def hold(items: int) -> int:
+        if items == 0:
+            assert cancelled.wait(WAIT_S)
+        else:
+            second_runs.set()
+            assert release.wait(WAIT_S)
+        return items
+
+    events: list[Event] = []
+    with anyio.CancelScope() as outer:
+
+        def on_event(event: Event) -> None:
+            events.append(event)
+            if isinstance(event, TaskStarted) and event.task == "hold[0]":
+                outer.cancel()  # the run is cancelled now, while the loop is busy here ...
+                cancelled.set()
+                assert second_runs.wait(WAIT_S)  # ... and the thread has started hold[1]
+
+        try:
+            await Flow(hold, max_workers=1, on_event=on_event).arun()
+        finally:
+            release.set()
+    mine = [type(e).__name__ for e in events if getattr(e, "task", "") == "hold[1]"]
+    assert mine == ["TaskStarted", "ThreadAbandoned"]
+
+
+async def test_event_times_never_go_back() -> None:
+    """Each event is stamped when the loop emits it, as for lanes: a display's clock
+    (``progress=True``) never runs backwards."""
+    items = _source(list(range(200)))
+
+    @task(depends_on=[items], map_over="items")
+    def same(items: int) -> int:
+        return items
+
+    events: list[Event] = []
+    await Flow(same, max_workers=2, on_event=events.append).arun()
+    times = [e.time for e in events]
+    assert times == sorted(times)
