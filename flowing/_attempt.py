@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import sys
@@ -74,7 +75,8 @@ def call_result(
     reason: str | None = None,
 ) -> StepResult:
     """The result of a task run as one call of its body in a worker thread, which
-    returned ``value`` or raised the ``Exception`` ``error``."""
+    returned ``value`` or raised ``error`` (an ``Exception``, or the body's own
+    ``asyncio.CancelledError``)."""
     failed = error is not None
     return make_result(
         name,
@@ -161,7 +163,7 @@ async def _one_async_call(
     started_at = time.monotonic()
     ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
     try:
-        value = refuse_coroutine(task, await task.fn(**kwargs))
+        value = refuse_coroutine(task.name, await task.fn(**kwargs))
     except Exception as error:
         return step_result(task, started_at, FAILED, error=error, attempts=1)
     return step_result(task, started_at, SUCCEEDED, value=value, attempts=1)
@@ -285,9 +287,9 @@ async def _call_with_timeout(
     """One attempt: its start event, then its body under the task's timeout."""
     ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
     if task.timeout_s is None:  # no cancel scope to pay for
-        return refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
+        return refuse_coroutine(task.name, await _call_body(task, index, kwargs, ctx, attempt, slot))
     with anyio.move_on_after(task.timeout_s):
-        return refuse_coroutine(task, await _call_body(task, index, kwargs, ctx, attempt, slot))
+        return refuse_coroutine(task.name, await _call_body(task, index, kwargs, ctx, attempt, slot))
     raise TimeoutError(
         f"task {task.name!r} timed out after {task.timeout_s:g} s "
         f"(attempt {attempt} of {max_attempts})"
@@ -321,7 +323,7 @@ async def _call_sync_body(
         try:
             if ctx.slots.halt_reason is not None and not task.detached:
                 raise HeldBack(ctx.slots.halt_reason)  # it got a thread only after the halt
-            return refuse_coroutine(task, task.fn(**kwargs))  # closed even if abandoned
+            return refuse_coroutine(task.name, task.fn(**kwargs))  # closed even if abandoned
         finally:
             if slot is not None:
                 slot.thread_returned()
@@ -339,12 +341,33 @@ async def _call_sync_body(
     return await ctx.runner.run(task, kwargs, report_abandoned)
 
 
-def refuse_coroutine(task: TaskDef[..., Any], value: Any) -> Any:
-    """A body that returns an un-awaited coroutine is a bug in the task: say so."""
+def refuse_coroutine(name: str, value: Any) -> Any:
+    """A body that returns an un-awaited coroutine is a bug in task ``name``: say so."""
     if inspect.iscoroutine(value):
         value.close()
         raise TypeError(
-            f"task {task.name!r} returned an un-awaited coroutine; declare it with "
+            f"task {name!r} returned an un-awaited coroutine; declare it with "
             f"'async def' or await the call inside it"
         )
     return value
+
+
+def call_in_context(
+    name: str, fn: Callable[..., Any], kwargs: dict[str, Any], context: contextvars.Context
+) -> tuple[Any, BaseException | None]:
+    """In a worker thread: task ``name``'s sync body, called in a copy of ``context``.
+    Returns its value and None, or None and what it raised (the caller decides what
+    that means)."""
+    try:
+        return refuse_coroutine(name, context.copy().run(fn, **kwargs)), None
+    except BaseException as error:
+        return None, error
+
+
+def stops_the_run(error: BaseException) -> bool:
+    """What a sync body raised is KeyboardInterrupt, SystemExit or the like: no
+    failure of its task but the end of the run. Its own ``asyncio.CancelledError``
+    is a failure: nobody cancelled a thread."""
+    asyncio = sys.modules.get("asyncio")
+    cancelled = asyncio.CancelledError if asyncio is not None else ()
+    return not isinstance(error, (Exception, cancelled))

@@ -8,9 +8,9 @@ the instances are queued in element order, and up to ``max_workers`` batch calls
 each holding a thread token like any sync body, take them from that queue and run
 them one after another in a worker thread. A call ends when the queue is empty,
 when the mapping stops (fail_fast, or a KeyboardInterrupt and the like from a
-body), or, after its first instance, when another sync body waits for a token or
-its slice of ``SLICE_S`` is over: then it gets back in the limiter's line, so
-other sync tasks of the run get threads in turn.
+body), or after its first instance once a single sync body waits for a token, or
+after its turn (``TURN_S``): then it gets back in the limiter's line, so that
+other sync work of the run, and other mappings, get threads in turn.
 
 Starts and returns reach the event loop in batches (``LoopInbox``), where the
 fan-out turns them into events and results, as for any instance.
@@ -18,7 +18,6 @@ fan-out turns them into events and results, as for any instance.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,21 +25,18 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from ._attempt import StepContext, refuse_coroutine
-from ._threads import LoopInbox, thread_context
+from ._attempt import StepContext, call_in_context, stops_the_run
 from ._task import TaskDef
+from ._threads import TURN_S, LoopInbox, thread_context
 
-SLICE_S = 0.01  # a batch call's turn on its thread token, when others may wait for one
 
-
-class Started(NamedTuple):
-    """A worker thread called the body of the instance of element ``k``."""
+class InstanceStarted(NamedTuple):
+    """A worker thread is calling the body of the instance of element ``k``."""
 
     k: int
-    at: float
 
 
-class Returned(NamedTuple):
+class InstanceReturned(NamedTuple):
     """The instance of element ``k`` returned ``value`` or raised ``error``."""
 
     k: int
@@ -50,21 +46,13 @@ class Returned(NamedTuple):
     finished_at: float
 
 
-def stops_the_run(error: BaseException) -> bool:
-    """KeyboardInterrupt, SystemExit and the like: not a failure of the instance.
-
-    A sync body's own ``asyncio.CancelledError`` fails its instance: no one cancelled it.
-    """
-    return not isinstance(error, (Exception, asyncio.CancelledError))
-
-
 class InstanceBatches:
     """The batch calls of one mapped step.
 
-    Invariants: ``_queue`` holds the instances no thread has taken, in element
-    order, so those never started are always its whole content; ``_bodies`` maps
-    each instance whose body runs now to its start time (changed by the threads,
-    one dict step each under the GIL); once ``_closed``, reports are dropped.
+    Invariants: ``_queue`` holds the instances no thread has started, in element
+    order, so those never started are always its whole content. ``_open`` (event
+    loop only) holds the instances whose start the loop has seen and whose return
+    it has not. Once ``_closed``, reports are dropped.
     """
 
     def __init__(
@@ -76,8 +64,8 @@ class InstanceBatches:
         *,
         fail_fast: bool,
         stopping: Callable[[], bool],
-        on_started: Callable[[Started], None],
-        on_returned: Callable[[Returned], None],
+        on_started: Callable[[int], None],
+        on_returned: Callable[[InstanceReturned], None],
         on_abandoned: Callable[[int], None],
     ) -> None:
         assert task.map_over is not None
@@ -91,20 +79,22 @@ class InstanceBatches:
         self._on_started = on_started
         self._on_returned = on_returned
         self._on_abandoned = on_abandoned
-        self._inbox: LoopInbox[Started | Returned] = LoopInbox(ctx.slots.call_soon, self._deliver)
+        self._inbox: LoopInbox[InstanceStarted | InstanceReturned] = LoopInbox(
+            ctx.slots.call_soon, self._deliver
+        )
         self._context = thread_context()  # each body runs in a copy of it
-        self._bodies: dict[int, float] = {}
-        self._halted = False  # a body failed under fail_fast, or stopped the run
-        self._abandoned = False  # the step was cancelled: take nothing more
+        self._open: set[int] = set()
+        self._stop_taking = False  # a body failed under fail_fast, or stopped the run
+        self._abandoned = False  # the step was cancelled: start nothing more
         self._closed = False
         self._scope: anyio.CancelScope | None = None
-        self.interrupt: BaseException | None = None  # a body's KeyboardInterrupt or the like
+        self._interrupt: BaseException | None = None  # a KeyboardInterrupt or the like
 
     async def run(self) -> int | None:
         """Run the queued instances; return the first element never started, or None.
 
-        A body's KeyboardInterrupt (or the like) cancels the other calls and is
-        raised here, once they ended.
+        A KeyboardInterrupt (or the like) from a body or an event observer cancels
+        the other calls and is raised here, once they ended.
         """
         try:
             async with anyio.create_task_group() as tg:
@@ -114,78 +104,89 @@ class InstanceBatches:
             self._inbox.flush()  # what the threads reported last, before the step's result
         finally:
             self._closed = True
-        if self.interrupt is not None:
-            raise self.interrupt
+        if self._interrupt is not None:
+            raise self._interrupt
         return self._queue[0][0] if self._queue else None
 
     async def _keep_taking(self) -> None:
         while self._queue and not self._must_stop():
-            await self._slots.run(self._run_batch, self._abandon)
+            await self._slots.run(self._run_batch, self._abandon, batch=True)
 
     def _must_stop(self) -> bool:
-        return self._halted or self._abandoned or self._stopping()
+        return self._stop_taking or self._abandoned or self._stopping()
 
     def _abandon(self) -> None:
-        """A batch call was cancelled while its thread ran a body: take nothing more,
-        and report every body running now (once, however many calls were cancelled)."""
+        """A batch call was cancelled while its thread ran: start nothing more, and
+        report each body running now as abandoned, after its start (once, however
+        many calls were cancelled). What the threads report later is dropped: a body
+        a thread started just as this happened runs unseen, as in a thread lane."""
         if self._abandoned:
             return
         self._abandoned = True
-        for k in list(self._bodies):
+        self._inbox.flush()
+        self._closed = True
+        for k in list(self._open):
             self._on_abandoned(k)
 
-    def _deliver(self, reports: list[Started | Returned]) -> None:
-        """On the event loop: what the threads did since their last reports."""
+    def _deliver(self, reports: list[InstanceStarted | InstanceReturned]) -> None:
+        """On the event loop: what the threads did since their last reports.
+
+        Each report is applied even when an event observer raised KeyboardInterrupt
+        or the like on an earlier one (that stops the mapping, as a body's would).
+        """
         if self._closed:
             return
-        try:
-            for report in reports:
-                if isinstance(report, Started):
-                    self._on_started(report)
-                elif report.error is not None and stops_the_run(report.error):
+        for report in reports:
+            try:
+                if isinstance(report, InstanceStarted):
+                    self._open.add(report.k)
+                    self._on_started(report.k)
+                    continue
+                self._open.discard(report.k)
+                if report.error is not None and stops_the_run(report.error):
                     self._stop(report.error)
                 else:
                     self._on_returned(report)
-        except BaseException as error:  # e.g. an event observer's KeyboardInterrupt
-            self._stop(error)
+            except BaseException as error:
+                self._stop(error)
 
     def _stop(self, error: BaseException) -> None:
-        self.interrupt = self.interrupt or error
-        self._halted = True
+        self._interrupt = self._interrupt or error
+        self._stop_taking = True
         if self._scope is not None:
             self._scope.cancel()
 
     # In a worker thread from here on.
 
     def _run_batch(self) -> None:
-        ends_at = time.monotonic() + SLICE_S
-        first = True  # the call earned its token: its first instance runs even if others wait
-        while not self._must_stop() and (first or self._keeps_its_turn(ends_at)):
+        turn_ends = time.monotonic() + TURN_S
+        first = True  # the call earned its token: its first instance runs in any case
+        while not self._must_stop() and (first or self._keeps_its_turn(turn_ends)):
             try:
                 k, item = self._queue.popleft()
             except IndexError:
                 return
-            self._run_one(k, item)
+            if not self._run_one(k, item):
+                self._queue.appendleft((k, item))  # abandoned meanwhile: never started
+                return
             first = False
 
-    def _keeps_its_turn(self, ends_at: float) -> bool:
-        """No sync body waits for a token, and the call's slice is not over: after it,
-        the call goes back into the limiter's line, behind whoever waits there."""
-        return self._slots.waiting == 0 and time.monotonic() < ends_at
+    def _keeps_its_turn(self, turn_ends: float) -> bool:
+        """No single sync body waits for a token, and the turn is not over: after it,
+        the call gets back in the limiter's line, behind whoever waits there (lane
+        jobs of declared tasks wait there unseen, other batches are counted apart)."""
+        return self._slots.waiting == 0 and time.monotonic() < turn_ends
 
-    def _run_one(self, k: int, item: Any) -> None:
+    def _run_one(self, k: int, item: Any) -> bool:
+        """Run the instance of element ``k``; False if the calls were abandoned first."""
+        if self._abandoned:
+            return False
+        self._inbox.put(InstanceStarted(k))
         started_at = time.monotonic()
-        self._bodies[k] = started_at
-        self._inbox.put(Started(k, started_at))
-        error: BaseException | None = None
-        value: Any = None
-        try:
-            kwargs = {**self._kwargs, self._source: item}
-            value = refuse_coroutine(self._task, self._context.copy().run(self._task.fn, **kwargs))
-        except BaseException as exc:  # the fan-out decides what it means
-            error = exc
+        name, kwargs = f"{self._task.name}[{k}]", {**self._kwargs, self._source: item}
+        value, error = call_in_context(name, self._task.fn, kwargs, self._context)
         finished_at = time.monotonic()
-        del self._bodies[k]
         if error is not None and (self._fail_fast or stops_the_run(error)):
-            self._halted = True  # no instance starts after it, before the loop hears of it
-        self._inbox.put(Returned(k, value, error, started_at, finished_at))
+            self._stop_taking = True  # no instance starts after it, before the loop hears of it
+        self._inbox.put(InstanceReturned(k, value, error, started_at, finished_at))
+        return True

@@ -87,7 +87,7 @@ class _InThreads:
 
 
 def _call_here(task: TaskDef[..., Any], kwargs: dict[str, Any]) -> Any:
-    return refuse_coroutine(task, task.fn(**kwargs))
+    return refuse_coroutine(task.name, task.fn(**kwargs))
 
 
 def is_executor(candidate: object) -> bool:

@@ -20,7 +20,6 @@ of the failure.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import deque
@@ -29,11 +28,11 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from ._attempt import call_result, refuse_coroutine
+from ._attempt import call_in_context, call_result, stops_the_run
 from ._graph import Graph
 from ._results import StepResult
 from ._task import TaskDef
-from ._threads import LoopInbox, ThreadSlots, thread_context
+from ._threads import TURN_S, LoopInbox, ThreadSlots, thread_context
 
 
 class Started(NamedTuple):
@@ -105,9 +104,10 @@ class Lanes:
     Invariants: ``_jobs`` (event loop only) counts jobs whose end the loop has
     not seen, each holding one ``max_workers`` token; ``_taking`` (changed under
     ``_lock``) counts the jobs still taking from ``_queue``. A job ends when the
-    queue is empty (checked under the lock), when other sync bodies wait for a
-    token and it has run its first task (so neither side starves the other), or
-    when the lanes stop. The loop starts a
+    queue is empty (checked under the lock), when (after its first task) other
+    sync bodies wait for a token or a batch of mapped instances waits for one and
+    its turn (``TURN_S``) is over, so that neither side starves the other, or when
+    the lanes stop. The loop starts a
     job for each task it queues and each job end it sees, if a token is free; the
     keeper waits for a token in the limiter's line whenever tasks are queued and
     fewer than ``max_workers`` jobs take them. So a queued task always gets a job.
@@ -271,35 +271,42 @@ class Lanes:
     # In a worker thread from here on.
 
     def run_job(self, job: _Job) -> None:
+        turn_ends = time.monotonic() + TURN_S
         first = True  # the job earned its token: its first task runs even if others wait
-        while (queued := self._take(first)) is not None:
-            self._run_chain(*queued)
+        while (queued := self._take(first, turn_ends)) is not None:
+            self._run_chain(*queued, turn_ends)
             first = False
         self._inbox.put(_JobEnded(job))
 
-    def _take(self, first: bool) -> tuple[int, dict[str, Any]] | None:
+    def _take(self, first: bool, turn_ends: float) -> tuple[int, dict[str, Any]] | None:
         """The next queued task, or None once the job should end.
 
         A deque's popleft needs no lock; the lock makes "the queue is empty, this
         job ends" one step, so a task queued meanwhile is never left behind.
         """
         while True:
-            if not self._must_end(first):
+            if not self._must_end(turn_ends, first):
                 try:
                     return self._queue.popleft()
                 except IndexError:
                     pass
             with self._lock:
-                if self._must_end(first) or not self._queue:
+                if self._must_end(turn_ends, first) or not self._queue:
                     self._taking -= 1
                     return None
 
-    def _must_end(self, first: bool = False) -> bool:
-        """Give the token back: the lanes stop, or (after the job's first task)
-        another sync body waits for a token."""
-        return self._ending or (not first and self._slots.waiting > 0)
+    def _must_end(self, turn_ends: float, first: bool = False) -> bool:
+        """Give the token back: the lanes stop; or, after the job's first task,
+        another sync body waits for a token; or a batch of mapped instances waits
+        for one and the job's turn is over."""
+        if self._ending:
+            return True
+        if first:
+            return False
+        slots = self._slots
+        return slots.waiting > 0 or (slots.batches_waiting > 0 and time.monotonic() >= turn_ends)
 
-    def _run_chain(self, i: int, kwargs: dict[str, Any]) -> None:
+    def _run_chain(self, i: int, kwargs: dict[str, Any], turn_ends: float) -> None:
         """Run task ``i``, then each chain successor it leads to while they succeed."""
         task = self._tasks[i]
         if self._held_back(task):
@@ -308,34 +315,28 @@ class Lanes:
         self._inbox.put(Started(i, started_at))
         while True:
             self._bodies[i] = started_at
-            value, error = self._call(task, kwargs)
+            value, error = call_in_context(task.name, task.fn, kwargs, self._context)
             finished_at = time.monotonic()
             del self._bodies[i]
             if error is not None:
                 self._note_failure(task, error)
-            following = self._following(i) if error is None else None
+            following = self._following(i, turn_ends) if error is None else None
             self._inbox.put(Finished(i, value, error, started_at, finished_at, following))
             if following is None:
                 return
             kwargs = {task.name: value}
             i, task, started_at = following, self._tasks[following], finished_at
 
-    def _call(self, task: TaskDef[..., Any], kwargs: dict[str, Any]) -> tuple[Any, BaseException | None]:
-        try:
-            return refuse_coroutine(task, self._context.copy().run(task.fn, **kwargs)), None
-        except BaseException as error:  # the scheduler decides what it means
-            return None, error
-
     def _note_failure(self, task: TaskDef[..., Any], error: BaseException) -> None:
         """Act on a failure before the loop hears of it: no queued task may start meanwhile."""
-        if not isinstance(error, (Exception, asyncio.CancelledError)):
+        if stops_the_run(error):
             self._stopped = True  # KeyboardInterrupt, SystemExit, ...: the run stops
         elif not task.detached:
             self._failed = True
 
-    def _following(self, i: int) -> int | None:
+    def _following(self, i: int, turn_ends: float) -> int | None:
         d = self._successors[i]
-        if d is None or self._must_end() or self._held_back(self._tasks[d]):
+        if d is None or self._must_end(turn_ends) or self._held_back(self._tasks[d]):
             return None
         return d
 

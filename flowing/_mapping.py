@@ -6,9 +6,10 @@ retries, timeout, events) named ``"task[k]"`` that receives the element as ``src
 The step's value is the list of the instances' values, in element order.
 
 Instances of a plain sync task (no gates, retries, timeout, cache, pool or
-``max_concurrency``) run in batches on at most ``max_workers`` worker threads (see
-``_batches``). Otherwise at most ``window`` instances are in progress at once: the
-task's ``max_concurrency``, else (sync bodies) ``4 * max_workers``, else no bound. Under fail_fast, once an instance
+``max_concurrency``) run in batches on at most ``max_workers`` worker threads
+(see ``_batches``). Otherwise at most ``window`` instances are in progress at
+once: the task's ``max_concurrency``, else (sync bodies) ``4 * max_workers``,
+else no bound. Under fail_fast, once an instance
 fails (or the run stops) no new instance starts; the unstarted ones are SKIPPED.
 """
 
@@ -32,7 +33,7 @@ from ._attempt import (
     run_step,
     step_result,
 )
-from ._batches import InstanceBatches, Returned, Started
+from ._batches import InstanceBatches, InstanceReturned
 from ._events import ThreadAbandoned, make_instance_finished, make_started
 from ._exceptions import MapOverError
 from ._results import StepResult, StepState, make_result
@@ -133,7 +134,7 @@ class _FanOut:
 
     async def run(self, items: list[Any]) -> None:
         self.results = [None] * len(items)
-        if self.journal is None and self.ctx.runner is None and instances_wait_only_for_a_thread(self.task):
+        if self._runs_in_batches():
             await self._run_in_batches(items)
             return
         window = launch_window(self.task, self.ctx)
@@ -150,6 +151,10 @@ class _FanOut:
                 tg.start_soon(self._instance, k, item, slots, tg.cancel_scope)
         if self._interrupt is not None:
             raise self._interrupt
+
+    def _runs_in_batches(self) -> bool:
+        no_journal_nor_executor = self.journal is None and self.ctx.runner is None
+        return no_journal_nor_executor and instances_wait_only_for_a_thread(self.task)
 
     async def _run_in_batches(self, items: list[Any]) -> None:
         """Plain sync instances: worker threads run them in batches (see ``_batches``)."""
@@ -168,11 +173,12 @@ class _FanOut:
         if unstarted is not None:
             self._skip_from(unstarted)
 
-    def _batch_started(self, report: Started) -> None:
-        name = self._instance_name(report.k)
-        self.ctx.emit(make_started(name, self.index, self.ctx.total, report.at, 1, 1))
+    def _batch_started(self, k: int) -> None:
+        """Stamped when the loop emits it, like every event: times never go back."""
+        name = self._instance_name(k)
+        self.ctx.emit(make_started(name, self.index, self.ctx.total, time.monotonic(), 1, 1))
 
-    def _batch_returned(self, report: Returned) -> None:
+    def _batch_returned(self, report: InstanceReturned) -> None:
         result = call_result(
             self._instance_name(report.k),
             detached=self.task.detached,
@@ -180,7 +186,7 @@ class _FanOut:
             error=report.error,
             started_at=report.started_at,
             finished_at=report.finished_at,
-            reason=UNASKED_CANCELLATION if isinstance(report.error, asyncio.CancelledError) else None,
+            reason=_reason(report.error),
         )
         self._finish(report.k, result)
 
@@ -214,7 +220,8 @@ class _FanOut:
                 raise  # the step really is being cancelled
             # The body's own (e.g. asyncio.CancelledError): uncaught, the instance
             # would vanish from the step's value without a trace.
-            result = step_result(instance, started_at, StepState.FAILED, error=exc, reason=UNASKED_CANCELLATION)
+            failed = StepState.FAILED
+            result = step_result(instance, started_at, failed, error=exc, reason=UNASKED_CANCELLATION)
         finally:
             if slots is not None:
                 slots.release()
@@ -240,8 +247,12 @@ class _FanOut:
             (r.name for r in self.results if r is not None and r.state is StepState.FAILED),
             None,
         )
-        why = f"{culprit!r} failed" if culprit else "the run stopped"
-        reason = f"not started: fail_fast stopped the mapping after {why}"
+        if culprit is not None:
+            reason = f"not started: fail_fast stopped the mapping after {culprit!r} failed"
+        elif self.ctx.slots.halt_reason is not None:
+            reason = f"not started: {self.ctx.slots.halt_reason}"
+        else:
+            reason = "not started: the run stopped"
         for k in range(first, len(self.results)):
             name = self._instance_name(k)
             detached = self.task.detached
@@ -289,6 +300,11 @@ class _FanOut:
             attempts=attempts,
             reason=f"mapped over {len(done)} element(s)",
         )
+
+
+def _reason(error: BaseException | None) -> str | None:
+    """Why an instance run in a batch failed, when its error does not say it all."""
+    return UNASKED_CANCELLATION if isinstance(error, asyncio.CancelledError) else None
 
 
 def _elements(task: TaskDef[..., Any], source: str, value: Any) -> list[Any]:

@@ -46,6 +46,10 @@ except ImportError:  # a future anyio moved them: every call uses anyio.to_threa
 
 T = TypeVar("T")
 
+TURN_S = 0.01
+"""How long a worker thread that runs task after task (a lane job, a batch of mapped
+instances) may keep its ``max_workers`` token while other such work waits for one."""
+
 
 class ThreadSlots:
     """The thread budget of one run: ``max_workers`` tokens for sync bodies.
@@ -59,7 +63,11 @@ class ThreadSlots:
     def __init__(self, max_workers: int) -> None:
         self.limiter = anyio.CapacityLimiter(max_workers)
         self.halt_reason: str | None = None  # set once, when fail_fast stops the run
-        self.waiting = 0  # calls waiting for a token (thread lanes make way for them)
+        # Calls waiting for a token: one body each (lanes and batches of instances
+        # make way for them after their current body), or a batch of instances
+        # (lanes make way for those after their turn, ``TURN_S``).
+        self.waiting = 0
+        self.batches_waiting = 0
         self._on_halt: list[Callable[[str], Awaitable[None]]] = []
         # The run's own worker threads (asyncio only; None: anyio.to_thread).
         self.workers: Workers | None = None
@@ -90,8 +98,10 @@ class ThreadSlots:
         for hook in self._on_halt:
             await hook(self.halt_reason)
 
-    async def run(self, fn: Callable[[], Any], on_abandon: Callable[[], None]) -> Any:
-        """Return ``fn()``, called in a worker thread.
+    async def run(
+        self, fn: Callable[[], Any], on_abandon: Callable[[], None], *, batch: bool = False
+    ) -> Any:
+        """Return ``fn()``, called in a worker thread; ``batch``: it runs many bodies.
 
         When cancelled, the thread is abandoned: ``on_abandon`` is called, the
         thread keeps its token until the function returns, and the cancellation
@@ -101,11 +111,7 @@ class ThreadSlots:
         try:  # a free token costs no trip through the event loop
             self.limiter.acquire_on_behalf_of_nowait(call)
         except anyio.WouldBlock:
-            self.waiting += 1
-            try:
-                await self.limiter.acquire_on_behalf_of(call)
-            finally:
-                self.waiting -= 1
+            await self._wait_for_token(call, batch)
         try:
             if self.workers is not None:
                 call.wakeup = self.workers.loop.create_future()
@@ -126,6 +132,19 @@ class ThreadSlots:
             raise
         self.limiter.release_on_behalf_of(call)
         return call.outcome()
+
+    async def _wait_for_token(self, call: _Call, batch: bool) -> None:
+        if batch:
+            self.batches_waiting += 1
+        else:
+            self.waiting += 1
+        try:
+            await self.limiter.acquire_on_behalf_of(call)
+        finally:
+            if batch:
+                self.batches_waiting -= 1
+            else:
+                self.waiting -= 1
 
     def _reported(self, calls: list[_Call]) -> None:
         if self.workers is not None:

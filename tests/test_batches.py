@@ -26,6 +26,8 @@ from flowing import (
 
 from _tracker import Tracker
 
+from flowing import _batches
+
 WAIT_S = 10  # a generous bound: only reached when something is broken
 pytestmark = pytest.mark.anyio
 
@@ -68,11 +70,13 @@ async def test_each_instance_starts_then_finishes_before_its_step_finishes() -> 
     assert mine[-1] == ("TaskFinished", "double")
     assert len(mine) == 3 * 2 + 1  # and the step's own end, as for instances run one by one
     started = {e.task: e for e in events if isinstance(e, TaskStarted)}
-    finished = {e.task: e.result for e in events if isinstance(e, InstanceFinished)}
+    ends = {e.task: e for e in events if isinstance(e, InstanceFinished)}
+    finished = {name: e.result for name, e in ends.items()}
     for k in range(3):
         result = finished[f"double[{k}]"]
         assert (result.state, result.value, result.attempts) == (StepState.SUCCEEDED, 2 * (k + 1), 1)
-        assert started[f"double[{k}]"].time == result.started_at <= result.finished_at
+        assert result.started_at <= result.finished_at <= ends[f"double[{k}]"].time
+        assert started[f"double[{k}]"].time <= ends[f"double[{k}]"].time
 
 
 async def test_under_fail_fast_no_instance_starts_after_one_failed() -> None:
@@ -161,8 +165,9 @@ def test_an_instance_running_when_the_run_times_out_is_reported_abandoned(anyio_
     assert not any(isinstance(e, InstanceFinished) for e in events)
 
 
-async def test_another_sync_task_gets_a_thread_while_many_instances_wait() -> None:
-    """The only thread is not kept for the whole mapping: a batch makes way every slice."""
+async def test_other_sync_tasks_get_the_thread_in_turn_while_many_instances_wait() -> None:
+    """The only thread is not kept for the whole mapping: a batch gives it up after
+    its turn, and the tasks waiting meanwhile all run in theirs."""
     items = _source(list(range(100)))
     mapping_started = threading.Event()
     order: list[str] = []
@@ -171,7 +176,7 @@ async def test_another_sync_task_gets_a_thread_while_many_instances_wait() -> No
     def slow(items: int) -> None:
         mapping_started.set()
         order.append(f"slow[{items}]")
-        time.sleep(0.002)
+        time.sleep(0.003)
 
     @task(depends_on=[items])
     async def later(items: list[int]) -> None:
@@ -179,15 +184,77 @@ async def test_another_sync_task_gets_a_thread_while_many_instances_wait() -> No
             while not mapping_started.is_set():
                 await anyio.sleep(0.001)
 
-    @task(depends_on=[later])
-    def other(later: None) -> None:
-        order.append("other")
+    def make_other(n: int) -> Any:
+        @task(depends_on=[later], name=f"other{n}")
+        def other(later: None) -> None:
+            order.append(f"other{n}")
 
-    @task(depends_on=[slow, other])
-    def both(slow: list[None], other: None) -> None: ...
+        return other
 
-    await Flow(both, max_workers=1).arun()
-    assert order.index("other") < order.index("slow[99]")
+    others = [make_other(n) for n in range(40)]
+    await Flow(slow, *others, max_workers=1).arun()
+    assert max(order.index(f"other{n}") for n in range(40)) < order.index("slow[99]")
+
+
+async def test_two_mappings_at_once_each_keep_their_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    original = _batches.InstanceBatches._run_batch
+
+    def counting(self: Any) -> None:
+        nonlocal calls
+        calls += 1
+        original(self)
+
+    monkeypatch.setattr(_batches.InstanceBatches, "_run_batch", counting)
+    items = _source(list(range(2000)))
+
+    @task(depends_on=[items], map_over="items")
+    def first(items: int) -> int:
+        return items
+
+    @task(depends_on=[items], map_over="items")
+    def second(items: int) -> int:
+        return -items
+
+    results = await Flow(first, second, max_workers=2).arun()
+    assert results["second"].value == [-k for k in range(2000)]
+    assert calls < 400  # one call per instance when each gave way to the other at once
+
+
+async def test_a_mapping_stopped_by_another_tasks_failure_names_it() -> None:
+    items = _source(list(range(50)))
+    mapping_started = threading.Event()
+
+    @task(depends_on=[items], map_over="items")
+    def each(items: int) -> int:
+        mapping_started.set()
+        time.sleep(0.002)
+        return items
+
+    @task(depends_on=[items])
+    async def boom(items: list[int]) -> None:
+        with anyio.fail_after(WAIT_S):
+            while not mapping_started.is_set():
+                await anyio.sleep(0.001)
+        raise ValueError("boom")
+
+    results = await Flow(each, boom, max_workers=1).arun()
+    assert results["each"].state is StepState.SKIPPED
+    assert "not started: fail_fast stopped the run after 'boom' failed" in (results["each"].reason or "")
+
+
+async def test_an_instance_returning_a_coroutine_fails_under_its_own_name() -> None:
+    items = _source([1])
+
+    async def later() -> None: ...
+
+    @task(depends_on=[items], map_over="items")
+    def lazy(items: int) -> Any:
+        return later()
+
+    results = await Flow(lazy).arun()
+    assert results["lazy"].state is StepState.FAILED
+    assert str(results["lazy"].error).startswith("task 'lazy[0]' returned an un-awaited coroutine")
 
 
 async def test_bodies_see_the_context_of_the_run() -> None:
@@ -223,12 +290,11 @@ async def test_instances_with_a_policy_still_run_one_by_one_with_the_same_result
     assert [e.task for e in events if isinstance(e, TaskFinished)][-1] == "triple"
 
 
-async def test_a_batch_runs_many_instances_with_few_trips_through_the_event_loop() -> None:
+async def test_a_batch_runs_many_instances_with_few_trips_through_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """What the batches are for: 2,000 instances, far fewer deliveries than instances."""
-    items = _source(list(range(2000)))
     deliveries = 0
-    from flowing import _batches
-
     original = _batches.InstanceBatches._deliver
 
     def counting(self: Any, reports: list[Any]) -> None:
@@ -236,15 +302,14 @@ async def test_a_batch_runs_many_instances_with_few_trips_through_the_event_loop
         deliveries += 1
         original(self, reports)
 
+    monkeypatch.setattr(_batches.InstanceBatches, "_deliver", counting)
+    items = _source(list(range(2000)))
+
     @task(depends_on=[items], map_over="items")
     def same(items: int) -> int:
         return items
 
-    _batches.InstanceBatches._deliver = counting  # type: ignore[method-assign]
-    try:
-        results = await Flow(same).arun()
-    finally:
-        _batches.InstanceBatches._deliver = original  # type: ignore[method-assign]
+    results = await Flow(same).arun()
     assert results["same"].value == list(range(2000))
     assert 0 < deliveries < 1000
 
