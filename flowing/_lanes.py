@@ -107,10 +107,10 @@ class Lanes:
     queue is empty (checked under the lock), when (after its first task) other
     sync bodies wait for a token or a batch of mapped instances waits for one and
     its turn (``TURN_S``) is over, so that neither side starves the other, or when
-    the lanes stop. The loop starts a
-    job for each task it queues and each job end it sees, if a token is free; the
-    keeper waits for a token in the limiter's line whenever tasks are queued and
-    fewer than ``max_workers`` jobs take them. So a queued task always gets a job.
+    the lanes stop. The loop starts a job for each task it queues and each job end
+    it sees, if a token is free; the keeper waits for a token in the limiter's line
+    whenever tasks are queued and fewer than ``max_workers`` jobs take them. So a
+    queued task always gets a job.
     """
 
     def __init__(

@@ -9,8 +9,8 @@ Instances of a plain sync task (no gates, retries, timeout, cache, pool or
 ``max_concurrency``) run in batches on at most ``max_workers`` worker threads
 (see ``_batches``). Otherwise at most ``window`` instances are in progress at
 once: the task's ``max_concurrency``, else (sync bodies) ``4 * max_workers``,
-else no bound. Under fail_fast, once an instance
-fails (or the run stops) no new instance starts; the unstarted ones are SKIPPED.
+else no bound. Under fail_fast, once an instance fails (or the run stops) no new
+instance starts; the unstarted ones are SKIPPED.
 """
 
 from __future__ import annotations
