@@ -92,6 +92,8 @@ async def run_mapped(
     """Run one instance of ``task`` per element of ``kwargs[task.map_over]``."""
     assert task.map_over is not None
     started_at = time.monotonic()
+    # The step's own start (one attempt: its instances retry each on their own).
+    ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
     try:
         items = _elements(task, task.map_over, kwargs[task.map_over])
     except Exception as error:
