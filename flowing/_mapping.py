@@ -37,6 +37,7 @@ from ._batches import InstanceBatches, InstanceReturned
 from ._events import ThreadAbandoned, make_instance_finished, make_started
 from ._exceptions import MapOverError
 from ._results import StepResult, StepState, make_result
+from ._runners import Runners, open_runners
 from ._task import TaskDef
 
 QUEUED_PER_THREAD = 4
@@ -132,6 +133,11 @@ class _FanOut:
         self.slot_values = task_slot_values(task)
         self.results: list[StepResult | None] = []
         self.failed = False
+        # Instances run one by one: their elements, their runners, the bound on how
+        # many are in progress (None: no bound).
+        self._items: list[Any] = []
+        self._runners: Runners | None = None
+        self._window: anyio.Semaphore | None = None
         self._interrupt: BaseException | None = None
 
     async def run(self, items: list[Any]) -> None:
@@ -140,17 +146,20 @@ class _FanOut:
             await self._run_in_batches(items)
             return
         window = launch_window(self.task, self.ctx)
-        slots = anyio.Semaphore(window) if window is not None else None
-        async with anyio.create_task_group() as tg:
-            for k, item in enumerate(items):
-                if slots is not None:
-                    await slots.acquire()
+        self._items = items
+        self._window = anyio.Semaphore(window) if window is not None else None
+        # The scheduler's own kind of runners: far cheaper per instance than a task group.
+        async with open_runners() as runners:
+            self._runners = runners
+            for k in range(len(items)):
+                if self._window is not None:
+                    await self._window.acquire()
                 if self._stopping():
-                    if slots is not None:
-                        slots.release()
+                    if self._window is not None:
+                        self._window.release()
                     self._skip_from(k)
                     break
-                tg.start_soon(self._instance, k, item, slots, tg.cancel_scope)
+                runners.start_soon(self._instance, k, self._instance_name(k))
         if self._interrupt is not None:
             raise self._interrupt
 
@@ -199,11 +208,9 @@ class _FanOut:
     def _instance_name(self, k: int) -> str:
         return f"{self.task.name}[{k}]"
 
-    async def _instance(
-        self, k: int, item: Any, slots: anyio.Semaphore | None, scope: anyio.CancelScope
-    ) -> None:
+    async def _instance(self, k: int) -> None:
         instance = TaskInstance.of_element(self.task, k, self.slot_values)
-        kwargs = {**self.kwargs, self.source: item}
+        kwargs = {**self.kwargs, self.source: self._items[k]}
         key = self._journal_key(k)
         started_at = time.monotonic()
         try:
@@ -216,7 +223,8 @@ class _FanOut:
         except BaseException as exc:
             if not is_cancellation(exc, anyio.get_cancelled_exc_class()):
                 self._interrupt = self._interrupt or exc  # KeyboardInterrupt and the like:
-                scope.cancel()  # stop, re-raise once the other instances ended
+                assert self._runners is not None
+                self._runners.cancel()  # stop, re-raise once the other instances ended
                 return
             if anyio.current_effective_deadline() == -math.inf:
                 raise  # the step really is being cancelled
@@ -225,8 +233,8 @@ class _FanOut:
             failed = StepState.FAILED
             result = step_result(instance, started_at, failed, error=exc, reason=UNASKED_CANCELLATION)
         finally:
-            if slots is not None:
-                slots.release()
+            if self._window is not None:
+                self._window.release()
         self._finish(k, result)
 
     def _journal_key(self, k: int) -> str | None:
