@@ -417,6 +417,28 @@ def test_keyboardinterrupt_in_an_instance_stops_the_run_then_propagates(
     assert not caplog.records
 
 
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_keyboardinterrupt_from_on_event_during_instances_propagates_bare_on_every_backend(
+    exc_type: type[BaseException], anyio_backend: str
+) -> None:
+    items = _source([0, 1, 2])
+
+    @task(depends_on=[items], map_over="items")
+    async def use(items: int) -> int:
+        if items != 1:
+            await anyio.sleep_forever()
+        return items
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, InstanceFinished) and event.item == 1:
+            raise exc_type
+
+    flow = Flow(use, on_event=on_event)
+    with pytest.raises(exc_type):
+        flow.run(backend=anyio_backend)  # type: ignore[arg-type]
+    assert isinstance(flow.results["use"].error, exc_type)
+
+
 def test_the_plain_progress_display_shows_instances_and_forgets_them_when_done() -> None:
     from flowing._progress import PlainDisplay
 
