@@ -21,6 +21,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 if TYPE_CHECKING:
     import asyncio
     from weakref import WeakKeyDictionary
@@ -43,8 +46,16 @@ async def open_runners() -> AsyncIterator[Runners]:
     loop = running_asyncio_loop()
     states = _AnyioTaskStates.find() if loop is not None else None
     if loop is None or states is None:
-        async with anyio.create_task_group() as tg:
-            yield _TaskGroupRunners(tg)
+        try:
+            async with anyio.create_task_group() as tg:
+                yield _TaskGroupRunners(tg)
+        except BaseExceptionGroup as group:
+            # What one runner let out (e.g. KeyboardInterrupt from an event observer),
+            # or trio's Ctrl-C delivered to the waiting group: raised as it is, as on asyncio.
+            lone = _lone_exception(group)
+            if lone is group:
+                raise
+            raise lone from None
         return
     scope = anyio.CancelScope()
     runners = _AsyncioRunners(loop, scope, states)
@@ -177,6 +188,14 @@ class _AsyncioRunners:
             self._tasks.discard(task)
             if not self._tasks and self._idle is not None:
                 self._idle.set()
+
+
+def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The only exception inside ``group`` (nested groups flattened), else ``group``."""
+    current: BaseException = group
+    while isinstance(current, BaseExceptionGroup) and len(current.exceptions) == 1:
+        current = current.exceptions[0]
+    return group if isinstance(current, BaseExceptionGroup) else current
 
 
 def _current_task() -> asyncio.Task[None]:

@@ -10,7 +10,6 @@ in thread lanes (see ``_lanes``).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, MutableMapping
@@ -40,9 +39,6 @@ from ._results import FAILED, SUCCEEDED, StepResult, StepState, count_states, ma
 from ._runners import Runners, open_runners
 from ._task import TaskDef
 from ._threads import ThreadSlots
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 
 class Scheduler:
@@ -164,26 +160,19 @@ class Scheduler:
 
     async def _run_phase(self, *, detached: bool) -> None:
         self._phase_detached = detached
-        try:
-            async with open_runners() as runners:
-                self._runners = runners
-                # Listed before any starts: on a loop with an eager task factory a
-                # runner may run (and claim what it makes ready) inside _start.
-                ready = [
-                    i
-                    for i, task in enumerate(self.graph.tasks)
-                    if task.detached == detached
-                    and task.name not in self.results
-                    and self._waiting_on[i] == 0
-                ]
-                for i in ready:
-                    self._start(i)
-        except BaseExceptionGroup as group:
-            # e.g. trio delivers Ctrl-C to the waiting task group as a group of one
-            lone = _lone_exception(group)
-            if lone is group:
-                raise
-            raise lone from None
+        async with open_runners() as runners:
+            self._runners = runners
+            # Listed before any starts: on a loop with an eager task factory a
+            # runner may run (and claim what it makes ready) inside _start.
+            ready = [
+                i
+                for i, task in enumerate(self.graph.tasks)
+                if task.detached == detached
+                and task.name not in self.results
+                and self._waiting_on[i] == 0
+            ]
+            for i in ready:
+                self._start(i)
         if self._interrupt is None:
             self._skip_never_started(detached)
 
@@ -467,12 +456,3 @@ class Scheduler:
     def _succeeded(self, i: int) -> bool:
         result = self.results.get(self.graph.tasks[i].name)
         return result is not None and result.state is StepState.SUCCEEDED
-
-
-
-def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The only exception inside ``group`` (nested groups flattened), else ``group``."""
-    current: BaseException = group
-    while isinstance(current, BaseExceptionGroup) and len(current.exceptions) == 1:
-        current = current.exceptions[0]
-    return group if isinstance(current, BaseExceptionGroup) else current
