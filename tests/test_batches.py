@@ -79,27 +79,6 @@ async def test_each_instance_starts_then_finishes_before_its_step_finishes() -> 
         assert started[f"double[{k}]"].time <= ends[f"double[{k}]"].time
 
 
-async def test_under_fail_fast_no_instance_starts_after_one_failed() -> None:
-    items = _source(list(range(6)))
-    calls: list[int] = []
-
-    @task(depends_on=[items], map_over="items")
-    def check(items: int) -> int:
-        calls.append(items)
-        if items == 1:
-            raise ValueError("bad")
-        return items
-
-    events: list[Event] = []
-    results = await Flow(check, max_workers=1, on_event=events.append).arun()
-    assert calls == [0, 1]
-    assert results["check"].state is StepState.FAILED
-    assert isinstance(results["check"].error, ValueError)
-    skipped = [e.result for e in events if isinstance(e, InstanceFinished) and e.item >= 2]
-    assert [r.state for r in skipped] == [StepState.SKIPPED] * 4
-    assert skipped[0].reason == "not started: fail_fast stopped the mapping after 'check[1]' failed"
-
-
 async def test_a_body_that_raises_cancelled_error_fails_its_instance_only() -> None:
     items = _source([0, 1])
 

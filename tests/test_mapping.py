@@ -200,11 +200,18 @@ async def test_a_failed_instance_fails_the_step_and_without_fail_fast_the_others
 
 
 @pytest.mark.anyio
-async def test_under_fail_fast_no_instance_starts_after_one_failed() -> None:
+@pytest.mark.parametrize(
+    "task_options,flow_options",
+    [({"max_concurrency": 1}, {}), ({}, {"max_workers": 1})],
+    ids=["one-by-one", "in-batches"],
+)
+async def test_under_fail_fast_no_instance_starts_after_one_failed(
+    task_options: dict[str, Any], flow_options: dict[str, Any]
+) -> None:
     items = _source(list(range(6)))
     calls: list[int] = []
 
-    @task(depends_on=[items], map_over="items", max_concurrency=1)
+    @task(depends_on=[items], map_over="items", **task_options)
     def check(items: int) -> int:
         calls.append(items)
         if items == 1:
@@ -212,9 +219,10 @@ async def test_under_fail_fast_no_instance_starts_after_one_failed() -> None:
         return items
 
     events: list[Event] = []
-    results = await Flow(check, on_event=events.append).arun()
+    results = await Flow(check, on_event=events.append, **flow_options).arun()
     assert calls == [0, 1]
     assert results["check"].state is StepState.FAILED
+    assert isinstance(results["check"].error, ValueError)
     skipped = [e for e in events if isinstance(e, InstanceFinished) and e.item >= 2]
     assert [e.result.state for e in skipped] == [StepState.SKIPPED] * 4
     assert skipped[0].result.reason == (
