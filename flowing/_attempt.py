@@ -72,11 +72,10 @@ def call_result(
     error: BaseException | None,
     started_at: float,
     finished_at: float,
-    reason: str | None = None,
 ) -> StepResult:
     """The result of a task run as one call of its body in a worker thread, which
     returned ``value`` or raised ``error`` (an ``Exception``, or the body's own
-    ``asyncio.CancelledError``)."""
+    ``asyncio.CancelledError``, which the reason names)."""
     failed = error is not None
     return make_result(
         name,
@@ -87,7 +86,7 @@ def call_result(
         attempts=1,
         started_at=started_at,
         finished_at=finished_at,
-        reason=reason,
+        reason=UNASKED_CANCELLATION if _is_asyncio_cancellation(error) else None,
         detached=detached,
     )
 
@@ -97,10 +96,12 @@ UNASKED_CANCELLATION = "raised a cancellation nothing had asked for"
 
 def is_cancellation(exc: BaseException, backend_class: type[BaseException]) -> bool:
     """``exc`` is the backend's cancellation, or asyncio's own (which a body may raise on trio)."""
-    asyncio = sys.modules.get("asyncio")
-    return isinstance(exc, backend_class) or (
-        asyncio is not None and isinstance(exc, asyncio.CancelledError)
-    )
+    return isinstance(exc, backend_class) or _is_asyncio_cancellation(exc)
+
+
+def _is_asyncio_cancellation(exc: BaseException | None) -> bool:
+    asyncio = sys.modules.get("asyncio")  # imported by whoever raised one
+    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
 
 def waits_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
@@ -368,6 +369,4 @@ def stops_the_run(error: BaseException) -> bool:
     """What a sync body raised is KeyboardInterrupt, SystemExit or the like: no
     failure of its task but the end of the run. Its own ``asyncio.CancelledError``
     is a failure: nobody cancelled a thread."""
-    asyncio = sys.modules.get("asyncio")
-    cancelled = asyncio.CancelledError if asyncio is not None else ()
-    return not isinstance(error, (Exception, cancelled))
+    return not isinstance(error, Exception) and not _is_asyncio_cancellation(error)

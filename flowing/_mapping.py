@@ -15,7 +15,6 @@ instance starts; the unstarted ones are SKIPPED.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 import time
@@ -197,7 +196,6 @@ class _FanOut:
             error=report.error,
             started_at=report.started_at,
             finished_at=report.finished_at,
-            reason=_reason(report.error),
         )
         self._finish(report.k, result)
 
@@ -310,11 +308,6 @@ class _FanOut:
             attempts=attempts,
             reason=f"mapped over {len(done)} element(s)",
         )
-
-
-def _reason(error: BaseException | None) -> str | None:
-    """Why an instance run in a batch failed, when its error does not say it all."""
-    return UNASKED_CANCELLATION if isinstance(error, asyncio.CancelledError) else None
 
 
 def _elements(task: TaskDef[..., Any], source: str, value: Any) -> list[Any]:
