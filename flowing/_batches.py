@@ -118,12 +118,12 @@ class InstanceBatches:
     def _abandon(self) -> None:
         """A batch call was cancelled while its thread ran: start nothing more, and
         report each body running now as abandoned, after its start (once, however
-        many calls were cancelled). What the threads report later is dropped: a body
-        a thread started just as this happened runs unseen, as in a thread lane."""
+        many calls were cancelled). The inbox refuses what the threads report later,
+        so a thread starts a body only once the loop is sure to hear of it."""
         if self._abandoned:
             return
         self._abandoned = True
-        self._inbox.flush()
+        self._inbox.close()
         self._closed = True
         for k in list(self._open):
             self._on_abandoned(k)
@@ -179,9 +179,8 @@ class InstanceBatches:
 
     def _run_one(self, k: int, item: Any) -> bool:
         """Run the instance of element ``k``; False if the calls were abandoned first."""
-        if self._abandoned:
+        if not self._inbox.put(InstanceStarted(k)):
             return False
-        self._inbox.put(InstanceStarted(k))
         started_at = time.monotonic()
         name, kwargs = f"{self._task.name}[{k}]", {**self._kwargs, self._source: item}
         value, error = call_in_context(name, self._task.fn, kwargs, self._context)

@@ -312,9 +312,10 @@ class Lanes:
         if self._held_back(task):
             return
         started_at = time.monotonic()
+        if not self._begin(i, started_at):
+            return
         self._inbox.put(Started(i, started_at))
         while True:
-            self._bodies[i] = started_at
             value, error = call_in_context(task.name, task.fn, kwargs, self._context)
             finished_at = time.monotonic()
             del self._bodies[i]
@@ -326,6 +327,21 @@ class Lanes:
                 return
             kwargs = {task.name: value}
             i, task, started_at = following, self._tasks[following], finished_at
+            if not self._begin(i, started_at):
+                return
+
+    def _begin(self, i: int, started_at: float) -> bool:
+        """Count the body of task ``i`` as running, unless the lanes were abandoned.
+
+        Marked first, checked second (``abandon`` does the reverse): a body that
+        runs is always among those ``abandon`` returns. One marked just as the lanes
+        were abandoned does not run, though it may be among them.
+        """
+        self._bodies[i] = started_at
+        if self._abandoned:
+            del self._bodies[i]
+            return False
+        return True
 
     def _note_failure(self, task: TaskDef[..., Any], error: BaseException) -> None:
         """Act on a failure before the loop hears of it: no queued task may start meanwhile."""

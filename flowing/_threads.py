@@ -183,7 +183,7 @@ class _Call:
         "started", "returned", "abandoned",
     )
 
-    def __init__(self, fn: Callable[[], Any], report: Callable[[_Call], None]) -> None:
+    def __init__(self, fn: Callable[[], Any], report: Callable[[_Call], object]) -> None:
         self.fn = fn
         self.context = thread_context()
         self.report = report  # from the thread, once the function returned
@@ -219,7 +219,7 @@ class LoopInbox(Generic[T]):
 
     One wake-up of the loop per batch: items put while one is pending join it.
     Invariant: ``_items`` (under ``_lock``) holds what the loop has not seen; a
-    delivery is scheduled whenever it is not empty.
+    delivery is scheduled whenever it is not empty. Once ``_closed``, items are refused.
     """
 
     def __init__(
@@ -229,10 +229,14 @@ class LoopInbox(Generic[T]):
         self._deliver = deliver
         self._items: list[T] = []
         self._lock = threading.Lock()
+        self._closed = False
 
-    def put(self, item: T) -> None:
-        """From any thread: have ``item`` delivered on the event loop."""
+    def put(self, item: T) -> bool:
+        """From any thread: have ``item`` delivered on the event loop; False (and
+        dropped) once the inbox is closed."""
         with self._lock:
+            if self._closed:
+                return False
             self._items.append(item)
             first = len(self._items) == 1
         if first:
@@ -240,15 +244,28 @@ class LoopInbox(Generic[T]):
                 self._call_soon(self._deliver_batch)
             except RuntimeError:
                 pass  # the run's event loop is gone: nobody waits for the items
+        return True
 
     def flush(self) -> None:
         """On the event loop: deliver what is pending now, without waiting for its turn."""
         self._deliver_batch()
 
+    def close(self) -> None:
+        """On the event loop: deliver what is pending, and refuse whatever comes later.
+
+        One step under the lock: an item is either delivered now or refused, so a
+        thread that checks what ``put`` returns knows whether the loop will see it.
+        """
+        with self._lock:
+            items, self._items = self._items, []
+            self._closed = True
+        self._deliver(items)
+
     def _deliver_batch(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-        self._deliver(items)
+        if items:
+            self._deliver(items)
 
 
 class Job(Protocol):

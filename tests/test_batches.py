@@ -341,3 +341,50 @@ async def test_event_times_never_go_back() -> None:
     await Flow(same, max_workers=2, on_event=events.append).arun()
     times = [e.time for e in events]
     assert times == sorted(times)
+
+
+async def test_an_instance_whose_start_comes_after_the_run_was_cancelled_never_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The thread took the next instance, then the run was cancelled and ended
+    before the start reached the loop: that body must not run unseen."""
+    items = _source([0, 1])
+    token = anyio.lowlevel.current_token()
+    flow_over, batch_over = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    class CancelledBeforeTheSecondStart(_batches.LoopInbox):  # type: ignore[type-arg]
+        def put(self, item: Any) -> bool:
+            if item == _batches.InstanceStarted(1):
+                anyio.from_thread.run_sync(outer.cancel, token=token)
+                assert flow_over.wait(WAIT_S)
+            return super().put(item)
+
+    real_run_batch = _batches.InstanceBatches._run_batch
+
+    def run_batch(self: _batches.InstanceBatches) -> None:
+        try:
+            real_run_batch(self)
+        finally:
+            batch_over.set()
+
+    monkeypatch.setattr(_batches, "LoopInbox", CancelledBeforeTheSecondStart)
+    monkeypatch.setattr(_batches.InstanceBatches, "_run_batch", run_batch)
+
+    @task(depends_on=[items], map_over="items")
+    def record(items: int) -> int:
+        ran.append(items)
+        return items
+
+    events: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, FlowFinished):
+            flow_over.set()
+
+    with anyio.CancelScope() as outer:
+        await Flow(record, max_workers=1, on_event=on_event).arun()
+    assert batch_over.wait(WAIT_S)
+    assert ran == [0]
+    assert not [e for e in events if getattr(e, "task", "") == "record[1]"]

@@ -468,3 +468,65 @@ async def test_a_sync_task_is_not_starved_by_a_stream_of_mapped_instances() -> N
     assert all(r.succeeded for r in results.values())
     items_between = order.index("plain") - order.index("ready") - 1
     assert items_between < 30, order  # not after every remaining instance
+
+
+@on_asyncio
+@pytest.mark.parametrize(
+    ("how", "taken_by"),
+    [("queued", "_take"), ("chained", "_following")],
+    ids=["queued-task", "chain-successor"],
+)
+async def test_a_body_taken_just_before_the_run_was_cancelled_and_ended_never_runs(
+    monkeypatch: pytest.MonkeyPatch, how: str, taken_by: str
+) -> None:
+    """A lane thread took `second` (from the queue, or as the next link of its chain),
+    then the run was cancelled and ended before the body started: it must not run
+    unseen, after the run reported it never started."""
+    from flowing import _lanes
+
+    token = anyio.lowlevel.current_token()
+    flow_over, job_over = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def first() -> int:
+        ran.append("first")
+        return 1
+
+    def second(**_: int) -> int:
+        ran.append("second")
+        return 2
+
+    first_task = task(first)
+    second_task = task(second, depends_on=[first_task] if how == "chained" else [])
+    real_taken_by, real_run_job = getattr(_lanes.Lanes, taken_by), _lanes.Lanes.run_job
+
+    def taken(self: Any, *args: Any) -> Any:
+        taken_now = real_taken_by(self, *args)
+        index = taken_now[0] if isinstance(taken_now, tuple) else taken_now
+        if index is not None and self._tasks[index].name == "second":
+            anyio.from_thread.run_sync(outer.cancel, token=token)
+            assert flow_over.wait(10)
+        return taken_now
+
+    def run_job(self: Any, job: Any) -> None:
+        try:
+            real_run_job(self, job)
+        finally:
+            job_over.set()
+
+    monkeypatch.setattr(_lanes.Lanes, taken_by, taken)
+    monkeypatch.setattr(_lanes.Lanes, "run_job", run_job)
+    seen: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        seen.append(event)
+        if type(event).__name__ == "FlowFinished":
+            flow_over.set()
+
+    flow = Flow(first_task, second_task, max_workers=1, on_event=on_event)
+    with anyio.CancelScope() as outer:
+        await flow.arun()
+    assert job_over.wait(10)
+    assert "second" not in ran
+    assert flow.results["second"].state is StepState.CANCELLED
+    assert not [e for e in seen if isinstance(e, TaskStarted) and e.task == "second"]

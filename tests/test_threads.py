@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -12,6 +13,7 @@ import anyio.to_thread
 import pytest
 
 from flowing import Flow, StepState, task
+from flowing._threads import LoopInbox
 
 pytestmark = pytest.mark.anyio
 
@@ -220,3 +222,16 @@ async def test_a_worker_thread_that_cannot_start_gives_its_token_back(
         results = await flow.arun()
     assert results["first"].value == 1 and results["first"].attempts == 2  # the retry ran
     assert results["after"].value == 2
+
+
+def test_a_closed_inbox_delivers_what_was_pending_and_refuses_the_rest() -> None:
+    scheduled: list[Callable[[], None]] = []
+    delivered: list[list[str]] = []
+    inbox: LoopInbox[str] = LoopInbox(scheduled.append, delivered.append)
+
+    assert inbox.put("started") is True
+    inbox.close()
+    assert inbox.put("returned") is False
+    for deliver in scheduled:  # the delivery scheduled by the first put comes late
+        deliver()
+    assert delivered == [["started"]]
