@@ -81,7 +81,10 @@ def cache_key(code: str, kwargs: Mapping[str, Any], budget: _Budget | None = Non
 def value_digest(value: Any, active: set[int] | None = None, budget: _Budget | None = None) -> str:
     """A SHA-256 of ``value``'s stable encoding; raises Unencodable for anything else."""
     digest = hashlib.sha256()
-    _Encoder(digest.update, active if active is not None else set(), budget).encode(value)
+    try:
+        _Encoder(digest.update, active if active is not None else set(), budget).encode(value)
+    except RecursionError:
+        raise Unencodable("a value is nested too deeply to encode") from None
     return digest.hexdigest()
 
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from ._attempt import (
     UNASKED_CANCELLATION,
@@ -33,6 +35,7 @@ from ._attempt import (
     step_result,
 )
 from ._batches import InstanceBatches, InstanceReturned
+from ._cache import value_digest
 from ._events import ThreadAbandoned, make_instance_finished, make_started
 from ._exceptions import MapOverError
 from ._results import StepResult, StepState, make_result
@@ -135,6 +138,7 @@ class _FanOut:
         # Instances run one by one: their elements, their runners, the bound on how
         # many are in progress (None: no bound).
         self._items: list[Any] = []
+        self._keys: list[str | None] = []  # the instances' journal keys
         self._runners: Runners | None = None
         self._window: anyio.Semaphore | None = None
         self._interrupt: BaseException | None = None
@@ -146,6 +150,7 @@ class _FanOut:
             return
         window = launch_window(self.task, self.ctx)
         self._items = items
+        self._keys = await self._journal_keys(items)
         self._window = anyio.Semaphore(window) if window is not None else None
         # The scheduler's own kind of runners: far cheaper per instance than a task group.
         async with open_runners() as runners:
@@ -209,7 +214,7 @@ class _FanOut:
     async def _instance(self, k: int) -> None:
         instance = TaskInstance.of_element(self.task, k, self.slot_values)
         kwargs = {**self.kwargs, self.source: self._items[k]}
-        key = self._journal_key(k)
+        key = self._keys[k]
         started_at = time.monotonic()
         try:
             result = await self._replayed(key, instance)
@@ -235,12 +240,14 @@ class _FanOut:
                 self._window.release()
         self._finish(k, result)
 
-    def _journal_key(self, k: int) -> str | None:
-        """Instance ``k``'s journal key: derived from the step's key, None without one."""
+    async def _journal_keys(self, items: list[Any]) -> list[str | None]:
+        """The instances' journal keys (see ``instance_keys``); all None without a
+        journal, or when the step has no key. Hashed in a worker thread: elements may be large."""
         step_key = self.journal.keys[self.index] if self.journal is not None else None
         if step_key is None:
-            return None
-        return hashlib.sha256(f"flowing-instance/{step_key}/{k}".encode()).hexdigest()
+            return [None] * len(items)
+        ordered = isinstance(self.kwargs[self.source], Sequence)
+        return await anyio.to_thread.run_sync(instance_keys, step_key, items, ordered)
 
     async def _replayed(self, key: str | None, instance: TaskInstance) -> StepResult | None:
         if key is None or self.journal is None:
@@ -308,6 +315,32 @@ class _FanOut:
             attempts=attempts,
             reason=f"mapped over {len(done)} element(s)",
         )
+
+
+def instance_keys(step_key: str, items: list[Any], ordered: bool) -> list[str | None]:
+    """Each instance's journal key under its step's key ``step_key``.
+
+    An element is keyed by its value digest and by how many equal elements come
+    before it, not by its position: a set (or the keys of a dict) may yield its
+    elements in another order in another process, and a replay must find each
+    element's own result. An element without a stable encoding is keyed by its
+    position when the mapped value is a sequence (``ordered``), else not journaled.
+    """
+    seen: Counter[str] = Counter()
+    keys: list[str | None] = []
+    for k, item in enumerate(items):
+        try:
+            digest = value_digest(item)
+        except Exception:  # Unencodable, as the cache has it, or a dataclass field that raises
+            keys.append(_key(f"{step_key}/at/{k}") if ordered else None)
+            continue
+        keys.append(_key(f"{step_key}/element/{digest}/{seen[digest]}"))
+        seen[digest] += 1
+    return keys
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(f"flowing-instance/{text}".encode()).hexdigest()
 
 
 def _elements(task: TaskDef[..., Any], source: str, value: Any) -> list[Any]:

@@ -517,3 +517,49 @@ def test_bad_journal_options_are_refused_before_anything_runs(
     first, second = chain(1)
     with pytest.raises(FlowDefinitionError, match=message):
         Flow(second, **options)
+
+
+MAPPED_OVER_A_SET = textwrap.dedent(
+    """
+    import json, os, sys
+    from flowing import Flow, task
+
+    journal = sys.argv[1]
+
+    @task
+    def names():
+        return {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot"}
+
+    @task(depends_on=[names], map_over="names")
+    def shout(names):  # the same code in both processes: its journaled results count
+        if names == os.environ["BROKEN"]:
+            raise RuntimeError(names + " is broken")
+        return names.upper()
+
+    result = Flow(shout, journal_path=journal, fail_fast=False).run()["shout"]
+    print(json.dumps([result.state.value, result.value]))
+    """
+)
+
+
+def test_instances_of_a_step_mapped_over_a_set_replay_their_own_elements_in_another_process(
+    tmp_path: Path,
+) -> None:
+    """A set of strings iterates in another order under another hash seed: each
+    replayed instance must still be its own element's result."""
+    script = tmp_path / "child.py"
+    script.write_text(MAPPED_OVER_A_SET)
+    journal = tmp_path / "run.jsonl"
+
+    def run(seed: str, broken: str) -> Any:
+        env = {**os.environ, "PYTHONHASHSEED": seed, "BROKEN": broken}
+        done = subprocess.run(
+            [sys.executable, str(script), str(journal)],
+            capture_output=True, text=True, timeout=60, env=env, check=True,
+        )
+        return json.loads(done.stdout)
+
+    assert run("1", "echo")[0] == "failed"
+    state, value = run("2", "none")
+    assert state == "succeeded"
+    assert sorted(value) == ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT"]

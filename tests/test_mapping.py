@@ -27,6 +27,8 @@ from flowing import (
 
 from _tracker import Tracker
 
+from flowing._mapping import instance_keys
+
 WAIT_S = 10  # a generous bound: only reached when something is broken
 
 
@@ -464,3 +466,28 @@ def test_the_plain_progress_display_shows_instances_and_forgets_them_when_done()
     assert display.tally.running == {}
     assert display.tally.finished == 2  # items and square: instances count with their step
     assert "ok         square[1]" in out.getvalue()
+
+
+
+class _Opaque:
+    """An element without a stable encoding."""
+
+
+def test_an_instance_keeps_its_journal_key_whatever_the_order_of_the_elements() -> None:
+    assert instance_keys("step", ["a", "b"], True) == instance_keys("step", ["b", "a"], True)[::-1]
+
+
+def test_equal_elements_get_journal_keys_of_their_own() -> None:
+    keys = instance_keys("step", ["a", "a"], True)
+    assert None not in keys and keys[0] != keys[1]
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["sequence", "set-or-dict"])
+def test_an_element_without_a_stable_encoding_is_keyed_by_its_position_in_a_sequence_only(
+    ordered: bool,
+) -> None:
+    keys = instance_keys("step", [_Opaque(), _Opaque()], ordered)
+    if ordered:
+        assert None not in keys and keys[0] != keys[1]
+    else:
+        assert keys == [None, None]
