@@ -88,7 +88,7 @@ class Flow:
         self.pools = check_pools(pools)
         check_pool_names(self._graph.tasks, self.pools)
         self.max_workers = max_workers
-        self.fail_fast = bool(fail_fast)
+        self.fail_fast = _check_flag("fail_fast", fail_fast, FlowDefinitionError)
         self._results: dict[str, StepResult] = {}
         self._overrides: dict[str, StepResult] = {}
         self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
@@ -96,7 +96,7 @@ class Flow:
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
         self._events.add(self._recorder, "timeline recorder", guard=False)  # cannot raise
-        if tracing:
+        if _check_flag("tracing", tracing, FlowDefinitionError):
             from ._otel import SpanRecorder
 
             self._events.add(SpanRecorder(), "OpenTelemetry spans")
@@ -255,6 +255,8 @@ class Flow:
         progress: bool = False,
     ) -> dict[str, StepResult]:
         _check_timeout(timeout_s)
+        _check_flag("fresh", fresh, ValueError)
+        _check_flag("progress", progress, ValueError)
         import anyio
 
         from ._progress import showing_progress
@@ -376,6 +378,13 @@ def _run_on_new_loop(
 
     anyio.run(run_and_keep, backend=backend)
     return results[0]
+
+
+def _check_flag(option: str, value: object, error: type[Exception]) -> bool:
+    """A True/False option; anything else (a "false" read from a config file) is refused."""
+    if not isinstance(value, bool):
+        raise error(f"{option} must be True or False, got {value!r}")
+    return value
 
 
 def _check_timeout(timeout_s: float | None) -> None:

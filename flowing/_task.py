@@ -92,8 +92,9 @@ class TaskDef(Generic[P, R]):
             self.name, "retry_max_backoff_ms", retry_max_backoff_ms
         )
         self.timeout_s = _check_timeout(self.name, timeout_s)
-        self.detached = bool(detached)
-        self.local = bool(local)  # a sync body stays in this process whatever the executor
+        self.detached = _check_flag(self.name, "detached", detached)
+        # A sync body stays in this process whatever the executor.
+        self.local = _check_flag(self.name, "local", local)
         self.when = _check_gate(self.name, "when", when)
         self.validate = _check_gate(self.name, "validate", validate)
         self.retry_until = _check_gate(self.name, "retry_until", retry_until)

@@ -255,8 +255,10 @@ async def test_a_run_deadline_cancels_unfinished_tasks_and_resume_finishes_them(
         (lambda f: f.run(backend="curio"), "backend must be one of"),
         (lambda f: f.run(timeout_s=0), "timeout_s must be None or a number > 0"),
         (lambda f: f.run(timeout_s=-2), "timeout_s must be None or a number > 0"),
+        (lambda f: f.run(fresh="false"), "fresh must be True or False, got 'false'"),
+        (lambda f: f.run(progress="no"), "progress must be True or False, got 'no'"),
     ],
-    ids=["unknown-backend", "zero-deadline", "negative-deadline"],
+    ids=["unknown-backend", "zero-deadline", "negative-deadline", "fresh-string", "progress-string"],
 )
 def test_bad_run_arguments_are_rejected(call: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):

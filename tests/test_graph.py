@@ -146,6 +146,12 @@ def test_max_workers_must_be_a_positive_int(max_workers: Any) -> None:
         Flow(d, max_workers=max_workers)
 
 
+@pytest.mark.parametrize(("option", "value"), [("fail_fast", "no"), ("tracing", 1)])
+def test_a_flows_switches_must_be_true_or_false(option: str, value: Any) -> None:
+    with pytest.raises(FlowDefinitionError, match=f"{option} must be True or False, got {value!r}"):
+        Flow(d, **{option: value})
+
+
 def test_definition_errors_are_value_errors() -> None:
     assert issubclass(FlowDefinitionError, ValueError)
 

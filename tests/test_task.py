@@ -75,6 +75,8 @@ def not_a_task() -> None: ...
         ({"depends_on": [42]}, "depends_on of task 'bad' contains 42, which is not a task"),
         ({"depends_on": "source"}, "depends_on of task 'bad' must be a list of tasks"),
         ({"name": ""}, "task name must be a non-empty string"),
+        ({"detached": "false"}, "detached of task 'bad' must be True or False, got 'false'"),
+        ({"local": 1}, "local of task 'bad' must be True or False, got 1"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None,
 )
