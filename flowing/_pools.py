@@ -105,15 +105,20 @@ def check_max_concurrency(name: str, limit: Any, map_over: str | None) -> int | 
     return limit
 
 
+MAX_BURST = 100_000
+"""The largest burst a rate admits: more starts per second than a process makes."""
+
+
 class StartRate:
-    """At most ``burst = max(1, int(rate))`` starts in any window of ``burst / rate`` s.
+    """At most ``burst = min(max(1, int(rate)), MAX_BURST)`` starts in any window of
+    ``burst / rate`` s.
 
     Invariant: ``_starts`` holds the times of the latest ``burst`` starts at most,
     oldest first; a new start waits until the oldest one leaves the window.
     """
 
     def __init__(self, rate: float) -> None:
-        self.burst = max(1, int(rate))
+        self.burst = min(max(1, int(rate)), MAX_BURST)
         self.window = self.burst / rate
         self._starts: deque[float] = deque(maxlen=self.burst)
         import anyio

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -118,7 +119,8 @@ class TaskDef(Generic[P, R]):
 
     def backoff_ms(self, failed_attempt: int) -> float:
         """Delay before the attempt after ``failed_attempt`` (1-based): base*2^(k-1), capped."""
-        delay = self.retry_backoff_base_ms * 2 ** (failed_attempt - 1)
+        # 2.0 ** 1024 overflows: any cap is reached long before that exponent.
+        delay = float(self.retry_backoff_base_ms) * 2.0 ** min(failed_attempt - 1, 1023)
         return float(min(delay, self.retry_max_backoff_ms))
 
 
@@ -254,16 +256,11 @@ def _check_retry(name: str, retry: int) -> int:
 
 
 def _check_non_negative(name: str, option: str, value: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or math.isnan(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise InvalidTaskError(
             f"{option} of task {name!r} must be a number >= 0, got {value!r}"
         )
-    return value
+    return value if value <= sys.float_info.max else math.inf  # an int beyond any float
 
 
 def _check_timeout(name: str, timeout_s: float | None) -> float | None:

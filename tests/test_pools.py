@@ -132,8 +132,9 @@ async def test_the_pool_slot_is_released_between_retries_and_after_failures() ->
         (0.5, [0, 2, 4, 6, 8, 10]),
         (2.5, [0, 0, 0.8, 0.8, 1.6, 1.6]),
         (100, [0] * 6),
+        (1e20, [0] * 6),
     ],
-    ids=["two-per-second", "one-every-two-seconds", "fractional", "under-the-burst"],
+    ids=["two-per-second", "one-every-two-seconds", "fractional", "under-the-burst", "beyond-any-burst"],
 )
 def test_a_start_rate_admits_a_burst_then_waits_for_the_window(
     rate: float, expected: list[float]

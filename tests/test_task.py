@@ -132,6 +132,18 @@ def test_backoff_doubles_per_failed_attempt_up_to_the_cap(base: int, cap: int, e
     assert [flaky.backoff_ms(k) for k in range(1, 5)] == expected
 
 
+@pytest.mark.parametrize(
+    ("base", "failed_attempt", "expected"),
+    [(0.0, 1100, 0.0), (1000, 5000, 30_000.0), (10**400, 1, 30_000.0)],
+    ids=["zero-base-float", "late-attempt", "base-beyond-any-float"],
+)
+def test_backoff_of_any_attempt_stays_at_the_cap(base: float, failed_attempt: int, expected: float) -> None:
+    @task(retry=failed_attempt, retry_backoff_base_ms=base)
+    def flaky() -> None: ...
+
+    assert flaky.backoff_ms(failed_attempt) == expected
+
+
 def test_async_functions_are_recognised() -> None:
     @task
     async def coro() -> int:
