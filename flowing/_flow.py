@@ -191,9 +191,11 @@ class Flow:
 
     def value(self, task: TaskDef[..., Any]) -> Any:
         """The value of a task that succeeded; a clear error for any other task."""
-        name = task.name if isinstance(task, TaskDef) else task
-        if task not in self._graph.index:
-            raise TaskNotRunError(name, "is not part of this flow")
+        if not isinstance(task, (TaskDef, str)):
+            raise TypeError(f"value() takes a task of this flow, got {task!r}")
+        if not isinstance(task, TaskDef) or task not in self._graph.index:
+            raise TaskNotRunError(str(getattr(task, "name", task)), self._not_in_flow(task, "value"))
+        name = task.name
         result = self._results.get(name)
         if result is None:
             raise TaskNotRunError(name, "has not run yet; call run() first")
@@ -355,9 +357,21 @@ class Flow:
         return {t.name: results[t.name] for t in self._graph.tasks if t.name in results}
 
     def _name_in_flow(self, task: TaskDef[..., Any]) -> str:
+        if not isinstance(task, (TaskDef, str)):
+            raise FlowDefinitionError(f"override() takes a task of this flow, got {task!r}")
         if not isinstance(task, TaskDef) or task not in self._graph.index:
-            raise FlowDefinitionError(f"{task!r} is not a task of this flow")
+            why = self._not_in_flow(task, "override")
+            raise FlowDefinitionError(f"task {getattr(task, 'name', task)!r} {why}")
         return task.name
+
+    def _not_in_flow(self, task: TaskDef[..., Any] | str, method: str) -> str:
+        """Why ``task`` (not one of this flow's tasks) cannot be looked up."""
+        if isinstance(task, str) and any(t.name == task for t in self._graph.tasks):
+            return (
+                f"was given by name: {method}() takes the task itself, as passed to "
+                f"Flow(...) or depends_on (by name: flow.results[{task!r}])"
+            )
+        return "is not part of this flow"
 
 
 def _run_on_new_loop(

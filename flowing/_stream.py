@@ -18,6 +18,7 @@ import anyio
 
 from ._events import Event, FlowFinished, log_event
 from ._log import logger
+from ._task import is_async_callable
 
 OnEvent = Callable[[Event], Any]
 """An ``on_event`` callback: ``def f(event)`` or ``async def f(event)``."""
@@ -220,10 +221,3 @@ class _Guarded:
             )
         else:
             logger.debug("%s raised again on %s: %r", self.what, type(event).__name__, error)
-
-
-def is_async_callable(fn: object) -> bool:
-    """True for ``async def`` functions, partials of them and objects with ``async __call__``."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)
-    )

@@ -105,9 +105,10 @@ class TaskDef(Generic[P, R]):
         self.map_over = _check_map_over(self.name, map_over, self.depends_on)
         self.max_concurrency = check_max_concurrency(self.name, max_concurrency, self.map_over)
         self.cache = _check_flag(self.name, "cache", cache)
-        self.is_async = inspect.iscoroutinefunction(fn)
+        self.is_async = is_async_callable(fn)
         self.__wrapped__ = fn
         _check_parameters(self.name, fn, self.depends_on)
+        _check_gate_calls(self)
         if self.detached:
             _detached_registry[next(_creation_counter)] = self
 
@@ -174,6 +175,13 @@ def clear_registry() -> None:
 def registered_detached_tasks() -> list[TaskDef[..., Any]]:
     """Detached tasks still alive, in the order they were declared."""
     return [t for _, t in sorted(_detached_registry.items())]
+
+
+def is_async_callable(fn: object) -> bool:
+    """True for ``async def`` functions, partials of them and objects with ``async __call__``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)
+    )
 
 
 async def call_gate(gate: Gate, *args: Any, **kwargs: Any) -> Any:
@@ -284,6 +292,32 @@ def _check_gate(name: str, option: str, gate: Gate | None) -> Gate | None:
             f"{option}= of task {name!r} must be callable, got {gate!r}"
         )
     return gate
+
+
+def _check_gate_calls(task: TaskDef[..., Any]) -> None:
+    """Each gate can take what it will be given, checked before anything runs:
+    ``when=`` and ``validate=`` the dependencies' values by name, ``retry_until=``
+    the body's value."""
+    by_name = {dep.name: None for dep in task.depends_on}
+    values = f"the dependencies' values by name ({', '.join(by_name) or 'it has none'})"
+    calls = [
+        ("when", task.when, (), by_name, values),
+        ("validate", task.validate, (), by_name, values),
+        ("retry_until", task.retry_until, (None,), {}, "the body's value as its one argument"),
+    ]
+    for option, gate, args, kwargs, what in calls:
+        if gate is None:
+            continue
+        try:
+            signature = inspect.signature(gate)
+        except (TypeError, ValueError):
+            continue  # builtins and some C callables have no signature: trust the user
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise InvalidTaskError(
+                f"{option}= of task {task.name!r} must take {what}, but {error}"
+            ) from None
 
 
 def _check_parameters(

@@ -153,16 +153,26 @@ def test_value_of_a_task_that_never_ran_is_a_key_error() -> None:
     assert str(caught.value) == "task 'step_2' has not run yet; call run() first"
 
 
-def test_value_of_a_task_outside_the_flow_is_a_key_error() -> None:
+@pytest.mark.parametrize(
+    ("lookup", "error", "message"),
+    [
+        (lambda f: f.value(step_4), TaskNotRunError, "task 'step_4' is not part of this flow"),
+        (lambda f: f.value("step_1"), TaskNotRunError, "task 'step_1' was given by name: value() takes the task itself"),
+        (lambda f: f.value(["step_1"]), TypeError, "value() takes a task of this flow, got ['step_1']"),
+        (lambda f: f.override(step_4, 1), FlowDefinitionError, "task 'step_4' is not part of this flow"),
+        (lambda f: f.override("step_1", 1), FlowDefinitionError, "given by name: override() takes the task itself"),
+        (lambda f: f.override(3, 1), FlowDefinitionError, "override() takes a task of this flow, got 3"),
+    ],
+    ids=["value-other-task", "value-by-name", "value-not-a-task", "override-other-task", "override-by-name", "override-not-a-task"],
+)
+def test_a_lookup_of_what_is_not_a_task_of_the_flow_says_what_to_pass(
+    lookup: Any, error: type[Exception], message: str
+) -> None:
     flow = Flow(step_1)
     flow.run()
-    with pytest.raises(TaskNotRunError, match="'step_4' is not part of this flow"):
-        flow.value(step_4)
-
-
-def test_override_of_a_task_outside_the_flow_is_rejected() -> None:
-    with pytest.raises(FlowDefinitionError, match="is not a task of this flow"):
-        Flow(step_1).override(step_4, 1)
+    with pytest.raises(error) as caught:
+        lookup(flow)
+    assert message in str(caught.value)
 
 
 def test_summary_shows_state_name_duration_attempts_and_error() -> None:

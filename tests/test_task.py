@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import gc
+import re
 from typing import Any
 
 import pytest
 
-from flowing import InvalidTaskError, MissingParameterError, TaskDef, task
+from flowing import Flow, InvalidTaskError, MissingParameterError, TaskDef, task
 from flowing._task import registered_detached_tasks
 
 
@@ -144,12 +146,54 @@ def test_backoff_of_any_attempt_stays_at_the_cap(base: float, failed_attempt: in
     assert flaky.backoff_ms(failed_attempt) == expected
 
 
-def test_async_functions_are_recognised() -> None:
-    @task
-    async def coro() -> int:
+class _AsyncCallable:
+    async def __call__(self) -> int:
         return 1
 
-    assert coro.is_async and not source.is_async
+
+async def _one(x: int = 1) -> int:
+    return x
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [_one, functools.partial(_one, 1), _AsyncCallable()],
+    ids=["async-def", "partial-of-async-def", "object-with-async-call"],
+)
+def test_async_callables_are_recognised(fn: Any) -> None:
+    assert task(fn, name="coro").is_async and not source.is_async
+
+
+def test_an_object_with_an_async_call_runs_as_an_async_task() -> None:
+    assert Flow(task(_AsyncCallable(), name="fetch")).run()["fetch"].value == 1
+
+
+@pytest.mark.parametrize(
+    ("gates", "message"),
+    [
+        ({"when": lambda: True}, "when= of task 'gated' must take the dependencies' values by name (source)"),
+        ({"validate": lambda other: True}, "validate= of task 'gated' must take the dependencies'"),
+        ({"retry_until": lambda: True, "retry": 1}, "retry_until= of task 'gated' must take the body's value"),
+        ({"retry_until": lambda v, w: True, "retry": 1}, "missing a required argument: 'w'"),
+    ],
+    ids=["when-without-parameters", "validate-wrong-name", "retry-until-without-value", "retry-until-two"],
+)
+def test_a_gate_that_cannot_take_its_arguments_is_rejected_before_anything_runs(
+    gates: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidTaskError, match=re.escape(message)):
+
+        @task(depends_on=[source], **gates)
+        def gated(source: int) -> int:
+            return source
+
+
+def test_gates_taking_kwargs_or_defaults_are_accepted() -> None:
+    @task(depends_on=[source], when=lambda **values: True, validate=lambda source, extra=0: True)
+    def gated(source: int) -> int:
+        return source
+
+    assert gated.when is not None and gated.validate is not None
 
 
 def test_the_detached_registry_does_not_keep_tasks_alive() -> None:
