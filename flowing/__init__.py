@@ -24,6 +24,8 @@ from ._exceptions import FlowDefinitionError as FlowDefinitionError
 from ._exceptions import FlowingError as FlowingError
 from ._exceptions import FlowTimeoutError as FlowTimeoutError
 from ._exceptions import HeldBack as HeldBack
+from ._exceptions import InvalidJournalError as InvalidJournalError
+from ._exceptions import InvalidKeepError as InvalidKeepError
 from ._exceptions import InvalidPoolError as InvalidPoolError
 from ._exceptions import InvalidTaskError as InvalidTaskError
 from ._exceptions import MapOverError as MapOverError
@@ -124,6 +126,8 @@ __all__ = [
     "FlowingError",
     "HeldBack",
     "InstanceFinished",
+    "InvalidJournalError",
+    "InvalidKeepError",
     "InvalidPoolError",
     "InvalidTaskError",
     "JsonSerializer",

@@ -8,7 +8,9 @@
     │   ├── DetachedDependencyError          the main graph depends on a detached task
     │   ├── InvalidPoolError                 a bad pool given to Flow(pools=...)
     │   ├── UnknownPoolError                 a task names a pool its Flow does not define
+    │   ├── InvalidJournalError              a journal path that cannot be a journal
     │   └── FlowCycleError                   the graph has a cycle
+    ├── InvalidKeepError (TypeError)         compact_journal's keep= is not step keys
     ├── MapOverError (TypeError)             a mapped step's input cannot be mapped (recorded)
     ├── FlowAlreadyRunningError (RuntimeError)
     ├── NoRunError (RuntimeError)            asked about the last run before any run
@@ -232,3 +234,23 @@ class HeldBack(FlowingError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class InvalidJournalError(FlowDefinitionError):
+    """Raised before anything runs when a journal path cannot be a journal: not a path,
+    not a regular file, not writable, or another program's file."""
+
+    def __init__(self, path: object, problem: str, fix: str) -> None:
+        super().__init__(f"{path!r} cannot be used as a journal: {problem}; {fix}")
+        self.path = path
+
+
+class InvalidKeepError(FlowingError, TypeError):
+    """Raised by ``compact_journal`` when ``keep`` is not a collection of step keys."""
+
+    def __init__(self, keep: object, problem: str) -> None:
+        super().__init__(
+            f"compact_journal(keep=...) takes the step keys to keep, such as "
+            f"flow.step_keys(), but got {reprlib.repr(keep)}: {problem}"
+        )
+        self.keep = keep

@@ -6,6 +6,11 @@ is appended with one ``write`` on a descriptor opened with ``O_APPEND``, under
 an exclusive ``flock`` where the platform has one, and is on disk (in the OS
 cache, or on the device with ``fsync=True``) before its task counts as done.
 Reading fails closed: a line that cannot be read is a miss, never a hit.
+
+A path is checked before anything runs: it must be a regular file (or not exist
+yet, in a folder that does), writable, and empty or flowing's own (a line that
+starts as every record does), so another program's file is never appended to,
+emptied or compacted away.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -20,7 +26,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from ._exceptions import FlowDefinitionError
+from ._exceptions import FlowDefinitionError, InvalidJournalError, InvalidKeepError
 from ._graph import Graph
 from ._keys import KEY_VERSION, compute_step_key
 from ._log import logger
@@ -63,13 +69,11 @@ class Journal:
     """The journal file of one Flow, with its serializer and durability setting."""
 
     def __init__(self, path: str | os.PathLike[str], serializer: Serializer, fsync: bool) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise FlowDefinitionError(
-                f"journal_path must be a str or os.PathLike, got {path!r}"
-            )
-        self.path = os.fspath(path)
+        if not isinstance(fsync, bool):
+            raise FlowDefinitionError(f"journal_fsync must be True or False, got {fsync!r}")
+        self.path = _check_path(path)
         self.serializer = serializer
-        self.fsync = bool(fsync)
+        self.fsync = fsync
 
     async def open_run(
         self, graph: Graph, untrusted: Collection[str], kept: Collection[str], *, fresh: bool
@@ -86,17 +90,7 @@ class Journal:
         self, graph: Graph, untrusted: Collection[str], kept: Collection[str], fresh: bool
     ) -> JournalRun:
         keys = step_keys(graph, untrusted)
-        records: dict[str, _Record] = {}
-        try:
-            if fresh:
-                self.clear()
-            else:
-                records = read_records(self.path)
-        except OSError as error:
-            action = "emptied" if fresh else "read"
-            logger.warning(
-                "journal %r could not be %s, nothing is replayed: %s", self.path, action, error
-            )
+        records = _parse(self.path, self._open(fresh))
         replays = {}
         for i, (task, key) in enumerate(zip(graph.tasks, keys)):
             record = records.get(key) if key is not None else None
@@ -129,15 +123,31 @@ class Journal:
             step_key=record.key,
         )
 
-    def clear(self) -> None:
-        """Empty the journal (under the lock, so a concurrent writer is not cut in half)."""
-        with _Locked(self.path, write=True) as fd:
-            assert fd is not None
-            os.ftruncate(fd, 0)
+    def _open(self, fresh: bool) -> bytes:
+        """The journal's content, after checking it can be appended to; ``fresh``
+        empties it instead (under the lock, so a concurrent writer is not cut in half)."""
+        _check_path(self.path)  # it may have changed since the Flow was built
+        try:
+            with _Locked(self.path, write=True, exclusive=fresh) as fd:
+                if fd is None:
+                    _check_folder(self.path)
+                    return b""
+                content = _read_all(fd)
+                _check_is_journal(self.path, content)
+                if fresh:
+                    os.ftruncate(fd, 0)
+                    return b""
+                return content
+        except OSError as error:
+            raise InvalidJournalError(
+                self.path,
+                f"opening it to read and append failed ({error.strerror or error})",
+                "check its permissions, or give another journal_path",
+            ) from error
 
     def append(self, line: bytes) -> None:
         """Append one record line with a single write, sealing a line a crash left open."""
-        with _Locked(self.path, write=True) as fd:
+        with _Locked(self.path, write=True, create=True) as fd:
             assert fd is not None
             size = os.fstat(fd).st_size
             if size and _last_byte(fd, size) != b"\n":
@@ -193,6 +203,8 @@ class JournalRun:
         serializer = self.journal.serializer
         try:
             data = serializer.dumps(result.value)
+            if not isinstance(data, str):
+                raise TypeError(f"its dumps returned {type(data).__name__}, not str")
         except Exception as error:
             logger.warning(
                 "task %r: its value was not journaled, the %s serializer refused it (%s: %s); "
@@ -205,7 +217,7 @@ class JournalRun:
             return
         try:
             self.journal.append(encode_record(key, result.name, serializer.name, data))
-        except OSError as error:
+        except (OSError, InvalidJournalError) as error:  # gone bad mid-run: keep the result
             logger.warning(
                 "task %r: its value was not journaled, writing %r failed: %s",
                 result.name,
@@ -286,26 +298,48 @@ def read_records(path: str) -> dict[str, _Record]:
 
 
 def compact_journal(
-    path: str | os.PathLike[str], *, keep: Iterable[str | None] | None = None
+    path: str | os.PathLike[str],
+    *,
+    keep: Mapping[str, str | None] | Iterable[str | None] | None = None,
 ) -> int:
     """Rewrite a journal with only the latest record per key; returns the lines removed.
 
-    With ``keep`` (e.g. ``flow.step_keys().values()``), records of any other key
-    are removed too. Damaged lines are always removed. The new file replaces the
-    old one atomically, so a crash during compaction leaves one or the other.
+    With ``keep`` (``flow.step_keys()``, whose values are taken, or any iterable
+    of step keys), records of any other key are removed too. Damaged lines are
+    always removed. The new file replaces the old one atomically, so a crash
+    during compaction leaves one or the other. A file that is not a journal is
+    refused (InvalidJournalError) and left as it is.
     """
-    path = os.fspath(path)
-    wanted = None if keep is None else {k for k in keep if k is not None}
+    path = _check_path(path)
+    wanted = None if keep is None else _wanted_keys(keep)
     with _Locked(path, write=False, exclusive=True) as fd:
         if fd is None:
             raise FileNotFoundError(f"no journal at {path!r}")
         content = _read_all(fd)
+        _check_is_journal(path, content)
         records = [
             r for r in _parse(path, content).values() if wanted is None or r.key in wanted
         ]
         body = b"".join(r.line() for r in records)
         _replace_atomically(path, body)
     return sum(1 for line in content.split(b"\n") if line) - len(records)
+
+
+def _wanted_keys(keep: Mapping[str, str | None] | Iterable[str | None]) -> set[str]:
+    """The step keys in ``keep``: a Mapping's values, or the items of an iterable."""
+    if isinstance(keep, (str, bytes)):
+        raise InvalidKeepError(keep, "one key would be read as its characters; pass keep=[key]")
+    values = keep.values() if isinstance(keep, Mapping) else keep
+    try:
+        keys = list(values)
+    except TypeError:
+        raise InvalidKeepError(keep, "it is not iterable") from None
+    for key in keys:
+        if key is not None and not isinstance(key, str):
+            raise InvalidKeepError(
+                keep, f"{key!r} is not a step key (a str); pass the keys themselves"
+            )
+    return {key for key in keys if key is not None}
 
 
 def _parse(path: str, content: bytes) -> dict[str, _Record]:
@@ -322,7 +356,7 @@ def _parse(path: str, content: bytes) -> dict[str, _Record]:
             continue
         try:
             record = _decode(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a deeply nested line
             damaged.append(number)
             continue
         if record is not None:
@@ -356,30 +390,115 @@ def _check(data: str) -> str:
     return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+_RECORD_START = b'{"v":'  # how every line encode_record writes begins
+
+
+def _check_is_journal(path: str, content: bytes) -> None:
+    """Refuse a file that is neither empty nor flowing's own.
+
+    A crash of flowing leaves at worst a damaged or unfinished line, or a run of
+    zeros (a power loss), beside or instead of its records; but every line it
+    ever started begins with ``_RECORD_START``. Another program's file (a CSV, a
+    script) has no such line.
+    """
+    if not content.strip(b"\0\n\r\t "):
+        return
+    if content.lstrip(b"\0").startswith(_RECORD_START):
+        return
+    if b"\n" + _RECORD_START in content or b"\0" + _RECORD_START in content:
+        return
+    raise InvalidJournalError(
+        path,
+        "it is not empty and none of its lines is a journal record (another program's file?)",
+        "give the path of a new or empty file (this one is left as it was)",
+    )
+
+
+def _check_path(path: object) -> str:
+    """``path`` as a str, refused unless it is a regular file or does not exist."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if isinstance(path, bytes):
+        raise InvalidJournalError(path, "the path is bytes", "decode it with os.fsdecode(path)")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidJournalError(
+            path, "the path must be a non-empty str or os.PathLike", "give e.g. 'run.jsonl'"
+        )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path  # missing or unreadable: the run's start says why, if it matters
+    _check_regular(path, mode)
+    return path
+
+
+_SPECIAL_FILES = [
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+]
+
+
+def _check_regular(path: str, mode: int) -> None:
+    """Refuse anything but a regular file (a directory, a FIFO, a device)."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        fix = f"give a file path, such as {os.path.join(path, 'run.jsonl')!r}"
+        raise InvalidJournalError(path, "it is a directory", fix)
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    raise InvalidJournalError(
+        path, f"it is {kind}, not a regular file", "give the path of a regular file"
+    )
+
+
+def _check_folder(path: str) -> None:
+    """A journal that does not exist yet must be creatable when its first task succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InvalidJournalError(
+            path, f"its folder {folder!r} does not exist", "create the folder first"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidJournalError(
+            path,
+            f"it does not exist and its folder {folder!r} is not writable",
+            "give a path in a folder you can write to",
+        )
+
+
 class _Locked:
     """The journal file, opened and locked; yields None if it does not exist.
 
-    ``write`` opens it for appending (created if missing) under an exclusive
-    lock; otherwise it is opened read-only. Compaction replaces the file, so
-    after taking the lock the descriptor is checked to still be the file at
-    ``path``; if not, it is opened again.
+    ``write`` opens it for appending (``create``: created if missing), otherwise
+    read-only; the lock is exclusive unless ``exclusive`` is False. A file that
+    is not regular is refused (opened without blocking: a FIFO would wait for a
+    writer forever). Compaction replaces the file, so after taking the lock the
+    descriptor is checked to still be the file at ``path``; if not, it is
+    opened again.
     """
 
-    def __init__(self, path: str, *, write: bool, exclusive: bool = True) -> None:
+    def __init__(
+        self, path: str, *, write: bool, create: bool = False, exclusive: bool = True
+    ) -> None:
         self.path = path
-        self.flags = (os.O_RDWR | os.O_APPEND | os.O_CREAT) if write else os.O_RDONLY
-        self.exclusive = exclusive or write
+        self.flags = (os.O_RDWR | os.O_APPEND) if write else os.O_RDONLY
+        self.flags |= (os.O_CREAT if create else 0) | getattr(os, "O_BINARY", 0)
+        self.flags |= getattr(os, "O_NONBLOCK", 0)  # nothing to a regular file
+        self.exclusive = exclusive
         self.fd: int | None = None
 
     def __enter__(self) -> int | None:
         while True:
             try:
-                fd = os.open(self.path, self.flags | getattr(os, "O_BINARY", 0), 0o666)
+                fd = os.open(self.path, self.flags, 0o666)
             except FileNotFoundError:
                 if self.flags & os.O_CREAT:
                     raise
                 return None
             try:
+                _check_regular(self.path, os.fstat(fd).st_mode)
                 _lock(fd, exclusive=self.exclusive)
                 if _is_at_path(fd, self.path):
                     self.fd = fd

@@ -21,6 +21,8 @@ from flowing import (
     Flow,
     FlowDefinitionError,
     FlowStarted,
+    InvalidJournalError,
+    InvalidKeepError,
     PickleSerializer,
     StepState,
     TaskDef,
@@ -310,15 +312,40 @@ async def test_a_mapped_step_is_journaled_and_replayed_as_its_list_of_values(
     assert CALLS == {"src": 1, "each": 3}
 
 
+class HalfTextSerializer:
+    """A serializer that breaks the protocol for ints: its dumps returns bytes, not str."""
+
+    name = "half-text"
+
+    def dumps(self, value: Any) -> Any:
+        return str(value).encode() if isinstance(value, int) else json.dumps(value)
+
+    def loads(self, data: str) -> Any:
+        return json.loads(data)
+
+
 @pytest.mark.anyio
-async def test_a_value_pickle_refuses_is_not_journaled_and_runs_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "serializer, value, warning",
+    [
+        ("pickle", lambda: "not picklable", "the pickle serializer refused it (PicklingError"),
+        (
+            HalfTextSerializer(),
+            1,
+            "the half-text serializer refused it (TypeError: its dumps returned bytes, not str)",
+        ),
+    ],
+    ids=["unpicklable-value", "dumps-returns-bytes"],
+)
+async def test_a_value_the_serializer_refuses_is_not_journaled_and_runs_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, serializer: Any, value: Any, warning: str
 ) -> None:
-    first, second = chain(lambda: "not picklable")
+    first, second = chain(value)
     journal = tmp_path / "run.jsonl"
-    await Flow(second, journal_path=journal).arun()
-    assert "'first': its value was not journaled, the pickle serializer refused it" in caplog.text
-    results = await Flow(second, journal_path=journal).arun()
+    results = await Flow(second, journal_path=journal, serializer=serializer).arun()
+    assert all(r.succeeded for r in results.values())
+    assert f"'first': its value was not journaled, {warning}" in caplog.text
+    results = await Flow(second, journal_path=journal, serializer=serializer).arun()
     assert not results["first"].cached and results["second"].cached
     assert CALLS == {"first": 2, "second": 1}
 
@@ -331,11 +358,13 @@ def _damage(journal: Path, line: int, how: str) -> None:
         record = json.loads(lines[line])
         record["data"] = record["data"][:-4] + "AAA="
         lines[line] = json.dumps(record).encode()
+    elif how == "deeply-nested":
+        lines[line] = b"[" * 100_000
     journal.write_bytes(b"\n".join(lines))
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("how", ["garbage", "changed-data"])
+@pytest.mark.parametrize("how", ["garbage", "changed-data", "deeply-nested"])
 async def test_a_damaged_line_is_skipped_with_a_warning_and_its_task_runs_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
@@ -451,27 +480,156 @@ async def test_an_overridden_value_is_used_but_neither_it_nor_its_dependents_are
     assert results["second"].step_key is None and not journal.exists()
 
 
-@pytest.mark.anyio
-async def test_an_unwritable_journal_warns_and_the_run_still_succeeds(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _special_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / "run.jsonl"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it to read would wait for a writer forever
+    else:
+        return Path(os.devnull)
+    return path
+
+
+SPECIAL_FILES = ["directory", "fifo", "device"]
+
+
+@pytest.mark.parametrize("kind", SPECIAL_FILES)
+def test_a_journal_path_that_is_not_a_regular_file_is_refused_when_the_flow_is_built(
+    tmp_path: Path, kind: str
 ) -> None:
     first, second = chain(1)
-    results = await Flow(second, journal_path=tmp_path).arun()  # a directory
-    assert all(r.succeeded for r in results.values())
-    assert "could not be read" in caplog.text and "its value was not journaled" in caplog.text
+    path = _special_file(tmp_path, kind)
+    with pytest.raises(InvalidJournalError, match="cannot be used as a journal: it is a"):
+        Flow(second, journal_path=path)
+    with pytest.raises(InvalidJournalError, match="cannot be used as a journal: it is a"):
+        compact_journal(path)
 
 
-def test_compaction_keeps_the_latest_valid_record_of_each_wanted_key(tmp_path: Path) -> None:
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "where, problem",
+    [
+        ("missing-folder", "its folder '.*nope' does not exist; create the folder first"),
+        ("file-as-folder", r"opening it to read and append failed \(Not a directory\)"),
+        ("directory", "it is a directory"),
+        ("fifo", "it is a FIFO, not a regular file"),
+        ("proc-file", "none of its lines is a journal record|opening it to read and append"),
+    ],
+)
+async def test_a_journal_that_cannot_be_written_is_refused_before_any_task_runs(
+    tmp_path: Path, where: str, problem: str
+) -> None:
+    first, second = chain(1)
+    path = {
+        "missing-folder": tmp_path / "nope" / "run.jsonl",
+        "file-as-folder": tmp_path / "results.csv" / "run.jsonl",
+        "proc-file": Path("/proc/version"),
+    }.get(where, tmp_path / "run.jsonl")
+    if where == "proc-file" and not path.exists():
+        pytest.skip("no /proc here")
+    (tmp_path / "results.csv").write_text("id,score\n")
+    flow = Flow(second, journal_path=path)
+    if where in SPECIAL_FILES:
+        _special_file(tmp_path, where)  # it appears after the flow was built
+    with pytest.raises(InvalidJournalError, match=problem):
+        await flow.arun()
+    assert CALLS == {}
+    assert all(r.state is StepState.CANCELLED for r in flow.results.values())
+
+
+@pytest.mark.anyio
+async def test_a_journal_that_fails_mid_run_warns_and_the_run_keeps_its_results(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "run.jsonl"
+
+    @task
+    def first() -> int:
+        journal.mkdir()  # the journal path can no longer be written
+        return 1
+
+    @task(depends_on=[first])
+    def second(first: int) -> int:
+        return first + 1
+
+    results = await Flow(second, journal_path=journal).arun()
+    assert [r.value for r in results.values()] == [1, 2]
+    assert "'first': its value was not journaled" in caplog.text
+
+
+FOREIGN_FILES = {
+    "csv": b"id,score\n1,0.93\n2,0.71\n",
+    "python": b"import os\n\nprint(os.getcwd())\n",
+    "json-document": b'{\n  "v": 1\n}\n',
+    "binary": bytes(range(256)),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("action", ["run", "fresh-run", "compact"])
+@pytest.mark.parametrize("content", FOREIGN_FILES.values(), ids=FOREIGN_FILES.keys())
+async def test_another_programs_file_is_refused_as_a_journal_and_left_untouched(
+    tmp_path: Path, action: str, content: bytes
+) -> None:
+    first, second = chain(1)
+    path = tmp_path / "results.csv"
+    path.write_bytes(content)
+    with pytest.raises(InvalidJournalError, match="none of its lines is a journal record"):
+        if action == "compact":
+            compact_journal(path)
+        else:
+            await Flow(second, journal_path=path).arun(fresh=action == "fresh-run")
+    assert path.read_bytes() == content
+    assert CALLS == {}
+
+
+RECORD = encode_record("a" * 64, "old", "pickle", "gARLAS4=")
+CRASH_LEFTOVERS = {
+    "empty": b"",
+    "unfinished-first-record": RECORD[:40],
+    "sealed-stub": RECORD[:40] + b"\n",
+    "bad-checksum": RECORD.replace(b'"check":"', b'"check":"0'),
+    "zeros": b"\0" * 4096,
+    "zeros-then-a-record": b"\0" * 100 + RECORD,
+    "garbage-then-a-record": b"{not json\n" + RECORD,
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("content", CRASH_LEFTOVERS.values(), ids=CRASH_LEFTOVERS.keys())
+async def test_a_journal_holding_only_what_a_crash_left_is_still_used_and_compacted(
+    tmp_path: Path, content: bytes
+) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(content)
+    results = await Flow(second, journal_path=journal).arun()
+    assert all(r.succeeded and not r.cached for r in results.values())
+    compact_journal(journal)
+    assert {"first", "second"} <= {r.task for r in read_records(str(journal)).values()}
+    results = await Flow(second, journal_path=journal).arun()
+    assert all(r.cached for r in results.values())
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [lambda flow: flow.step_keys().values(), lambda flow: flow.step_keys()],
+    ids=["iterable-of-keys", "mapping-by-its-values"],
+)
+def test_compaction_keeps_the_latest_valid_record_of_each_wanted_key(
+    tmp_path: Path, wanted: Any
+) -> None:
     first, second = chain(1)
     journal = tmp_path / "run.jsonl"
     flow = Flow(second, journal_path=journal)
     flow.run()
     good = journal.read_bytes()
     old_key = encode_record("0" * 64, "edited-away", "pickle", "gARLAS4=")
-    journal.write_bytes(good + good + old_key + b"{damaged\n")
-    assert compact_journal(journal) == 3
+    journal.write_bytes(good + good + old_key + b"{damaged\n" + b"[" * 100_000 + b"\n")
+    assert compact_journal(journal) == 4
     assert journal.read_bytes().count(b"\n") == 3
-    assert compact_journal(journal, keep=flow.step_keys().values()) == 1
+    assert compact_journal(journal, keep=wanted(flow)) == 1
     assert journal.read_bytes() == good
     results = flow.run()
     assert all(r.cached for r in results.values())
@@ -497,6 +655,26 @@ def test_an_append_that_raced_a_compaction_lands_in_the_new_file(
     assert raced and journal.read_bytes().endswith(line)
 
 
+@pytest.mark.parametrize(
+    "keep, problem",
+    [
+        ("f6f181d6d4bb", "one key would be read as its characters; pass keep=\\[key\\]"),
+        (b"f6f181d6d4bb", "one key would be read as its characters"),
+        ([1], "1 is not a step key"),
+        (5, "it is not iterable"),
+    ],
+    ids=["str", "bytes", "not-keys", "not-iterable"],
+)
+def test_a_keep_that_is_not_step_keys_is_refused_and_the_journal_left_as_it_was(
+    tmp_path: Path, keep: Any, problem: str
+) -> None:
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(RECORD)
+    with pytest.raises(InvalidKeepError, match=f"takes the step keys to keep.*: {problem}"):
+        compact_journal(journal, keep=keep)
+    assert journal.read_bytes() == RECORD
+
+
 def test_compacting_a_missing_journal_says_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no journal at"):
         compact_journal(tmp_path / "nothing.jsonl")
@@ -505,11 +683,17 @@ def test_compacting_a_missing_journal_says_so(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"journal_path": 3}, "journal_path must be a str or os.PathLike, got 3"),
+        ({"journal_path": 3}, "3 cannot be used as a journal: the path must be a non-empty str"),
+        ({"journal_path": ""}, "'' cannot be used as a journal: the path must be a non-empty str"),
+        ({"journal_path": b"j.jsonl"}, "the path is bytes; decode it with os.fsdecode"),
+        (
+            {"journal_path": "j.jsonl", "journal_fsync": "false"},
+            "journal_fsync must be True or False, got 'false'",
+        ),
         ({"journal_path": "j.jsonl", "serializer": "yaml"}, "serializer must be 'pickle', 'json'"),
         ({"serializer": "yaml"}, "serializer must be 'pickle', 'json'"),
     ],
-    ids=["path", "serializer", "serializer-without-journal"],
+    ids=["int-path", "empty-path", "bytes-path", "fsync-str", "serializer", "serializer-without-journal"],
 )
 def test_bad_journal_options_are_refused_before_anything_runs(
     options: dict[str, Any], message: str
