@@ -7,6 +7,7 @@ runs a task or needs a graphviz binary.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 
 from ._graph import Graph
@@ -83,11 +84,16 @@ def _nodes_by_state(graph: Graph, results: Mapping[str, StepResult]) -> dict[str
 
 
 def _mermaid_text(text: str) -> str:
-    """Text safe inside a quoted Mermaid label."""
-    return "".join(_MERMAID_ESCAPES.get(ch, ch) for ch in text)
+    """Text safe inside a quoted Mermaid label: Mermaid's own entity codes for the
+    characters it reads (``#`` starts an entity, ``%%`` a comment or a directive),
+    a space for a line break or other control character."""
+    return "".join(
+        " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else _MERMAID_ESCAPES.get(ch, ch)
+        for ch in text
+    )
 
 
-_MERMAID_ESCAPES = {'"': "#quot;", "<": "#lt;", ">": "#gt;", "\n": " "}
+_MERMAID_ESCAPES = {'"': "#quot;", "<": "#lt;", ">": "#gt;", "#": "#35;", "%": "#37;"}
 
 
 def _dot_text(text: str) -> str:

@@ -7,6 +7,8 @@ task that finished last, back through the dependency that finished last, and so 
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,11 +127,43 @@ def to_gantt(bars: list[Bar], duration_ms: float) -> str:
 def _gantt_line(bar: Bar) -> str:
     succeeded = bar.state in ("succeeded", "cached")
     tags = ["crit"] if bar.critical else (["done"] if succeeded else [])
-    label = bar.name if succeeded else f"{bar.name} ({bar.state})"
-    label = label.replace(":", "-").replace("#", "-").replace(";", ",")
+    label = _gantt_label(bar.name if succeeded else f"{bar.name} ({bar.state})")
     start = round(bar.start_ms)
     end = max(round(bar.end_ms), start + 1)
     return f"    {label} :{', '.join([*tags, f'n{bar.index}'])}, {start}, {end}"
+
+
+def _gantt_label(text: str) -> str:
+    """A task label Mermaid's gantt grammar reads as one task's text.
+
+    A line break or other control character becomes a space; ``:`` ``#`` ``;`` end
+    a task's text, so they become ``-`` ``-`` ``,``. ``%`` at the label's start or
+    second place, or ``%%`` anywhere, starts a comment or a directive: such a label's
+    ``%`` become the look-alike ``％``. A label that is blank or starts with a keyword
+    (``title x``, ``section x``, ...) is put in single quotes.
+    """
+    label = _one_line(text).translate(_GANTT_SEPARATORS)
+    if "%" in label[:2] or "%%" in label:
+        label = label.replace("%", "\uff05")
+    if not label.strip() or _GANTT_KEYWORD.match(label.lstrip()):
+        label = f"'{label}'"
+    return label
+
+
+def _one_line(text: str) -> str:
+    """``text`` with each control character or line or paragraph separator as a space."""
+    return "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
+
+
+_GANTT_SEPARATORS = str.maketrans({":": "-", "#": "-", ";": ","})
+# The statements of Mermaid's gantt lexer (case-insensitive), matched where a task's text
+# would start (packages/mermaid/src/diagrams/gantt/parser/gantt.jison).
+_GANTT_KEYWORD = re.compile(
+    r"gantt|topaxis|inclusiveenddates|\d{4}-\d\d-\d\d|accdescr\s*\{"
+    r"|(dateformat|axisformat|tickinterval|includes|excludes|todaymarker|weekday|weekend"
+    r"|datemarker|title|accdescription|section|click|call|href)(\s|$)",
+    re.IGNORECASE,
+)
 
 
 _BAR_COLOURS = {
@@ -154,7 +188,8 @@ def save_image(bars: list[Bar], duration_ms: float, path: Path) -> None:
     axes = figure.add_subplot()
     for row, bar in enumerate(bars):
         _draw_bar(axes, row, bar)
-    axes.set_yticks(range(len(bars)), [b.name for b in bars])
+    # parse_math=False: a name such as "$x" is text, not a formula for matplotlib to parse.
+    axes.set_yticks(range(len(bars)), [_one_line(b.name) for b in bars], parse_math=False)
     for label, bar in zip(axes.get_yticklabels(), bars):
         if bar.critical:
             label.set_fontweight("bold")

@@ -2,13 +2,18 @@
 
     flowing run FILE.py[:TASK,...] [--max-workers N] [--no-fail-fast] [--journal PATH]
                 [--backend asyncio|trio] [--timeline PATH] [--quiet] [--json] [--debug]
-                [--dask ADDRESS]
+                [--dask ADDRESS] [--pool NAME=SIZE ...]
     flowing graph FILE.py[:TASK,...] [--format mermaid|dot]
     flowing --version
 
+The pools a file's tasks name with ``pool=`` come from the file's module-level
+``POOLS`` dict (the ``Flow(pools=...)`` argument), with ``--pool NAME=SIZE`` setting a
+pool's size on top; drawing the graph needs no pools.
+
 Exit status: 0 when every task succeeded (or was skipped by its ``when=``), 1 when
 a task failed or was cancelled, 2 for bad input (one line on stderr, no traceback
-unless ``--debug``), 130 when interrupted.
+unless ``--debug``), including a ``--timeline`` file that could not be written after
+a run whose tasks all succeeded, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -26,9 +32,18 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from . import __version__
-from ._exceptions import FlowDefinitionError, MissingExtraError, StepKeyError
+from ._exceptions import (
+    FlowDefinitionError,
+    InvalidPoolError,
+    MissingExtraError,
+    StepKeyError,
+    UnknownPoolError,
+)
 from ._flow import Flow
+from ._graph import build_graph
+from ._pools import Pool, check_pools
 from ._progress import print_summary
+from ._render import to_dot, to_mermaid
 from ._results import StepResult, StepState, count_states, describe_error
 from ._task import TaskDef
 from ._timeline import IMAGE_SUFFIXES, TEXT_SUFFIXES
@@ -90,8 +105,10 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         parents=[common],
         help="run the tasks, with live progress",
-        epilog="exit status: 0 all succeeded, 1 a task failed or was cancelled, "
-        "2 bad input, 130 interrupted",
+        epilog="pools: the tasks' pool= names are defined by a module-level POOLS dict in "
+        "the file, e.g. POOLS = {'api': 4}; --pool sets a size on top. "
+        "exit status: 0 all succeeded, 1 a task failed or was cancelled, "
+        "2 bad input (or an unwritable --timeline after a run that succeeded), 130 interrupted",
     )
     run.add_argument("--max-workers", type=_positive_int, default=5, metavar="N",
                      help="threads for sync tasks (default 5)")
@@ -108,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the results as JSON on stdout (non-JSON values as repr)")
     run.add_argument("--dask", metavar="ADDRESS",
                      help="run sync task bodies on the Dask scheduler at ADDRESS (flowing[dask])")
+    run.add_argument("--pool", type=_pool_size, action="append", default=[], metavar="NAME=SIZE",
+                     help="at most SIZE attempts at once in the pool NAME (repeatable); "
+                     "overrides the size in the file's POOLS, keeping its rate")
     run.set_defaults(command=_run)
 
     graph = commands.add_parser("graph", parents=[common], help="print the graph as text")
@@ -126,16 +146,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _pool_size(text: str) -> tuple[str, int]:
+    name, equals, size = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"must be NAME=SIZE, got {text!r}")
+    return name.strip(), _positive_int(size)
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_run_options(args)
-    terminals = _load_terminals(args.target)
-    flow = Flow(
-        *terminals,
-        max_workers=args.max_workers,
-        fail_fast=not args.no_fail_fast,
-        journal_path=args.journal,
-        executor=_dask_executor(args.dask, terminals) if args.dask else None,
-    )
+    file, names = _split_target(args.target)
+    module = _import_file(file)
+    terminals = _terminals(module, file, names)
+    pools = _pools(module, file, args.pool)
+    try:
+        flow = Flow(
+            *terminals,
+            max_workers=args.max_workers,
+            fail_fast=not args.no_fail_fast,
+            journal_path=args.journal,
+            executor=_dask_executor(args.dask, terminals) if args.dask else None,
+            pools=pools,
+        )
+    except UnknownPoolError as error:
+        raise _BadInput(
+            f"task {error.task!r} uses pool {error.pool!r}, which {file} does not define; "
+            f"add POOLS = {{{error.pool!r}: <size>}} to {file} or pass --pool {error.pool}=SIZE"
+        ) from error
+    _check_pool_options(args.pool, flow, getattr(module, "POOLS", None) or {})
     started = time.monotonic()
     interrupted = False
     try:
@@ -147,13 +185,50 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(_as_json(results, time.monotonic() - started), indent=2))
     elif not args.quiet:
         _print_summary(results, time.monotonic() - started)
+    written = True
     if args.timeline is not None and results:
-        flow.timeline(args.timeline)
-        if not args.quiet:
-            print(f"timeline written to {args.timeline}", file=sys.stderr)
+        written = _write_timeline(flow, args.timeline, args.quiet)
     if interrupted:
         raise KeyboardInterrupt
-    return EXIT_OK if _all_ok(results) else EXIT_FAILED
+    if not _all_ok(results):
+        return EXIT_FAILED
+    return EXIT_OK if written else EXIT_BAD_INPUT
+
+
+def _write_timeline(flow: Flow, path: Path, quiet: bool) -> bool:
+    """Write the run's chart; a path that cannot be written is one line, not a traceback."""
+    try:
+        flow.timeline(path)
+    except OSError as error:
+        print(
+            f"flowing: error: cannot write the timeline to {str(path)!r}: "
+            f"{error.strerror or describe_error(error)}",
+            file=sys.stderr,
+        )
+        return False
+    if not quiet:
+        print(f"timeline written to {path}", file=sys.stderr)
+    return True
+
+
+def _check_pool_options(sizes: list[tuple[str, int]], flow: Flow, declared: Any) -> None:
+    """A ``--pool`` name that neither POOLS nor any task names is a typo, not a no-op."""
+    used = {t.pool for t in flow.tasks if t.pool is not None}
+    for name, _ in sizes:
+        if name not in used and name not in declared:
+            known = ", ".join(sorted(used)) or "none"
+            raise _BadInput(f"--pool {name}: no task uses a pool of that name (used: {known})")
+
+
+def _pools(module: ModuleType, file: str, sizes: list[tuple[str, int]]) -> dict[str, Pool]:
+    """The file's ``POOLS``, with each ``--pool NAME=SIZE`` setting that pool's size."""
+    try:
+        pools = check_pools(getattr(module, "POOLS", None))
+    except InvalidPoolError as error:
+        raise _BadInput(f"POOLS in {file}: {error}") from error
+    for name, size in sizes:
+        pools[name] = Pool(size, pools[name].rate) if name in pools else Pool(size)
+    return pools
 
 
 def _check_run_options(args: argparse.Namespace) -> None:
@@ -169,7 +244,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
             )
         if suffix in IMAGE_SUFFIXES and importlib.util.find_spec("matplotlib") is None:
             raise MissingExtraError(f"--timeline {str(args.timeline)!r}", "matplotlib", "plot")
-        _check_parent(args.timeline, "--timeline")
+        _check_writable(args.timeline, "--timeline")
     if args.dask is not None:
         if importlib.util.find_spec("distributed") is None:
             raise MissingExtraError("--dask", "distributed", "dask")
@@ -178,9 +253,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
     if args.journal is not None:
         if args.journal.resolve() == Path(_split_target(args.target)[0]).resolve():
             raise _BadInput(f"--journal {str(args.journal)!r} is the flow's own file; give another path")
-        if args.journal.is_dir():
-            raise _BadInput(f"--journal {str(args.journal)!r} is a directory; give a file path")
-        _check_parent(args.journal, "--journal")
+        _check_writable(args.journal, "--journal")
 
 
 def _dask_executor(address: str, terminals: list[TaskDef[..., Any]]) -> Any:
@@ -191,25 +264,31 @@ def _dask_executor(address: str, terminals: list[TaskDef[..., Any]]) -> Any:
     return DaskExecutor(address)
 
 
-def _check_parent(path: Path, option: str) -> None:
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse, before the run, a file path the run could not write."""
+    if path.is_dir():
+        raise _BadInput(f"{option} {str(path)!r} is a directory; give a file path")
     if not path.absolute().parent.is_dir():
         raise _BadInput(f"{option} {str(path)!r}: the directory {str(path.parent)!r} does not exist")
+    if not os.access(path if path.exists() else path.absolute().parent, os.W_OK):
+        raise _BadInput(f"{option} {str(path)!r}: permission denied; give a path you can write")
 
 
 def _graph(args: argparse.Namespace) -> int:
-    flow = Flow(*_load_terminals(args.target))
-    print(flow.to_mermaid() if args.format == "mermaid" else flow.to_dot(), end="")
+    """Draw the graph alone: no Flow, so the pools the tasks name need not be defined."""
+    file, names = _split_target(args.target)
+    graph = build_graph(_terminals(_import_file(file), file, names))
+    print(to_mermaid(graph, {}) if args.format == "mermaid" else to_dot(graph, {}), end="")
     return EXIT_OK
 
 
-def _load_terminals(target: str) -> list[TaskDef[..., Any]]:
-    """The tasks named after ``FILE.py:``, or every task of the file nothing depends on."""
-    file, names = _split_target(target)
-    module = _import_file(file)
+def _terminals(module: ModuleType, file: str, names: list[str]) -> list[TaskDef[..., Any]]:
+    """The tasks ``names``, or every task of the file nothing depends on."""
     tasks = _module_tasks(module)
     if not tasks:
         raise _BadInput(f"{file} defines no task; decorate its functions with @task")
     if not names:
+        build_graph(tasks)  # a cycle among the file's tasks has no terminal: report it by name
         needed = {id(dep) for t in tasks for dep in t.depends_on}
         return [t for t in tasks if id(t) not in needed]
     by_name = {t.name: t for t in tasks}
@@ -296,11 +375,17 @@ def _as_json(results: dict[str, StepResult], seconds: float) -> dict[str, Any]:
 
 
 def _json_value(value: Any) -> Any:
+    """``value`` if JSON holds it, else its ``repr``, else a placeholder naming its type."""
     try:
         json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
+    except Exception:
+        pass
+    else:
+        return value
+    try:
         return repr(value)
-    return value
+    except Exception:  # a broken __repr__, an int too long to convert to str, ...
+        return f"<unrepresentable {type(value).__qualname__}>"
 
 
 def _print_summary(results: dict[str, StepResult], seconds: float) -> None:
