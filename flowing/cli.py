@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="write the run's Gantt chart: .png/.svg/.pdf (matplotlib) or .mmd")
     run.add_argument("--quiet", action="store_true", help="no progress and no summary")
     run.add_argument("--json", action="store_true",
-                     help="print the results as JSON on stdout (non-JSON values as repr)")
+                     help="print the results as JSON on stdout (non-JSON values as repr, "
+                     "'<unrepresentable TYPE>' if that fails)")
     run.add_argument("--dask", metavar="ADDRESS",
                      help="run sync task bodies on the Dask scheduler at ADDRESS (flowing[dask])")
     run.add_argument("--pool", type=_pool_size, action="append", default=[], metavar="NAME=SIZE",

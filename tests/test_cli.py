@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from flowing import __version__
-from test_render import by_name, parse_dot, parse_mermaid
+from test_render import Parsed, by_name, parse_dot, parse_mermaid
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "etl.py"
@@ -91,6 +92,41 @@ def test_json_prints_every_result_and_reprs_what_json_cannot_hold(tmp_path: Path
     }
 
 
+ODD_VALUE = """
+    from flowing import task
+
+    class Bad:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    @task
+    def odd():
+        return {value}
+
+    @task
+    def fine():
+        return 6
+"""
+
+
+@pytest.mark.parametrize(
+    "value,shown",
+    [
+        ("Bad()", "<unrepresentable Bad>"),
+        ("10 ** 5000", "<unrepresentable int>"),
+        ("[1, 10 ** 5000]", "<unrepresentable list>"),
+    ],
+    ids=["repr-raises", "int-too-long-for-str", "inside-a-list"],
+)
+def test_json_shows_a_value_without_a_repr_as_a_placeholder_naming_its_type(
+    tmp_path: Path, value: str, shown: str
+) -> None:
+    done = flowing("run", str(write(tmp_path, ODD_VALUE.format(value=value))), "--json", "--quiet")
+    assert (done.returncode, done.stderr) == (0, "")
+    tasks = json.loads(done.stdout)["tasks"]
+    assert (tasks["odd"]["value"], tasks["fine"]["value"]) == (shown, 6)
+
+
 def test_named_tasks_run_only_what_they_need(tmp_path: Path) -> None:
     done = flowing("run", f"{write(tmp_path, PIPELINE)}:total", "--json", "--quiet")
     assert list(json.loads(done.stdout)["tasks"]) == ["extract", "total"]
@@ -141,6 +177,93 @@ def test_timeline_writes_the_chart(tmp_path: Path, suffix: str, magic: bytes) ->
     assert f"timeline written to {chart}" in done.stderr
 
 
+@pytest.mark.parametrize("option", ["--timeline", "--journal"])
+def test_a_directory_given_as_an_output_file_is_refused_before_anything_runs(
+    tmp_path: Path, option: str
+) -> None:
+    (tmp_path / "chart.mmd").mkdir()
+    source = PIPELINE.replace("return [1, 2, 3]", "raise SystemExit('must not run')")
+    done = flowing("run", str(write(tmp_path, source)), option, "chart.mmd", cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"flowing: error: {option} 'chart.mmd' is a directory; give a file path\n"
+
+
+SQUATTER = """
+    import os
+    from flowing import task
+
+    @task
+    def squat():
+        os.mkdir("chart.mmd")  # the timeline's path is a directory by the time the run ends
+        return 1
+"""
+
+
+@pytest.mark.parametrize(
+    "extra,status",
+    [("", 2), ("@task(depends_on=[squat])\ndef broken(squat):\n    raise ValueError('no')\n", 1)],
+    ids=["run-succeeded-exits-2", "run-failed-exits-1"],
+)
+def test_a_timeline_that_cannot_be_written_is_one_line_after_the_results(
+    tmp_path: Path, extra: str, status: int
+) -> None:
+    write(tmp_path, textwrap.dedent(SQUATTER) + extra)
+    done = flowing("run", "pipeline.py", "--timeline", "chart.mmd", "--json", cwd=tmp_path)
+    assert done.returncode == status
+    assert json.loads(done.stdout)["tasks"]["squat"]["value"] == 1
+    assert done.stderr.splitlines()[-1].startswith(
+        "flowing: error: cannot write the timeline to 'chart.mmd': "
+    )
+
+
+POOLED = """
+    import threading
+    from flowing import Pool, task
+
+    both_in = threading.Barrier(2, timeout={timeout})
+    {pools}
+
+    @task(pool="api")
+    def first():
+        both_in.wait()
+
+    @task(pool="api")
+    def second():
+        both_in.wait()
+"""
+
+
+@pytest.mark.parametrize(
+    "pools,options,timeout,status",
+    [
+        ("POOLS = {'api': 2}", [], 60, 0),
+        ("POOLS = {'api': Pool(2, rate=1000)}", [], 60, 0),
+        ("", ["--pool", "api=2"], 60, 0),
+        ("POOLS = {'api': Pool(1, rate=1000)}", ["--pool", "api=2"], 60, 0),
+        ("POOLS = {'api': 1}", [], 1, 1),
+    ],
+    ids=["file-size", "file-pool", "option", "option-over-file", "size-1-never-overlaps"],
+)
+def test_pools_come_from_the_files_POOLS_dict_and_the_pool_option(
+    tmp_path: Path, pools: str, options: list[str], timeout: int, status: int
+) -> None:
+    source = POOLED.format(timeout=timeout, pools=pools)
+    done = flowing("run", str(write(tmp_path, source)), "--quiet", "--no-fail-fast", *options)
+    assert (done.returncode, done.stderr) == (status, "")
+
+
+@pytest.mark.parametrize(
+    "fmt,parse", [("mermaid", parse_mermaid), ("dot", parse_dot)], ids=["mermaid", "dot"]
+)
+def test_graph_draws_tasks_that_use_pools_without_any_pool_defined(
+    tmp_path: Path, fmt: str, parse: Callable[[str], Parsed]
+) -> None:
+    source = POOLED.format(timeout=1, pools="")
+    done = flowing("graph", str(write(tmp_path, source)), "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    assert set(by_name(parse(done.stdout)).nodes) == {"first", "second"}
+
+
 @pytest.mark.parametrize(
     "fmt,parse", [("mermaid", parse_mermaid), ("dot", parse_dot)], ids=["mermaid", "dot"]
 )
@@ -161,6 +284,9 @@ def test_version_prints_the_package_version() -> None:
     assert (done.returncode, done.stdout) == (0, f"flowing {__version__}\n")
 
 
+CYCLE = "@task\ndef c1(): pass\n@task(depends_on=[c1])\ndef c2(c1): pass\nc1.depends_on = (c2,)\n"
+POOL_API = "from flowing import task\n@task(pool='api')\ndef a(): pass\n"
+
 BAD_INPUTS = {
     "missing-file": (["run", "nope.py"], "", "no such file: 'nope.py'"),
     "syntax-error": (["run", "bad.py"], "def broken(:\n", "cannot import bad.py: SyntaxError: "),
@@ -177,6 +303,13 @@ BAD_INPUTS = {
     "journal-is-the-file": (["run", "bad.py", "--journal", "bad.py"], PIPELINE, "is the flow's own file"),
     "cycle-free-but-bad-task": (["run", "bad.py"], "from flowing import task\n@task(retry=-1)\ndef a(): pass\n", "retry of task 'a' must be an int >= 0"),
     "no-command": ([], "", "the following arguments are required"),
+    "cycle": (["run", "bad.py"], "from flowing import task\n" + CYCLE, "the tasks form a cycle: 'c2' -> 'c1' -> 'c2'"),
+    "cycle-beside-a-task": (["graph", "bad.py"], "from flowing import task\n@task\ndef alone(): pass\n" + CYCLE, "the tasks form a cycle: 'c2' -> 'c1' -> 'c2'"),
+    "undefined-pool": (["run", "bad.py"], POOL_API, "task 'a' uses pool 'api', which bad.py does not define; add POOLS = {'api': <size>} to bad.py or pass --pool api=SIZE"),
+    "bad-POOLS": (["run", "bad.py"], POOL_API + "POOLS = {'api': 0}\n", "POOLS in bad.py: pool 'api' must be an int >= 1"),
+    "pool-option-without-size": (["run", "bad.py", "--pool", "api"], POOL_API, "--pool: must be NAME=SIZE, got 'api'"),
+    "pool-option-bad-size": (["run", "bad.py", "--pool", "api=0"], POOL_API, "--pool: must be an int >= 1, got '0'"),
+    "pool-option-no-task-uses": (["run", "bad.py", "--pool", "api=1", "--pool", "apii=2"], POOL_API, "--pool apii: no task uses a pool of that name (used: api)"),
 }
 
 

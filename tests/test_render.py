@@ -152,6 +152,21 @@ def test_task_names_are_escaped(name: str, mermaid: str, dot: str) -> None:
     assert parse_dot(flow.to_dot()).nodes == {"n0": dot}
 
 
+@pytest.mark.parametrize(
+    "name,label",
+    [
+        ("C#", "C#35;"),
+        ("a#quot;b", "a#35;quot;b"),
+        ("x %%{init}%%", "x #37;#37;{init}#37;#37;"),
+        ("cr\rret\ttab", "cr ret tab"),
+    ],
+    ids=["hash", "entity-lookalike", "directive", "control-characters"],
+)
+def test_the_mermaid_label_uses_entity_codes_for_what_mermaid_reads(name: str, label: str) -> None:
+    flow = Flow(task(lambda: None, name=name))
+    assert parse_mermaid(flow.to_mermaid()).nodes == {"n0": label}
+
+
 def test_rendering_runs_nothing() -> None:
     calls: list[str] = []
     step = task(lambda: calls.append("ran"), name="step")

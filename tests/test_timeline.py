@@ -85,6 +85,49 @@ def test_the_gantt_follows_the_critical_path_through_the_last_dependency() -> No
     assert bars["join"][1] >= bars["slow"][2] - 1  # bars are at least 1 ms long
 
 
+@pytest.mark.parametrize(
+    "name,label",
+    [
+        ("load_rows", "load_rows"),
+        ("titles", "titles"),
+        ("50% done", "50% done"),
+        ("x:y;z#w", "x-y,z-w"),
+        ("new\nline", "new line"),
+        ("cr\rret\ttab", "cr ret tab"),
+        ("line\u2028separator", "line separator"),
+        ("title", "'title'"),
+        ("Title x", "'Title x'"),
+        ("section x", "'section x'"),
+        ("excludes x", "'excludes x'"),
+        ("dateFormat x", "'dateFormat x'"),
+        ("axisFormat x", "'axisFormat x'"),
+        ("todayMarker x", "'todayMarker x'"),
+        ("tickInterval x", "'tickInterval x'"),
+        ("weekday monday", "'weekday monday'"),
+        ("click x", "'click x'"),
+        ("topAxis", "'topAxis'"),
+        ("2026-01-01 load", "'2026-01-01 load'"),
+        ("   ", "'   '"),
+        ("a%%b", "a\uff05\uff05b"),
+        ("%x", "\uff05x"),
+        ("a%b", "a\uff05b"),
+        ("x %%{init}%%", "x \uff05\uff05{init}\uff05\uff05"),
+    ],
+)
+def test_a_task_name_is_one_bar_whatever_mermaid_would_read_in_it(name: str, label: str) -> None:
+    flow = Flow(task(lambda: None, name=name))
+    flow.run()
+    assert list(parse_gantt(flow.timeline())) == [label]
+
+
+def test_an_image_draws_a_name_with_dollar_signs_as_text(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    flow = Flow(task(lambda: None, name="$\\frac$"))
+    flow.run()
+    flow.timeline(tmp_path / "run.svg")
+    assert "frac" in (tmp_path / "run.svg").read_text(encoding="utf-8")
+
+
 def test_only_the_latest_run_is_drawn() -> None:
     flow, _ = build_diamond()
     flow.run()
