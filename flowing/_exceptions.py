@@ -237,8 +237,8 @@ class HeldBack(FlowingError):
 
 
 class InvalidJournalError(FlowDefinitionError):
-    """Raised before anything runs when a journal path cannot be a journal: not a path,
-    not a regular file, not writable, or another program's file."""
+    """Raised, before anything runs or is rewritten, when a journal path cannot be a
+    journal: not a path, not a regular file, not writable, or another program's file."""
 
     def __init__(self, path: object, problem: str, fix: str) -> None:
         super().__init__(f"{path!r} cannot be used as a journal: {problem}; {fix}")

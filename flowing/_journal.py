@@ -401,11 +401,11 @@ def _check_is_journal(path: str, content: bytes) -> None:
     ever started begins with ``_RECORD_START``. Another program's file (a CSV, a
     script) has no such line.
     """
-    if not content.strip(b"\0\n\r\t "):
+    if content.startswith(_RECORD_START) or any(
+        after + _RECORD_START in content for after in (b"\n", b"\0")
+    ):
         return
-    if content.lstrip(b"\0").startswith(_RECORD_START):
-        return
-    if b"\n" + _RECORD_START in content or b"\0" + _RECORD_START in content:
+    if not content.strip(b"\0\n\r\t "):  # empty, or zeros only: nothing to lose
         return
     raise InvalidJournalError(
         path,

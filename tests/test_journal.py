@@ -506,17 +506,17 @@ def test_a_journal_path_that_is_not_a_regular_file_is_refused_when_the_flow_is_b
         compact_journal(path)
 
 
+UNWRITABLE = {
+    "missing-folder": "its folder '.*nope' does not exist; create the folder first",
+    "file-as-folder": r"opening it to read and append failed \(Not a directory\)",
+    "directory": "it is a directory",
+    "fifo": "it is a FIFO, not a regular file",
+    "proc-file": "none of its lines is a journal record|opening it to read and append",
+}
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize(
-    "where, problem",
-    [
-        ("missing-folder", "its folder '.*nope' does not exist; create the folder first"),
-        ("file-as-folder", r"opening it to read and append failed \(Not a directory\)"),
-        ("directory", "it is a directory"),
-        ("fifo", "it is a FIFO, not a regular file"),
-        ("proc-file", "none of its lines is a journal record|opening it to read and append"),
-    ],
-)
+@pytest.mark.parametrize("where, problem", UNWRITABLE.items(), ids=UNWRITABLE.keys())
 async def test_a_journal_that_cannot_be_written_is_refused_before_any_task_runs(
     tmp_path: Path, where: str, problem: str
 ) -> None:
@@ -528,7 +528,8 @@ async def test_a_journal_that_cannot_be_written_is_refused_before_any_task_runs(
     }.get(where, tmp_path / "run.jsonl")
     if where == "proc-file" and not path.exists():
         pytest.skip("no /proc here")
-    (tmp_path / "results.csv").write_text("id,score\n")
+    if where == "file-as-folder":
+        (tmp_path / "results.csv").write_text("id,score\n")
     flow = Flow(second, journal_path=path)
     if where in SPECIAL_FILES:
         _special_file(tmp_path, where)  # it appears after the flow was built
