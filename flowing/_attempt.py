@@ -36,6 +36,16 @@ class StepContext:
     limits: Limits = field(default_factory=Limits)
     cache: ResultCache | None = None  # where @task(cache=True) results live
     runner: BodyRunner | None = None  # the run's executor; None: sync bodies use ``slots``
+    # Why no more bodies of a mapped step may start (fail_fast), None while they may.
+    mapping_stopped: Callable[[], str | None] | None = None
+
+    def held_back(self, task: TaskDef[..., Any]) -> str | None:
+        """Why a body of ``task`` that has not started must not start now; None: it may.
+        fail_fast's halt of the run spares detached tasks; a mapping's own stop does not."""
+        stopped = self.mapping_stopped() if self.mapping_stopped is not None else None
+        if stopped is not None or task.detached:
+            return stopped
+        return self.slots.halt_reason
 
 
 def step_result(
@@ -271,8 +281,9 @@ async def _call_in_pool(
     """One attempt of a task with a pool: it starts once the pool lets it."""
     assert task.pool is not None
     async with ctx.limits.hold(task.pool) as slot:
-        if ctx.slots.halt_reason is not None and not task.detached:
-            raise HeldBack(ctx.slots.halt_reason)  # fail_fast stopped the run while it waited
+        held_back = ctx.held_back(task)
+        if held_back is not None:
+            raise HeldBack(held_back)  # fail_fast stopped the run while it waited
         return await _call_with_timeout(task, index, kwargs, ctx, attempt, max_attempts, slot)
 
 
@@ -285,61 +296,77 @@ async def _call_with_timeout(
     max_attempts: int,
     slot: PoolSlot | None = None,
 ) -> Any:
-    """One attempt: its start event, then its body under the task's timeout."""
-    ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+    """One attempt: its start event, then its body under the task's timeout.
+
+    A sync body for the run's own threads first waits for one: that wait is no
+    part of its timeout, and its start event comes once it holds a thread.
+    """
+    body: Awaitable[Any]
+    if task.is_async:
+        ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+        body = task.fn(**kwargs)
+    elif ctx.runner is not None and not task.local:
+        ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+        body = ctx.runner.run(task, kwargs, _abandoned(task, index, ctx, attempt))
+    else:
+        body = await _in_a_thread(task, index, kwargs, ctx, attempt, max_attempts, slot)
     if task.timeout_s is None:  # no cancel scope to pay for
-        return refuse_coroutine(task.name, await _call_body(task, index, kwargs, ctx, attempt, slot))
+        return refuse_coroutine(task.name, await body)
     with anyio.move_on_after(task.timeout_s):
-        return refuse_coroutine(task.name, await _call_body(task, index, kwargs, ctx, attempt, slot))
+        return refuse_coroutine(task.name, await body)
     raise TimeoutError(
         f"task {task.name!r} timed out after {task.timeout_s:g} s "
         f"(attempt {attempt} of {max_attempts})"
     )
 
 
-def _call_body(
+async def _in_a_thread(
     task: TaskDef[..., Any],
     index: int,
     kwargs: dict[str, Any],
     ctx: StepContext,
     attempt: int,
+    max_attempts: int,
     slot: PoolSlot | None,
 ) -> Awaitable[Any]:
-    """What the attempt awaits: an async body's own coroutine (no frame of ours around
-    it while it waits), or a sync body's call in a worker thread or the executor."""
-    if task.is_async:
-        return task.fn(**kwargs)  # type: ignore[no-any-return]
-    return _call_sync_body(task, index, kwargs, ctx, attempt, slot)
+    """The sync body's call, once it holds a worker thread's token, and its start event."""
 
-
-async def _call_sync_body(
-    task: TaskDef[..., Any],
-    index: int,
-    kwargs: dict[str, Any],
-    ctx: StepContext,
-    attempt: int,
-    slot: PoolSlot | None,
-) -> Any:
     def call_in_thread() -> Any:
         try:
-            if ctx.slots.halt_reason is not None and not task.detached:
-                raise HeldBack(ctx.slots.halt_reason)  # it got a thread only after the halt
+            held_back = ctx.held_back(task)
+            if held_back is not None:
+                raise HeldBack(held_back)  # the run or the mapping stopped as it got a thread
             return refuse_coroutine(task.name, task.fn(**kwargs))  # closed even if abandoned
         finally:
             if slot is not None:
                 slot.thread_returned()
 
-    def report_abandoned() -> None:
-        ctx.emit(ThreadAbandoned(task.name, index, ctx.total, time.monotonic(), attempt))
+    report_abandoned = _abandoned(task, index, ctx, attempt)
 
     def abandoned_here() -> None:
         if slot is not None:
             slot.abandon()  # the thread keeps its pool slot until the function returns
         report_abandoned()
 
-    if task.local or ctx.runner is None:
-        return await ctx.slots.run(call_in_thread, abandoned_here)
-    return await ctx.runner.run(task, kwargs, report_abandoned)
+    reserved = await ctx.slots.reserve(call_in_thread)
+    try:
+        held_back = ctx.held_back(task)
+        if held_back is not None:
+            raise HeldBack(held_back)  # fail_fast stopped the run while it waited
+        ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
+    except BaseException:  # held back, or an event observer raised KeyboardInterrupt
+        ctx.slots.release(reserved)
+        raise
+    return ctx.slots.call(reserved, abandoned_here)
+
+
+def _abandoned(task: TaskDef[..., Any], index: int, ctx: StepContext, attempt: int) -> Callable[[], None]:
+    """What reports that a sync body of ``task`` was abandoned after a timeout or cancellation."""
+
+    def report() -> None:
+        ctx.emit(ThreadAbandoned(task.name, index, ctx.total, time.monotonic(), attempt))
+
+    return report
 
 
 def refuse_coroutine(name: str, value: Any) -> Any:

@@ -15,6 +15,7 @@ instance starts; the unstarted ones are SKIPPED.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -128,13 +129,15 @@ class _FanOut:
         self.source = task.map_over
         self.index = index
         self.kwargs = kwargs
-        self.ctx = ctx
+        # Its instances' bodies waiting for a thread or a pool check the mapping's own stop too.
+        self.ctx = dataclasses.replace(ctx, mapping_stopped=self._stopped_by_failure)
         self.journal = ctx.cache.journal if ctx.cache is not None else None
         self.fail_fast = fail_fast
         self.halted = halted
         self.slot_values = task_slot_values(task)
         self.results: list[StepResult | None] = []
         self.failed = False
+        self._culprit: str | None = None  # the first instance that FAILED
         # Instances run one by one: their elements, their runners, the bound on how
         # many are in progress (None: no bound).
         self._items: list[Any] = []
@@ -257,17 +260,15 @@ class _FanOut:
     def _stopping(self) -> bool:
         return self._interrupt is not None or self.halted() or (self.fail_fast and self.failed)
 
+    def _stopped_by_failure(self) -> str | None:
+        """Why no more instances may start, once one FAILED under fail_fast; else None."""
+        if self.fail_fast and self._culprit is not None:
+            return f"fail_fast stopped the mapping after {self._culprit!r} failed"
+        return None
+
     def _skip_from(self, first: int) -> None:
-        culprit = next(
-            (r.name for r in self.results if r is not None and r.state is StepState.FAILED),
-            None,
-        )
-        if culprit is not None:
-            reason = f"not started: fail_fast stopped the mapping after {culprit!r} failed"
-        elif self.ctx.slots.halt_reason is not None:
-            reason = f"not started: {self.ctx.slots.halt_reason}"
-        else:
-            reason = "not started: the run stopped"
+        why = self._stopped_by_failure() or self.ctx.slots.halt_reason or "the run stopped"
+        reason = f"not started: {why}"
         for k in range(first, len(self.results)):
             name = self._instance_name(k)
             detached = self.task.detached
@@ -277,6 +278,7 @@ class _FanOut:
         self.results[k] = result
         if result.state is StepState.FAILED:
             self.failed = True
+            self._culprit = self._culprit or result.name
         self.ctx.emit(
             make_instance_finished(result.name, self.index, self.ctx.total, time.monotonic(), k, result)
         )

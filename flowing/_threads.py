@@ -107,11 +107,26 @@ class ThreadSlots:
         thread keeps its token until the function returns, and the cancellation
         propagates.
         """
-        call = _Call(fn, self._returned.put)
+        return await self.call(await self.reserve(fn, batch=batch), on_abandon)
+
+    async def reserve(self, fn: Callable[[], Any], *, batch: bool = False) -> ThreadCall:
+        """A call of ``fn`` that holds a thread token, once one is free.
+
+        Pass it to ``call``, or give its token back with ``release``.
+        """
+        call = ThreadCall(fn, self._returned.put)
         try:  # a free token costs no trip through the event loop
             self.limiter.acquire_on_behalf_of_nowait(call)
         except anyio.WouldBlock:
             await self._wait_for_token(call, batch)
+        return call
+
+    def release(self, call: ThreadCall) -> None:
+        """Give back the token of a reserved call that will not be made."""
+        self.limiter.release_on_behalf_of(call)
+
+    async def call(self, call: ThreadCall, on_abandon: Callable[[], None]) -> Any:
+        """Return the reserved call's result, made in a worker thread (see ``run``)."""
         try:
             if self.workers is not None:
                 call.wakeup = self.workers.loop.create_future()
@@ -133,7 +148,7 @@ class ThreadSlots:
         self.limiter.release_on_behalf_of(call)
         return call.outcome()
 
-    async def _wait_for_token(self, call: _Call, batch: bool) -> None:
+    async def _wait_for_token(self, call: ThreadCall, batch: bool) -> None:
         if batch:
             self.batches_waiting += 1
         else:
@@ -146,7 +161,7 @@ class ThreadSlots:
             else:
                 self.waiting -= 1
 
-    def _reported(self, calls: list[_Call]) -> None:
+    def _reported(self, calls: list[ThreadCall]) -> None:
         if self.workers is not None:
             self.workers.done(len(calls))
         for call in calls:
@@ -172,7 +187,7 @@ def thread_context() -> contextvars.Context:
 _STARTING = threading.Lock()  # makes "abandoned before it started" one step for both sides
 
 
-class _Call:
+class ThreadCall:
     """One sync call; ``started`` and ``returned`` are set by its thread, everything
     else on the event loop. A call abandoned before its thread starts it never runs
     (its token is given back at once): whether the thread could not be started, or
@@ -183,7 +198,7 @@ class _Call:
         "started", "returned", "abandoned",
     )
 
-    def __init__(self, fn: Callable[[], Any], report: Callable[[_Call], object]) -> None:
+    def __init__(self, fn: Callable[[], Any], report: Callable[[ThreadCall], object]) -> None:
         self.fn = fn
         self.context = thread_context()
         self.report = report  # from the thread, once the function returned

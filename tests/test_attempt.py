@@ -11,9 +11,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from flowing import Flow, StepState, TaskFinished, task
+from flowing import Event, Flow, StepState, TaskFinished, TaskRetrying, TaskStarted, task
 
 pytestmark = pytest.mark.anyio
+WAIT_S = 10  # a generous bound: only reached when something is broken
 
 
 @task
@@ -286,6 +287,30 @@ async def test_an_abandoned_sync_body_keeps_its_worker_slot_until_it_returns(
     assert results["next_in_line"].succeeded
     assert seen_release_when_next_ran == [True]
     assert "abandoned" in caplog.text
+
+
+async def test_a_retry_waiting_for_a_worker_thread_is_not_timed_until_it_has_one() -> None:
+    """The first attempt times out and its body keeps the only thread; the retry
+    waits for that thread far longer than timeout_s, then runs and succeeds."""
+    release = threading.Event()
+    calls: list[int] = []
+    events: list[Event] = []
+
+    @task(timeout_s=0.05, retry=2, retry_backoff_base_ms=0)
+    def fetch() -> str:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            release.wait(WAIT_S)  # hangs until well after the retry's timeout would be over
+        return "ok"
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, TaskRetrying):
+            threading.Timer(0.5, release.set).start()
+
+    results = await Flow(fetch, max_workers=1, on_event=on_event).arun()
+    assert (results["fetch"].state, results["fetch"].attempts, len(calls)) == (StepState.SUCCEEDED, 2, 2)
+    assert [e.attempt for e in events if isinstance(e, TaskStarted)] == [1, 2]
 
 
 async def test_a_sync_task_returning_a_coroutine_fails_with_a_clear_error() -> None:

@@ -204,8 +204,8 @@ async def test_a_failed_instance_fails_the_step_and_without_fail_fast_the_others
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "task_options,flow_options",
-    [({"max_concurrency": 1}, {}), ({}, {"max_workers": 1})],
-    ids=["one-by-one", "in-batches"],
+    [({"max_concurrency": 1}, {}), ({}, {"max_workers": 1}), ({"timeout_s": 30}, {"max_workers": 1})],
+    ids=["one-by-one", "in-batches", "waiting-for-a-thread"],
 )
 async def test_under_fail_fast_no_instance_starts_after_one_failed(
     task_options: dict[str, Any], flow_options: dict[str, Any]
