@@ -100,6 +100,7 @@ class Flow:
             from ._otel import SpanRecorder
 
             self._events.add(SpanRecorder(), "OpenTelemetry spans")
+        _check_flag("journal_fsync", journal_fsync, FlowDefinitionError)
         chosen = resolve_serializer(serializer)
         self._journal: Journal | None = None
         if journal_path is not None:

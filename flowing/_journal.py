@@ -69,8 +69,6 @@ class Journal:
     """The journal file of one Flow, with its serializer and durability setting."""
 
     def __init__(self, path: str | os.PathLike[str], serializer: Serializer, fsync: bool) -> None:
-        if not isinstance(fsync, bool):
-            raise FlowDefinitionError(f"journal_fsync must be True or False, got {fsync!r}")
         self.path = _check_path(path)
         self.serializer = serializer
         self.fsync = fsync

@@ -691,10 +691,14 @@ def test_compacting_a_missing_journal_says_so(tmp_path: Path) -> None:
             {"journal_path": "j.jsonl", "journal_fsync": "false"},
             "journal_fsync must be True or False, got 'false'",
         ),
+        ({"journal_fsync": 1}, "journal_fsync must be True or False, got 1"),
         ({"journal_path": "j.jsonl", "serializer": "yaml"}, "serializer must be 'pickle', 'json'"),
         ({"serializer": "yaml"}, "serializer must be 'pickle', 'json'"),
     ],
-    ids=["int-path", "empty-path", "bytes-path", "fsync-str", "serializer", "serializer-without-journal"],
+    ids=[
+        "int-path", "empty-path", "bytes-path", "fsync-str", "fsync-without-journal",
+        "serializer", "serializer-without-journal",
+    ],
 )
 def test_bad_journal_options_are_refused_before_anything_runs(
     options: dict[str, Any], message: str
