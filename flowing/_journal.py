@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from ._exceptions import FlowDefinitionError, InvalidJournalError, InvalidKeepError
+from ._exceptions import InvalidJournalError, InvalidKeepError
 from ._graph import Graph
 from ._keys import KEY_VERSION, compute_step_key
 from ._log import logger
