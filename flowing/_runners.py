@@ -63,10 +63,13 @@ async def open_runners() -> AsyncIterator[Runners]:
         with scope:
             try:
                 yield runners
-            except BaseException:
+            except BaseException as exc:
                 runners.cancel()
                 with anyio.CancelScope(shield=True):
                     await runners.all_done()
+                if runners.error is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                    # Both, as a task group raises them: neither hides the other.
+                    raise BaseExceptionGroup("open_runners", [exc, runners.error]) from None
                 raise
             await runners.all_done()
     except anyio.get_cancelled_exc_class():

@@ -6,10 +6,14 @@ import sys
 import types
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from flowing import _runners
 from flowing._runners import open_runners
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -194,6 +198,24 @@ async def test_an_exception_a_runner_lets_out_is_raised_from_the_block() -> None
             runners.start_soon(broken, 1, "broken")
 
     assert "bug in runner 1" in repr(raised.value)
+
+
+async def test_an_exception_a_runner_lets_out_and_the_blocks_own_are_both_raised() -> None:
+    failing = anyio.Event()
+
+    async def broken(i: int) -> None:
+        failing.set()
+        raise LookupError("bug in a runner")
+
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with open_runners() as runners:
+            runners.start_soon(broken, 1, "broken")
+            with anyio.CancelScope(shield=True):  # the block goes on after the runner failed
+                await failing.wait()
+                await anyio.lowlevel.checkpoint()
+            raise ValueError("bug in the block")
+
+    assert sorted(type(e).__name__ for e in raised.value.exceptions) == ["LookupError", "ValueError"]
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
