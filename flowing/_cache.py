@@ -24,7 +24,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -197,13 +197,34 @@ class ResultCache:
     when the Flow has one, the journal (across processes)."""
 
     def __init__(
-        self, memory: MutableMapping[str, Any], journal: JournalRun | None = None
+        self,
+        memory: MutableMapping[str, Any],
+        journal: JournalRun | None = None,
+        tasks: Iterable[TaskDef[..., Any]] = (),
     ) -> None:
         self.memory = memory
         self.journal = journal
         self._told: set[str] = set()  # tasks already warned about a missing key
         # Code keys by task (a mapped task's instances share their task's entry).
         self._code_keys: dict[TaskDef[..., Any], str] = {}
+        # The run's cached tasks that share their code key with another: they differ
+        # only in what the key leaves out (a captured object), so neither is cached.
+        self._clashes = self._clashing([t for t in tasks if t.cache])
+
+    def _clashing(self, tasks: list[TaskDef[..., Any]]) -> dict[TaskDef[..., Any], str]:
+        """Each of ``tasks`` whose code key another one shares, with that one's name."""
+        first: dict[str, TaskDef[..., Any]] = {}
+        clashes: dict[TaskDef[..., Any], str] = {}
+        for task in tasks:
+            try:
+                key = self._code_keys[task] = code_key(task)
+            except Exception:  # no fingerprint: it runs uncached, and is told so then
+                continue
+            other = first.setdefault(key, task)
+            if other is not task:
+                clashes[task] = other.name
+                clashes.setdefault(other, task.name)
+        return clashes
 
     async def run(
         self,
@@ -216,6 +237,10 @@ class ResultCache:
         Without a key (an input without a stable encoding, code without a fingerprint)
         the task simply runs, and nothing is stored.
         """
+        other = self._clashes.get(getattr(task, "of", task))
+        if other is not None:
+            self._tell(task, _Clash(other))
+            return await attempts()
         try:
             try:
                 key = self._key(task, kwargs, _Budget(INLINE_BUDGET))
@@ -263,6 +288,15 @@ class ResultCache:
         self.memory[key] = result.value
         if self.journal is not None:
             await self.journal.save(key, result)
+
+
+class _Clash(Exception):
+    def __init__(self, other: str) -> None:
+        super().__init__(
+            f"its code has the same key as task {other!r}'s; if they differ only in "
+            f"something the key leaves out, such as a captured object or a global, one "
+            f"would be served the other's results, so neither is cached"
+        )
 
 
 def _hit(task: TaskDef[..., Any], value: Any) -> StepResult:

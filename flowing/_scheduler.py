@@ -129,7 +129,7 @@ class Scheduler:
                     len(self.graph),
                     Limits(self.pools),
                     runner=runner,
-                    cache=ResultCache(self.cache, self.journal),
+                    cache=ResultCache(self.cache, self.journal, self.graph.tasks),
                 )
                 # Lane bodies start without a checkpoint: none starts in a cancelled run.
                 await anyio.lowlevel.checkpoint_if_cancelled()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections import OrderedDict, namedtuple
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowing import Flow, InvalidTaskError, StepState, task
+from flowing import Flow, InvalidTaskError, StepState, TaskDef, task
 from flowing._cache import INLINE_BUDGET, Unencodable, _Budget, _OverBudget, value_digest
 
 
@@ -420,3 +421,28 @@ def test_a_fresh_run_forgets_cached_inputs_too() -> None:
     results = flow.run(fresh=True)
     assert calls == [1, 1]
     assert not results["expensive"].cached
+
+
+@pytest.mark.anyio
+async def test_cached_tasks_differing_only_in_a_captured_object_are_not_cached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Their code keys are equal (a builtin is captured opaquely): one must never be
+    served the other's result."""
+
+    @task
+    def data() -> list[int]:
+        return [1, 2, 3]
+
+    def aggregate(name: str, pick: Callable[[list[int]], int]) -> TaskDef[..., int]:
+        @task(name=name, depends_on=[data], cache=True)
+        def agg(data: list[int]) -> int:
+            return pick(data)
+
+        return agg
+
+    flow = Flow(aggregate("lo", min), aggregate("hi", max))
+    await flow.arun()
+    results = await flow.arun()
+    assert [(results[n].value, results[n].cached) for n in ("lo", "hi")] == [(1, False), (3, False)]
+    assert "task 'hi' runs uncached: its code has the same key as task 'lo'" in caplog.text
