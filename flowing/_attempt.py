@@ -38,6 +38,8 @@ class StepContext:
     runner: BodyRunner | None = None  # the run's executor; None: sync bodies use ``slots``
     # Why no more bodies of a mapped step may start (fail_fast), None while they may.
     mapping_stopped: Callable[[], str | None] | None = None
+    # The iterators mapped steps have consumed in this run, by id, with the step's name.
+    consumed_iterators: dict[int, str] = field(default_factory=dict)
 
     def held_back(self, task: TaskDef[..., Any]) -> str | None:
         """Why a body of ``task`` that has not started must not start now; None: it may.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import math
 import time
 from collections import Counter
@@ -99,7 +100,7 @@ async def run_mapped(
     # The step's own start (one attempt: its instances retry each on their own).
     ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
     try:
-        items = _elements(task, task.map_over, kwargs[task.map_over])
+        items = _elements(task, task.map_over, kwargs[task.map_over], ctx.consumed_iterators)
     except Exception as error:
         reason = f"cannot map over {task.map_over!r}"
         return step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
@@ -345,7 +346,9 @@ def _key(text: str) -> str:
     return hashlib.sha256(f"flowing-instance/{text}".encode()).hexdigest()
 
 
-def _elements(task: TaskDef[..., Any], source: str, value: Any) -> list[Any]:
+def _elements(
+    task: TaskDef[..., Any], source: str, value: Any, consumed: dict[int, str]
+) -> list[Any]:
     if isinstance(value, (str, bytes, bytearray)):
         raise MapOverError(
             task.name,
@@ -363,4 +366,23 @@ def _elements(task: TaskDef[..., Any], source: str, value: Any) -> list[Any]:
             value,
             f"it is not iterable; return a list (or any iterable) from {source!r}",
         ) from None
+    if iterator is value:  # an iterator yields its elements once
+        _check_unspent(task, source, value, consumed)
     return list(iterator)
+
+
+def _check_unspent(
+    task: TaskDef[..., Any], source: str, iterator: Any, consumed: dict[int, str]
+) -> None:
+    """Refuse an iterator that another mapped step of this run consumed, or a generator
+    already iterated (in an earlier run, kept by ``resume()``): it would map to nothing."""
+    first = consumed.setdefault(id(iterator), task.name)
+    if first != task.name:
+        why = f"it is an iterator that {first!r} already consumed in this run"
+    elif inspect.isgenerator(iterator) and inspect.getgeneratorstate(iterator) != "GEN_CREATED":
+        why = "it is a generator that was already iterated (in an earlier run, kept by resume())"
+    else:
+        return
+    raise MapOverError(
+        task.name, source, iterator, f"{why}; return a list from {source!r} to map over it again"
+    )

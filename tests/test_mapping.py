@@ -323,6 +323,43 @@ async def test_a_value_that_cannot_be_mapped_fails_the_step_with_a_clear_error(
 
 
 @pytest.mark.anyio
+async def test_a_second_mapping_over_one_iterator_fails_naming_the_step_that_consumed_it() -> None:
+    items = _source(iter([1, 2]))
+
+    @task(depends_on=[items], map_over="items")
+    def first(items: int) -> int:
+        return items
+
+    @task(depends_on=[first, items], map_over="items")
+    def second(first: list[int], items: int) -> int:
+        return items
+
+    results = await Flow(second, fail_fast=False).arun()
+    assert results["first"].value == [1, 2]
+    assert results["second"].state is StepState.FAILED
+    assert "it is an iterator that 'first' already consumed in this run" in str(results["second"].error)
+
+
+@pytest.mark.anyio
+async def test_a_generator_spent_in_an_earlier_run_fails_the_resumed_mapping() -> None:
+    items = _source(x for x in [1, 2, 3])
+    broken = [True]
+
+    @task(depends_on=[items], map_over="items")
+    def use(items: int) -> int:
+        if broken[0]:
+            raise ValueError("not yet")
+        return items
+
+    flow = Flow(use)
+    await flow.arun()
+    broken[0] = False
+    results = await flow.aresume()
+    assert results["use"].state is StepState.FAILED
+    assert "a generator that was already iterated" in str(results["use"].error)
+
+
+@pytest.mark.anyio
 async def test_an_iterable_that_raises_while_listed_fails_the_step_with_its_error() -> None:
     def broken() -> Iterator[int]:
         yield 1
