@@ -218,6 +218,9 @@ async def _attempts(
     error: Exception | None = None
     for attempt in range(1, max_attempts + 1):
         try:
+            held_back = ctx.held_back(task) if attempt > 1 else None
+            if held_back is not None:
+                raise HeldBack(held_back)  # fail_fast stopped the run during the backoff
             call = _call_with_timeout if task.pool is None else _call_in_pool
             value = await call(task, index, kwargs, ctx, attempt, max_attempts)
         except HeldBack as held:  # fail_fast stopped the run before this body started

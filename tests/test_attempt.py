@@ -326,7 +326,8 @@ async def test_a_sync_task_returning_a_coroutine_fails_with_a_clear_error() -> N
     assert "task 'mistaken' returned an un-awaited coroutine" in str(results["mistaken"].error)
 
 
-async def test_fail_fast_holds_back_a_retry_and_the_earlier_attempt_stands() -> None:
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_fail_fast_holds_back_a_retry_and_the_earlier_attempt_stands(is_async: bool) -> None:
     first_attempt_done, boom_failed = anyio.Event(), anyio.Event()
     calls: list[int] = []
 
@@ -335,10 +336,20 @@ async def test_fail_fast_holds_back_a_retry_and_the_earlier_attempt_stands() -> 
         await boom_failed.wait()
         return False
 
-    @task(retry=2, retry_until=rejects_after_boom, retry_backoff_base_ms=0)
-    def flaky() -> int:
+    def body() -> int:
         calls.append(1)
         return len(calls)
+
+    async def async_body() -> int:
+        return body()
+
+    flaky = task(
+        async_body if is_async else body,
+        name="flaky",
+        retry=2,
+        retry_until=rejects_after_boom,
+        retry_backoff_base_ms=0,
+    )
 
     @task
     async def boom() -> None:
