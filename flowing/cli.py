@@ -10,10 +10,10 @@ The pools a file's tasks name with ``pool=`` come from the file's module-level
 ``POOLS`` dict (the ``Flow(pools=...)`` argument), with ``--pool NAME=SIZE`` setting a
 pool's size on top; drawing the graph needs no pools.
 
-Exit status: 0 when every task succeeded (or was skipped by its ``when=``), 1 when
-a task failed or was cancelled, 2 for bad input (one line on stderr, no traceback
-unless ``--debug``), including a ``--timeline`` file that could not be written after
-a run whose tasks all succeeded, 130 when interrupted.
+Exit status: 0 when every task succeeded or was skipped by a ``when=`` gate (its own
+or an upstream task's), 1 when a task failed or was cancelled, 2 for bad input (one
+line on stderr, no traceback unless ``--debug``), including a ``--timeline`` file that
+could not be written after a run whose tasks all succeeded, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run the tasks, with live progress",
         epilog="pools: the tasks' pool= names are defined by a module-level POOLS dict in "
         "the file, e.g. POOLS = {'api': 4}; --pool sets a size on top. "
-        "exit status: 0 all succeeded, 1 a task failed or was cancelled, "
+        "exit status: 0 every task succeeded or was skipped by a when= gate (its own or an "
+        "upstream task's), 1 a task failed (or was skipped because of a failure, or cancelled), "
         "2 bad input (or an unwritable --timeline after a run that succeeded), 130 interrupted",
     )
     run.add_argument("--max-workers", type=_positive_int, default=5, metavar="N",

@@ -147,6 +147,47 @@ def test_a_failed_task_exits_1_and_shows_in_the_summary(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[-1].startswith("FAILED: 1 failed in ")
 
 
+EXIT_STATUSES = {
+    "all-succeeded": ("@task\ndef a(): return 1\n", 0),
+    "skipped-by-its-own-when": ("@task(when=lambda: False)\ndef a(): return 1\n", 0),
+    "skipped-below-a-when": (
+        "@task(when=lambda: False)\ndef a(): return 1\n@task(depends_on=[a])\ndef b(a): return a\n",
+        0,
+    ),
+    "skipped-below-a-failure": (
+        "@task\ndef a(): raise ValueError('no')\n@task(depends_on=[a])\ndef b(a): return a\n",
+        1,
+    ),
+    "detached-failed": (
+        "@task\ndef a(): return 1\n@task(depends_on=[a], detached=True)\ndef b(a): raise ValueError('no')\n",
+        1,
+    ),
+}
+
+
+@pytest.mark.parametrize("source,status", EXIT_STATUSES.values(), ids=EXIT_STATUSES.keys())
+def test_the_exit_status_is_0_unless_a_task_failed_or_was_cancelled(
+    tmp_path: Path, source: str, status: int
+) -> None:
+    done = flowing("run", str(write(tmp_path, "from flowing import task\n" + source)), "--quiet")
+    assert (done.returncode, done.stderr) == (status, "")
+
+
+def test_run_help_gives_the_exit_statuses_as_the_readme_does() -> None:
+    done = flowing("run", "--help")
+    shown = " ".join(done.stdout.split())
+    assert done.returncode == 0
+    assert (
+        "exit status: 0 every task succeeded or was skipped by a when= gate (its own or an "
+        "upstream task's), 1 a task failed (or was skipped because of a failure, or cancelled), "
+        "2 bad input (or an unwritable --timeline after a run that succeeded), 130 interrupted"
+    ) in shown
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert (
+        "| 0 | every task succeeded or was skipped by a `when=` gate (its own or an upstream task's) |"
+    ) in readme
+
+
 def test_quiet_prints_nothing_and_still_sets_the_status(tmp_path: Path) -> None:
     done = flowing("run", str(write(tmp_path, PIPELINE)), "--quiet", "--no-fail-fast", "--max-workers", "2")
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
