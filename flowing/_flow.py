@@ -292,7 +292,7 @@ class Flow:
                 cache=self._cache,
             )
             with showing_progress(self._events, progress):
-                async with self._events.delivering():
+                async with self._events.delivering(timeout_s):
                     with anyio.move_on_after(timeout_s) as deadline:
                         await scheduler.run()
             if deadline.cancelled_caught:

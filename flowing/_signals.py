@@ -17,14 +17,17 @@ so it winds down promptly instead of running to the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
+
+from ._threads import call_soon_threadsafe
 
 if TYPE_CHECKING:
     import socket
@@ -97,14 +100,14 @@ class CancellableRun(Generic[T]):
         # Invariant (under _lock): once `_cancelled` is set, the run's scope is
         # cancelled, by cancel() if `_schedule_cancel` was known, else on entry.
         self._cancelled = False
-        self._schedule_cancel: Callable[[], None] | None = None
+        self._schedule_cancel: Callable[[], object] | None = None
 
     async def __call__(self) -> T:
         with anyio.CancelScope() as scope:
             with self._lock:
                 if self._cancelled:
                     scope.cancel()
-                self._schedule_cancel = _threadsafe(scope.cancel)
+                self._schedule_cancel = functools.partial(call_soon_threadsafe(), scope.cancel)
             return await self._run()
         # The calling thread raises its own exception; nobody reads this one.
         raise RuntimeError("the run was cancelled by the thread that started it")
@@ -116,10 +119,3 @@ class CancellableRun(Generic[T]):
         if schedule_cancel is not None:
             with contextlib.suppress(RuntimeError):  # the run's loop has finished
                 schedule_cancel()
-
-
-def _threadsafe(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` scheduled on the running event loop, callable from any thread."""
-    native: Any = anyio.lowlevel.current_token().native_token  # asyncio loop or TrioToken
-    schedule = getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
-    return lambda: schedule(fn)

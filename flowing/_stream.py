@@ -9,9 +9,12 @@ logged, sync observers are called inline, an async ``on_event`` and every
 from __future__ import annotations
 
 import inspect
+import math
+import sys
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import anyio
@@ -24,6 +27,8 @@ OnEvent = Callable[[Event], Any]
 """An ``on_event`` callback: ``def f(event)`` or ``async def f(event)``."""
 
 DEFAULT_BUFFER = 10_000
+CATCH_UP_GRACE_S = 1.0
+"""How long an async ``on_event`` may catch up after a run that used up its timeout_s."""
 
 
 class EventStream:
@@ -32,7 +37,8 @@ class EventStream:
     At most ``buffer`` events wait for the consumer. When a slow consumer lets the
     buffer fill up, each new event discards the oldest waiting one and increments
     ``dropped``: the run never waits, memory stays bounded, and the final
-    FlowFinished is always delivered. Iterate it in the event loop that runs the flow.
+    FlowFinished is always delivered. The consumer may iterate it in another
+    thread's event loop than the run's: it is woken there.
     """
 
     def __init__(self, buffer: int = DEFAULT_BUFFER) -> None:
@@ -41,9 +47,13 @@ class EventStream:
         self.dropped = 0
         # Invariant: `_finished` is True once FlowFinished is in `_buffer` (or was
         # consumed) or the stream was closed; then nothing more is appended.
-        self._buffer: deque[Event] = deque(maxlen=buffer)
+        self.buffer = min(buffer, sys.maxsize)  # a larger one is no bound either
+        self._buffer: deque[Event] = deque(maxlen=self.buffer)
         self._finished = False
+        # The consumer's wait, its thread, and how to wake it from another thread.
         self._wakeup: anyio.Event | None = None
+        self._consumer_thread: int | None = None
+        self._call_soon: Callable[[Callable[[], None]], object] | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,19 +64,28 @@ class EventStream:
         """Buffer ``event`` for the consumer, discarding the oldest one when full."""
         if self._finished:
             return
-        if len(self._buffer) == self._buffer.maxlen:
+        if len(self._buffer) == self.buffer:
             self.dropped += 1
         self._buffer.append(event)
         if isinstance(event, FlowFinished):
             self._finished = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wake()
 
     def close(self) -> None:
         """Stop receiving events; the consumer still gets those already buffered."""
         self._finished = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the consumer if it waits, in its own event loop's thread."""
+        wakeup = self._wakeup
+        if wakeup is None or wakeup.is_set():
+            return
+        if self._consumer_thread == threading.get_ident():
+            wakeup.set()
+        elif self._call_soon is not None:
+            with suppress(RuntimeError):  # the consumer's loop is gone
+                self._call_soon(wakeup.set)
 
     def __aiter__(self) -> EventStream:
         return self
@@ -75,8 +94,16 @@ class EventStream:
         while not self._buffer:
             if self._finished:
                 raise StopAsyncIteration
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
+            if self._call_soon is None:
+                from ._threads import call_soon_threadsafe
+
+                self._consumer_thread = threading.get_ident()
+                self._call_soon = call_soon_threadsafe()
+            wakeup = self._wakeup = anyio.Event()
+            # Set first, checked second (push does the reverse): an event pushed from
+            # another thread meanwhile is seen here, or its push sees this wait.
+            if not (self._buffer or self._finished):
+                await wakeup.wait()
         return self._buffer.popleft()
 
     async def aclose(self) -> None:
@@ -136,17 +163,22 @@ class Broadcaster:
             self._listeners.remove(added)
 
     @asynccontextmanager
-    async def delivering(self) -> AsyncIterator[None]:
+    async def delivering(self, timeout_s: float | None = None) -> AsyncIterator[None]:
         """Run an async ``on_event`` beside the block; on exit, let it catch up.
 
         The callback reads its own bounded stream, so the run never waits for it.
-        An exception from the block cancels the delivery and propagates unchanged.
+        With the run's ``timeout_s``, the catch-up ends by that deadline, or
+        ``CATCH_UP_GRACE_S`` after the block if that is later (so that the callback
+        of a timed-out run still sees its end). An exception from the block cancels
+        the delivery and propagates unchanged.
         """
         callback = self._async_callback
         if callback is None:
             yield
             return
+        deadline = anyio.current_time() + timeout_s if timeout_s is not None else math.inf
         stream = self.subscribe()
+        caught_up = anyio.Event()
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
 
@@ -155,7 +187,8 @@ class Broadcaster:
                 error = error or exc
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(_deliver, stream, _Guarded(callback, "async on_event callback"), stop)
+            guarded = _Guarded(callback, "async on_event callback")
+            tg.start_soon(_deliver, stream, guarded, stop, caught_up)
             try:
                 yield
             except anyio.get_cancelled_exc_class():
@@ -164,12 +197,36 @@ class Broadcaster:
                 stop(exc)
             finally:
                 stream.close()
+            limit = max(deadline - anyio.current_time(), CATCH_UP_GRACE_S)
+            with anyio.move_on_after(limit):
+                await caught_up.wait()
+            if not caught_up.is_set():
+                tg.cancel_scope.cancel()
+                logger.warning(
+                    "async on_event callback %r was cancelled: it had not caught up with "
+                    "the run by its timeout_s=%g (+%g s)",
+                    callback,
+                    timeout_s,
+                    CATCH_UP_GRACE_S,
+                )
+        if stream.dropped:
+            logger.warning(
+                "async on_event callback %r fell behind: %d event(s) of the run were "
+                "dropped (at most %d wait for it; iterate flow.events(buffer=...) instead "
+                "to keep more)",
+                callback,
+                stream.dropped,
+                stream.buffer,
+            )
         if error is not None:
             raise error
 
 
 async def _deliver(
-    stream: EventStream, callback: _Guarded, stop: Callable[[BaseException], None]
+    stream: EventStream,
+    callback: _Guarded,
+    stop: Callable[[BaseException], None],
+    caught_up: anyio.Event,
 ) -> None:
     """Feed ``callback``; a KeyboardInterrupt or SystemExit from it stops the run.
 
@@ -182,6 +239,8 @@ async def _deliver(
         raise
     except BaseException as exc:
         stop(exc)
+    finally:
+        caught_up.set()
 
 
 class _Guarded:

@@ -74,7 +74,7 @@ class ThreadSlots:
         # close(): idle threads end now, busy ones when their call returns; idempotent.
         self.close: Callable[[], None] = lambda: None
         # How a worker thread has a callback run on the loop, in the run's context.
-        self.call_soon = _call_soon_threadsafe()
+        self.call_soon = call_soon_threadsafe()
         self._returned = LoopInbox(self.call_soon, self._reported)
         loop = running_asyncio_loop()
         if loop is not None and _FAST_PATH:
@@ -325,7 +325,7 @@ class Workers:
             del job  # not kept alive while the thread waits for the next one
 
 
-def _call_soon_threadsafe() -> Callable[[Callable[[], None]], object]:
+def call_soon_threadsafe() -> Callable[[Callable[[], None]], object]:
     """How another thread schedules a callback on the running event loop, asyncio or trio.
 
     On asyncio the callback runs in a copy of the current context, not the calling

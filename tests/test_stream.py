@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from flowing import (
@@ -23,6 +25,7 @@ from flowing import (
     TaskStarted,
     task,
 )
+from flowing._stream import Broadcaster
 
 
 def describe(event: Event) -> tuple[Any, ...]:
@@ -250,6 +253,10 @@ def test_a_bad_buffer_size_is_refused(bad: Any) -> None:
         EventStream(bad)
 
 
+def test_a_buffer_beyond_any_size_is_no_bound() -> None:
+    assert EventStream(10**30).buffer == sys.maxsize
+
+
 def test_a_non_callable_on_event_is_refused() -> None:
     @task
     def only() -> None: ...
@@ -297,3 +304,54 @@ async def test_a_run_cancelled_while_its_journal_opens_still_ends_its_event_stre
         ("flow finished", 0, 0, 0),
     ]
     assert {r.state for r in flow.results.values()} == {StepState.CANCELLED}
+
+
+@pytest.mark.anyio
+async def test_an_async_callback_that_never_catches_up_is_cancelled_at_the_runs_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def stuck(event: Event) -> None:
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):  # a generous bound: without the deadline it would hang
+        results = await build_chain(stuck).arun(timeout_s=0.2)
+    assert [r.state for r in results.values()] == [StepState.SUCCEEDED] * 2
+    assert "was cancelled: it had not caught up with the run by its timeout_s=0.2" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_an_async_callback_that_fell_behind_is_told_how_many_events_it_missed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = anyio.Event()
+    seen: list[Event] = []
+
+    async def slow(event: Event) -> None:
+        await release.wait()
+        seen.append(event)
+
+    events = Broadcaster(slow, buffer=2)
+    async with events.delivering():
+        for event in [FlowStarted(3, 3, 0.0)] * 4 + [FlowFinished(3, {}, 0.0, 0.0)]:
+            events.emit(event)
+        release.set()
+    assert [type(e) for e in seen] == [FlowStarted, FlowFinished]  # the last two
+    assert "fell behind: 3 event(s) of the run were dropped (at most 2 wait for it" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_events_can_be_iterated_in_another_threads_event_loop(anyio_backend: str) -> None:
+    flow = build_chain()
+    stream = flow.events()
+    seen: list[Event] = []
+
+    async def consume() -> None:
+        async for event in stream:
+            seen.append(event)
+
+    consumer = threading.Thread(target=anyio.run, args=(consume,), kwargs={"backend": anyio_backend})
+    consumer.start()
+    results = await flow.arun()
+    await anyio.to_thread.run_sync(consumer.join, 10)
+    assert not consumer.is_alive()
+    assert len(results) == 2 and [describe(e) for e in seen] == CHAIN
