@@ -40,6 +40,9 @@ class StepContext:
     mapping_stopped: Callable[[], str | None] | None = None
     # The iterators mapped steps have consumed in this run, by id, with the step's name.
     consumed_iterators: dict[int, str] = field(default_factory=dict)
+    # Each mapped step's instances in its latest run (a KeptInstances by step name),
+    # the Flow's: resume() keeps those that succeeded. None: not remembered.
+    kept_instances: dict[str, Any] | None = None
 
     def held_back(self, task: TaskDef[..., Any]) -> str | None:
         """Why a body of ``task`` that has not started must not start now; None: it may.

@@ -59,7 +59,7 @@ class InstanceBatches:
         self,
         task: TaskDef[..., Any],
         kwargs: dict[str, Any],
-        items: list[Any],
+        pending: list[tuple[int, Any]],
         ctx: StepContext,
         *,
         fail_fast: bool,
@@ -72,7 +72,7 @@ class InstanceBatches:
         self._task = task
         self._source = task.map_over
         self._kwargs = kwargs
-        self._queue: deque[tuple[int, Any]] = deque(enumerate(items))
+        self._queue: deque[tuple[int, Any]] = deque(pending)  # (element index, element)
         self._slots = ctx.slots
         self._fail_fast = fail_fast  # a failed instance stops the mapping
         self._stopping = stopping  # the fan-out stops: fail_fast, or the run stops

@@ -92,6 +92,8 @@ class Flow:
         self._results: dict[str, StepResult] = {}
         self._overrides: dict[str, StepResult] = {}
         self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
+        # Each mapped step's instances in the latest run: resume() keeps those that succeeded.
+        self._instances: dict[str, Any] = {}
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
@@ -167,7 +169,7 @@ class Flow:
     ) -> dict[str, StepResult]:
         """Async twin of :meth:`resume`."""
         kept = {name: r for name, r in self._results.items() if r.succeeded}
-        return await self._execute(kept, timeout_s, progress=progress)
+        return await self._execute(kept, timeout_s, progress=progress, resuming=True)
 
     @overload
     def override(self, task: TaskDef[..., Coroutine[Any, Any, T]], value: T) -> None: ...
@@ -256,6 +258,7 @@ class Flow:
         *,
         fresh: bool = False,
         progress: bool = False,
+        resuming: bool = False,
     ) -> dict[str, StepResult]:
         _check_timeout(timeout_s)
         _check_flag("fresh", fresh, ValueError)
@@ -269,6 +272,8 @@ class Flow:
             raise FlowAlreadyRunningError()
         try:
             self._results = kept
+            if not resuming:
+                self._instances.clear()  # a new run runs every instance again
             if fresh:
                 self._cache.clear()  # a fresh run replays nothing, cached inputs included
             journal = None
@@ -290,6 +295,7 @@ class Flow:
                 journal=journal,
                 executor=self.executor,
                 cache=self._cache,
+                kept_instances=self._instances,
             )
             with showing_progress(self._events, progress):
                 async with self._events.delivering(timeout_s):

@@ -105,8 +105,30 @@ async def run_mapped(
         reason = f"cannot map over {task.map_over!r}"
         return step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
     fan_out = _FanOut(task, index, kwargs, ctx, fail_fast, halted)
-    await fan_out.run(items)
+    try:
+        await fan_out.run(items)
+    finally:  # also when cancelled: what finished is kept for resume()
+        if ctx.kept_instances is not None:
+            ctx.kept_instances[task.name] = KeptInstances(kwargs, fan_out.results)
     return fan_out.outcome(started_at)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptInstances:
+    """A mapped step's inputs and its instances' results in its latest run, for
+    ``resume()``: given the very same input objects, its succeeded instances stand."""
+
+    inputs: dict[str, Any]
+    results: list[StepResult | None]
+
+    def succeeded_for(self, kwargs: dict[str, Any], count: int) -> dict[int, StepResult]:
+        """The succeeded instances, by element, if ``kwargs`` are the same objects."""
+        same = kwargs.keys() == self.inputs.keys() and all(
+            kwargs[name] is value for name, value in self.inputs.items()
+        )
+        if not same or count != len(self.results):
+            return {}
+        return {k: r for k, r in enumerate(self.results) if r is not None and r.succeeded}
 
 
 class _FanOut:
@@ -149,8 +171,9 @@ class _FanOut:
 
     async def run(self, items: list[Any]) -> None:
         self.results = [None] * len(items)
+        pending = self._keep_the_succeeded(len(items))
         if self._runs_in_batches():
-            await self._run_in_batches(items)
+            await self._run_in_batches([(k, items[k]) for k in pending])
             return
         window = launch_window(self.task, self.ctx)
         self._items = items
@@ -159,7 +182,7 @@ class _FanOut:
         # The scheduler's own kind of runners: far cheaper per instance than a task group.
         async with open_runners() as runners:
             self._runners = runners
-            for k in range(len(items)):
+            for k in pending:
                 if self._window is not None:
                     await self._window.acquire()
                 if self._stopping():
@@ -171,16 +194,25 @@ class _FanOut:
         if self._interrupt is not None:
             raise self._interrupt
 
+    def _keep_the_succeeded(self, count: int) -> list[int]:
+        """On ``resume()``: the instances that succeeded last time on the same inputs
+        stand (their InstanceFinished emitted again); returns the elements to run."""
+        kept = self.ctx.kept_instances.get(self.task.name) if self.ctx.kept_instances else None
+        succeeded = kept.succeeded_for(self.kwargs, count) if kept is not None else {}
+        for k, result in succeeded.items():
+            self._finish(k, result)
+        return [k for k in range(count) if k not in succeeded]
+
     def _runs_in_batches(self) -> bool:
         no_journal_nor_executor = self.journal is None and self.ctx.runner is None
         return no_journal_nor_executor and instances_wait_only_for_a_thread(self.task)
 
-    async def _run_in_batches(self, items: list[Any]) -> None:
+    async def _run_in_batches(self, pending: list[tuple[int, Any]]) -> None:
         """Plain sync instances: worker threads run them in batches (see ``_batches``)."""
         batches = InstanceBatches(
             self.task,
             self.kwargs,
-            items,
+            pending,
             self.ctx,
             fail_fast=self.fail_fast,
             stopping=self._stopping,
@@ -271,6 +303,8 @@ class _FanOut:
         why = self._stopped_by_failure() or self.ctx.slots.halt_reason or "the run stopped"
         reason = f"not started: {why}"
         for k in range(first, len(self.results)):
+            if self.results[k] is not None:
+                continue  # kept from the run before
             name = self._instance_name(k)
             detached = self.task.detached
             self._finish(k, make_result(name, StepState.SKIPPED, reason=reason, detached=detached))

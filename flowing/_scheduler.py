@@ -56,9 +56,11 @@ class Scheduler:
         journal: JournalRun | None = None,
         executor: Executor | None = None,
         cache: MutableMapping[str, Any] | None = None,
+        kept_instances: dict[str, Any] | None = None,
     ) -> None:
         self.graph = graph
         self.cache = {} if cache is None else cache  # @task(cache=True) results, by cache key
+        self.kept_instances = kept_instances  # mapped steps' latest instances (see StepContext)
         self.journal = journal
         self.executor = executor  # None: sync bodies run in this run's own threads
         self.fail_fast = fail_fast
@@ -130,6 +132,7 @@ class Scheduler:
                     Limits(self.pools),
                     runner=runner,
                     cache=ResultCache(self.cache, self.journal, self.graph.tasks),
+                    kept_instances=self.kept_instances,
                 )
                 # Lane bodies start without a checkpoint: none starts in a cancelled run.
                 await anyio.lowlevel.checkpoint_if_cancelled()

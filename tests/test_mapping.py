@@ -528,3 +528,56 @@ def test_an_element_without_a_stable_encoding_is_keyed_by_its_position_in_a_sequ
         assert None not in keys and keys[0] != keys[1]
     else:
         assert keys == [None, None]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "task_options", [{}, {"timeout_s": 30}, {"is_async": True}], ids=["in-batches", "one-by-one", "async"]
+)
+async def test_resume_runs_again_only_the_instances_that_did_not_succeed(
+    task_options: dict[str, Any],
+) -> None:
+    items = _source([0, 1, 2, 3])
+    calls: list[int] = []
+    broken = {1, 3}
+    is_async = task_options.pop("is_async", False)
+
+    def body(items: int) -> int:
+        calls.append(items)
+        if items in broken:
+            raise ValueError(items)
+        return items * 10
+
+    async def async_body(items: int) -> int:
+        return body(items)
+
+    fn = async_body if is_async else body
+    mapped = task(fn, name="mapped", depends_on=[items], map_over="items", **task_options)
+    flow = Flow(mapped, fail_fast=False)
+    assert (await flow.arun())["mapped"].state is StepState.FAILED
+    broken.clear()
+    calls.clear()
+    async with anyio.create_task_group() as tg:
+        stream = flow.events()
+        tg.start_soon(flow.aresume)
+        events = [e async for e in stream]
+    assert flow.value(mapped) == [0, 10, 20, 30]
+    assert sorted(calls) == [1, 3]
+    finished = sorted(e.item for e in events if isinstance(e, InstanceFinished))
+    assert finished == [0, 1, 2, 3]  # the kept ones are reported again
+
+
+@pytest.mark.anyio
+async def test_a_new_run_runs_every_instance_again() -> None:
+    items = _source([0, 1])
+    calls: list[int] = []
+
+    @task(depends_on=[items], map_over="items")
+    def mapped(items: int) -> int:
+        calls.append(items)
+        return items
+
+    flow = Flow(mapped)
+    await flow.arun()
+    await flow.arun()
+    assert sorted(calls) == [0, 0, 1, 1]
