@@ -120,11 +120,12 @@ class MapOverError(FlowingError, TypeError):
 class FlowAlreadyRunningError(FlowingError, RuntimeError):
     """Raised when a Flow is started while the same Flow object is still running."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            "this Flow is already running; wait for it to finish or build a second "
-            "Flow from the same tasks to run them concurrently"
-        )
+    def __init__(
+        self,
+        message: str = "this Flow is already running; wait for it to finish or build a "
+        "second Flow from the same tasks to run them concurrently",
+    ) -> None:
+        super().__init__(message)
 
 
 class NoRunError(FlowingError, RuntimeError):

@@ -180,6 +180,11 @@ class Flow:
     def override(self, task: TaskDef[..., Any], value: Any) -> None:
         """Record ``value`` as ``task``'s SUCCEEDED result, for this and later runs."""
         name = self._name_in_flow(task)
+        if self._run_lock.locked():
+            raise FlowAlreadyRunningError(
+                f"this Flow is running: override({name!r}, ...) would change a result "
+                f"under it; call override() before run() or once it has returned"
+            )
         result = StepResult(
             name, StepState.SUCCEEDED, value=value, reason="overridden", detached=task.detached
         )

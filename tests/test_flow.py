@@ -229,6 +229,30 @@ async def test_the_same_flow_cannot_run_twice_at_once() -> None:
 
 
 @pytest.mark.anyio
+async def test_override_while_the_flow_runs_is_refused_and_the_run_goes_on() -> None:
+    started, release = anyio.Event(), anyio.Event()
+
+    @task
+    async def first() -> int:
+        started.set()
+        await release.wait()
+        return 1
+
+    @task(depends_on=[first])
+    def second(first: int) -> int:
+        return first + 1
+
+    flow = Flow(second)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(flow.arun)
+        await started.wait()
+        with pytest.raises(FlowAlreadyRunningError, match=r"override\('first', ...\) would change"):
+            flow.override(first, 100)
+        release.set()
+    assert flow.value(second) == 2
+
+
+@pytest.mark.anyio
 async def test_a_run_deadline_cancels_unfinished_tasks_and_resume_finishes_them() -> None:
     gate = {"block": True}
 
