@@ -17,7 +17,9 @@ import typing as _typing
 
 from ._exceptions import DetachedDependencyError as DetachedDependencyError
 from ._exceptions import DuplicateTaskNameError as DuplicateTaskNameError
+from ._exceptions import ExecutorAddressError as ExecutorAddressError
 from ._exceptions import ExecutorBackendError as ExecutorBackendError
+from ._exceptions import ExecutorUnreachableError as ExecutorUnreachableError
 from ._exceptions import FlowAlreadyRunningError as FlowAlreadyRunningError
 from ._exceptions import FlowCycleError as FlowCycleError
 from ._exceptions import FlowDefinitionError as FlowDefinitionError
@@ -115,7 +117,9 @@ __all__ = [
     "Event",
     "EventStream",
     "Executor",
+    "ExecutorAddressError",
     "ExecutorBackendError",
+    "ExecutorUnreachableError",
     "Flow",
     "FlowAlreadyRunningError",
     "FlowCycleError",

@@ -21,7 +21,9 @@
     ├── FlowTimeoutError (TimeoutError)      the whole run missed its deadline
     ├── ExecutorBackendError (RuntimeError)  the executor cannot run on this async backend
     ├── TaskSerializationError (TypeError)   a body or value cannot travel to or from a worker
-    └── RemoteTaskLostError (RuntimeError)   the executor lost a submitted body (retryable)
+    ├── RemoteTaskLostError (RuntimeError)   the executor lost a submitted body (retryable)
+    ├── ExecutorAddressError (ValueError)    an executor got a scheduler address it cannot use
+    └── ExecutorUnreachableError (ConnectionError)  a run's executor cannot reach its cluster
 
 Errors raised *by* task bodies are never wrapped in these: they are recorded on
 the task's StepResult.
@@ -208,11 +210,18 @@ class ExecutorBackendError(FlowingError, RuntimeError):
 class TaskSerializationError(FlowingError, TypeError):
     """Raised (and recorded) when a task's body, inputs or value cannot be serialised."""
 
-    def __init__(self, task: str, what: str, cause: BaseException) -> None:
+    def __init__(
+        self, task: str, what: str, cause: BaseException, *, on_the_cluster: bool = False
+    ) -> None:
+        if on_the_cluster:  # pickled here, but the cluster could not rebuild it
+            problem = "cannot be deserialised on the cluster"
+            fix = "make sure it unpickles there (the same packages and modules as here)"
+        else:
+            problem = "cannot be serialised to travel between this process and the workers"
+            fix = "make it picklable"
         super().__init__(
-            f"task {task!r}: {what} cannot be serialised to travel between this "
-            f"process and the workers ({type(cause).__name__}: {cause}); make it "
-            f"picklable, or keep the task in-process with @task(local=True)"
+            f"task {task!r}: {what} {problem} ({type(cause).__name__}: {cause}); "
+            f"{fix}, or keep the task in-process with @task(local=True)"
         )
         self.task = task
 
@@ -255,3 +264,29 @@ class InvalidKeepError(FlowingError, TypeError):
             f"flow.step_keys(), but got {reprlib.repr(keep)}: {problem}"
         )
         self.keep = keep
+
+
+class ExecutorAddressError(FlowingError, ValueError):
+    """Raised when an executor is built with a scheduler address it cannot use."""
+
+    def __init__(self, executor: str, address: str, problem: str) -> None:
+        super().__init__(
+            f"{executor} cannot use the scheduler address {address!r}: {problem}; "
+            f"give the address as 'tcp://host:port', such as 'tcp://10.0.0.5:8786'"
+        )
+        self.executor = executor
+        self.address = address
+
+
+class ExecutorUnreachableError(FlowingError, ConnectionError):
+    """Raised when a run starts and its executor cannot reach its cluster; no task has
+    started, and each is recorded CANCELLED with this error's message as the reason."""
+
+    def __init__(self, executor: str, address: str, cause: BaseException) -> None:
+        super().__init__(
+            f"{executor} could not reach the scheduler at {address!r} "
+            f"({type(cause).__name__}: {cause}); check that the scheduler is running "
+            f"at that address and reachable from here"
+        )
+        self.executor = executor
+        self.address = address

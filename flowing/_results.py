@@ -16,7 +16,7 @@ class StepState(enum.Enum):
     SUCCEEDED = "succeeded"  # the body returned (or the value was injected/replayed)
     FAILED = "failed"  # a gate raised, validate raised, or every attempt failed
     SKIPPED = "skipped"  # never ran: `when` was falsy, a dependency did not succeed, or fail_fast
-    CANCELLED = "cancelled"  # the run itself was cancelled (or timed out) before it finished
+    CANCELLED = "cancelled"  # the run was cancelled, timed out or its executor failed to start
 
     # Members are singletons compared by identity; Enum's own hash is a Python call
     # on the name, paid in every dict of states (progress counts two per task).

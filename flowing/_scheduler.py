@@ -28,6 +28,7 @@ from ._attempt import (
     waits_only_for_a_thread,
 )
 from ._events import Event, FlowFinished, FlowStarted, ThreadAbandoned, make_finished, make_started
+from ._exceptions import FlowingError
 from ._executor import Executor
 from ._cache import ResultCache
 from ._graph import Graph
@@ -141,10 +142,10 @@ class Scheduler:
                     await self._run_phase(detached=True)
             if self._interrupt is not None:
                 raise self._interrupt
-        except BaseException:
+        except BaseException as error:
             with anyio.CancelScope(shield=True):
                 self._abandon_lanes()
-                self._cancel_unfinished()
+                self._cancel_unfinished(error)
             raise
         finally:
             threads.close()
@@ -436,13 +437,17 @@ class Scheduler:
             if task.detached == detached and task.name not in self.results:
                 self._record(i, self._unstarted(i, StepState.SKIPPED, reason))
 
-    def _cancel_unfinished(self) -> None:
+    def _cancel_unfinished(self, error: BaseException) -> None:
+        # The executor's session could not open (unreachable cluster, wrong backend): say so.
+        unstarted = "the run was cancelled before it started"
+        if self._ctx is None and isinstance(error, FlowingError):
+            unstarted = f"not started: {error}"
         for i, task in enumerate(self.graph.tasks):
             if task.name in self.results:
                 continue
             started_at = self._running.get(i)
             if started_at is None:
-                result = self._unstarted(i, StepState.CANCELLED, "the run was cancelled before it started")
+                result = self._unstarted(i, StepState.CANCELLED, unstarted)
             else:
                 reason = "the run was cancelled while it was running"
                 result = step_result(task, started_at, StepState.CANCELLED, reason=reason)

@@ -33,6 +33,8 @@ from typing import Any, NoReturn
 
 from . import __version__
 from ._exceptions import (
+    ExecutorAddressError,
+    ExecutorUnreachableError,
     FlowDefinitionError,
     InvalidPoolError,
     MissingExtraError,
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _BadInput as error:
         return _bad_input(str(error), args.debug)
     except (FlowDefinitionError, MissingExtraError, StepKeyError) as error:
+        return _bad_input(str(error), args.debug)
+    except (ExecutorAddressError, ExecutorUnreachableError) as error:  # --dask ADDRESS
         return _bad_input(str(error), args.debug)
     except KeyboardInterrupt:
         print("flowing: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ run fails at once with ``ExecutorBackendError``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import pickle
 import sys
@@ -23,8 +24,10 @@ from typing import Any
 import anyio
 
 from ._exceptions import (
-    HeldBack,
+    ExecutorAddressError,
     ExecutorBackendError,
+    ExecutorUnreachableError,
+    HeldBack,
     MissingExtraError,
     RemoteTaskLostError,
     TaskSerializationError,
@@ -42,13 +45,20 @@ __all__ = ["DaskExecutor"]
 
 # Errors that pickle/cloudpickle raise for an object they cannot serialise.
 _SERIALISATION_ERRORS = (TypeError, AttributeError, pickle.PicklingError)
+# What connecting to an unreachable scheduler raises (asyncio's TimeoutError is no
+# OSError before Python 3.11).
+_CONNECT_ERRORS = (OSError, asyncio.TimeoutError)
+# How the scheduler fails every key of a graph it could not unpickle (a RuntimeError
+# chained from the unpickling error): misleading when an input failed to rebuild.
+_GRAPH_NOT_DESERIALISED = "Error during deserialization of the task graph"
 _CANCEL_GRACE_S = 5.0
 
 
 class DaskExecutor:
     """Run sync task bodies on the Dask cluster behind a scheduler address or a Client.
 
-    ``client_or_address`` is a scheduler address (``"tcp://10.0.0.5:8786"``), a
+    ``client_or_address`` is a scheduler address (``"tcp://10.0.0.5:8786"``, checked
+    here; the cluster is reached when a run starts), a
     ``distributed.Client`` or a cluster object with a ``scheduler_address``
     (such as ``distributed.LocalCluster``). Async bodies and tasks declared
     ``@task(local=True)`` stay in this process.
@@ -71,6 +81,8 @@ class DaskExecutor:
                 f"DaskExecutor needs a scheduler address, a distributed.Client or a "
                 f"cluster with a scheduler_address, got {client_or_address!r}"
             )
+        if isinstance(client_or_address, str):
+            _check_address(address)
         self.address = address
 
     def __repr__(self) -> str:
@@ -86,15 +98,19 @@ class DaskExecutor:
             async with _DaskRunner.open(self._client, threads) as runner:
                 yield runner
             return
-        client = await distributed.Client(  # type: ignore[no-untyped-call]
+        client = distributed.Client(  # type: ignore[no-untyped-call]  # connects when awaited
             self.address, asynchronous=True, security=self._security, set_as_default=False
         )
         try:
+            try:
+                await client
+            except _CONNECT_ERRORS as error:
+                raise ExecutorUnreachableError("DaskExecutor", self.address, error) from error
             async with _DaskRunner.open(client, threads) as runner:
                 yield runner
         finally:
             with anyio.CancelScope(shield=True):
-                await client.close()
+                await client.close()  # type: ignore[no-untyped-call]
 
 
 class _DaskRunner:
@@ -238,8 +254,12 @@ def _forget(run_id: str) -> Callable[[Any], None]:
 
 async def _outcome(name: str, future: distributed.Future[Any]) -> Any:
     """The body's value; its own exception as raised; a clear error for anything lost."""
-    await future.exception()  # type: ignore[no-untyped-call]  # waits, fetches nothing
+    error = await future.exception()  # type: ignore[no-untyped-call]  # waits
     if future.status == "error":
+        if isinstance(error, RuntimeError) and str(error).startswith(_GRAPH_NOT_DESERIALISED):
+            cause = error.__cause__ or error
+            what = "its function or its inputs"
+            raise TaskSerializationError(name, what, cause, on_the_cluster=True) from error
         return await future.result()  # raises the body's own exception
     if future.status != "finished":
         raise RemoteTaskLostError(name, str(future.status))
@@ -257,6 +277,16 @@ def send_by_value(module_names: set[str]) -> None:
         module = sys.modules.get(name)
         if module is not None and not name.startswith("flowing"):
             cloudpickle.register_pickle_by_value(module)
+
+
+def _check_address(address: str) -> None:
+    """Raise ExecutorAddressError unless Dask can parse ``address``; nothing is resolved."""
+    from distributed.comm.addressing import get_address_host
+
+    try:
+        get_address_host(address)
+    except ValueError as error:
+        raise ExecutorAddressError("DaskExecutor", address, str(error)) from error
 
 
 def _loop_of(client: distributed.Client) -> object:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,9 @@ import pytest
 import anyio
 
 from flowing import (
+    ExecutorAddressError,
     ExecutorBackendError,
+    ExecutorUnreachableError,
     Flow,
     RemoteTaskLostError,
     StepState,
@@ -221,6 +224,41 @@ def test_what_cannot_be_serialised_fails_that_task_clearly(
     assert "@task(local=True)" in str(result.error)
 
 
+class RebuildFails:
+    """Pickles here; unpickling it anywhere raises."""
+
+    def __reduce__(self) -> Any:
+        return (_cannot_rebuild, ())
+
+
+def _cannot_rebuild() -> None:
+    raise RuntimeError("cannot rebuild RebuildFails")
+
+
+@task(local=True)
+def local_rebuild_fails() -> RebuildFails:
+    return RebuildFails()
+
+
+@task(depends_on=[local_rebuild_fails])
+def takes_what_cannot_be_rebuilt(local_rebuild_fails: RebuildFails) -> str:
+    return "never runs"
+
+
+def test_an_input_the_cluster_cannot_unpickle_fails_that_task_naming_the_cause(
+    client: Any,
+) -> None:
+    results = Flow(takes_what_cannot_be_rebuilt, executor=DaskExecutor(client)).run(timeout_s=30)
+    result = results["takes_what_cannot_be_rebuilt"]
+    assert result.state is StepState.FAILED
+    assert isinstance(result.error, TaskSerializationError)
+    assert str(result.error).startswith(
+        "task 'takes_what_cannot_be_rebuilt': its function or its inputs cannot be "
+        "deserialised on the cluster (RuntimeError: cannot rebuild RebuildFails)"
+    )
+    assert "@task(local=True)" in str(result.error)
+
+
 @pytest.mark.parametrize("limit", ["task timeout_s", "run timeout_s"])
 def test_a_timeout_cancels_the_remote_future(
     client: Any, tmp_path: Path, limit: str
@@ -278,8 +316,11 @@ def test_the_trio_backend_is_refused_with_a_clear_error(client: Any) -> None:
     def anything() -> int:
         return 1
 
-    with pytest.raises(ExecutorBackendError, match="needs asyncio"):
-        Flow(anything, executor=DaskExecutor(client)).run(backend="trio")
+    flow = Flow(anything, executor=DaskExecutor(client))
+    with pytest.raises(ExecutorBackendError, match="needs asyncio") as raised:
+        flow.run(backend="trio")
+    result = flow.results["anything"]
+    assert (result.state, result.reason) == (StepState.CANCELLED, f"not started: {raised.value}")
 
 
 @pytest.mark.anyio
@@ -303,6 +344,57 @@ async def test_an_asynchronous_client_on_the_running_loop_is_used_and_left_open(
 def test_dask_executor_needs_an_address_a_client_or_a_cluster(bad: Any) -> None:
     with pytest.raises(TypeError, match="scheduler address"):
         DaskExecutor(bad)
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("nonsense-address", "missing port number"),
+        ("tcp://10.0.0.5", "missing port number"),
+        ("http://10.0.0.5:8786", "unknown address scheme 'http'"),
+        ("tcp://10.0.0.5:port", "invalid literal"),
+    ],
+    ids=["no scheme or port", "no port", "http", "port not a number"],
+)
+def test_an_address_dask_cannot_parse_is_refused_when_the_executor_is_built(
+    address: str, problem: str
+) -> None:
+    with pytest.raises(ExecutorAddressError) as raised:
+        DaskExecutor(address)
+    message = str(raised.value)
+    assert message.startswith(f"DaskExecutor cannot use the scheduler address {address!r}: ")
+    assert problem in message
+    assert "'tcp://host:port'" in message
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize("address_form", ["tcp://127.0.0.1:{}", "127.0.0.1:{}"])
+def test_an_unreachable_cluster_fails_the_run_and_each_task_records_why_it_never_ran(
+    address_form: str,
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = address_form.format(probe.getsockname()[1])
+
+    @task
+    def first() -> int:
+        return 1
+
+    @task(depends_on=[first])
+    def second(first: int) -> int:
+        return first + 1
+
+    flow = Flow(second, executor=DaskExecutor(address))
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(ExecutorUnreachableError) as raised:
+            flow.run(timeout_s=60)
+    message = str(raised.value)
+    assert message.startswith(f"DaskExecutor could not reach the scheduler at {address!r}")
+    assert isinstance(raised.value.__cause__, OSError)
+    assert isinstance(raised.value, ConnectionError)
+    assert {name: (r.state, r.reason) for name, r in flow.results.items()} == {
+        name: (StepState.CANCELLED, f"not started: {message}") for name in ("first", "second")
+    }
 
 
 def test_a_journal_replays_what_ran_on_the_cluster(client: Any, tmp_path: Path) -> None:
@@ -354,8 +446,12 @@ def test_the_cli_runs_a_file_on_the_cluster_with_dask(
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--backend", "trio"], "--dask needs --backend asyncio")],
-    ids=["trio"],
+    [
+        (["--backend", "trio"], "--dask needs --backend asyncio"),
+        (["--dask", "nonsense"], "DaskExecutor cannot use the scheduler address 'nonsense'"),
+        ([], "DaskExecutor could not reach the scheduler at 'tcp://127.0.0.1:1'"),
+    ],
+    ids=["trio", "bad address", "unreachable"],
 )
 def test_the_cli_refuses_dask_options_it_cannot_honour(
     tmp_path: Path, extra: list[str], message: str
@@ -365,9 +461,11 @@ def test_the_cli_refuses_dask_options_it_cannot_honour(
         [sys.executable, "-m", "flowing", "run", "pipeline.py", "--dask", "tcp://127.0.0.1:1",
          *extra],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"},
     )
     assert done.returncode == 2
-    assert message in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"flowing: error: {message}"), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_future_cancelled_outside_flowing_fails_the_attempt_clearly(
