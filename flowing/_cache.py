@@ -245,7 +245,8 @@ class ResultCache:
             try:
                 key = self._key(task, kwargs, _Budget(INLINE_BUDGET))
             except _OverBudget:
-                key = await anyio.to_thread.run_sync(self._key, task, kwargs, None)
+                hashing = functools.partial(self._key, task, kwargs, None)
+                key = await anyio.to_thread.run_sync(hashing, abandon_on_cancel=True)
         except Exception as error:  # Unencodable, or StepKeyError
             self._tell(task, error)
             return await attempts()

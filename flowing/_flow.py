@@ -306,12 +306,8 @@ class Flow:
                 async with self._events.delivering(timeout_s):
                     with anyio.move_on_after(timeout_s) as deadline:
                         await scheduler.run()
-            if deadline.cancelled_caught:
-                unfinished = [
-                    name
-                    for name, r in self.results.items()
-                    if r.state is StepState.CANCELLED
-                ]
+            unfinished = [n for n, r in self.results.items() if r.state is StepState.CANCELLED]
+            if deadline.cancelled_caught and unfinished:  # else it came once all had finished
                 raise FlowTimeoutError(timeout_s or 0.0, unfinished)
             return self.results
         finally:

@@ -16,6 +16,7 @@ instance starts; the unstarted ones are SKIPPED.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import math
@@ -100,7 +101,7 @@ async def run_mapped(
     # The step's own start (one attempt: its instances retry each on their own).
     ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
     try:
-        items = _elements(task, task.map_over, kwargs[task.map_over], ctx.consumed_iterators)
+        items = await _elements(task, task.map_over, kwargs[task.map_over], ctx.consumed_iterators)
     except Exception as error:
         reason = f"cannot map over {task.map_over!r}"
         return step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
@@ -283,7 +284,8 @@ class _FanOut:
         if step_key is None:
             return [None] * len(items)
         ordered = isinstance(self.kwargs[self.source], Sequence)
-        return await anyio.to_thread.run_sync(instance_keys, step_key, items, ordered)
+        hashing = functools.partial(instance_keys, step_key, items, ordered)
+        return await anyio.to_thread.run_sync(hashing, abandon_on_cancel=True)
 
     async def _replayed(self, key: str | None, instance: TaskInstance) -> StepResult | None:
         if key is None or self.journal is None:
@@ -380,9 +382,11 @@ def _key(text: str) -> str:
     return hashlib.sha256(f"flowing-instance/{text}".encode()).hexdigest()
 
 
-def _elements(
+async def _elements(
     task: TaskDef[..., Any], source: str, value: Any, consumed: dict[int, str]
 ) -> list[Any]:
+    """The elements ``task`` maps over. An iterator (a generator, say) is listed in a
+    worker thread: its own code may take its time, and must not hold up the event loop."""
     if isinstance(value, (str, bytes, bytearray)):
         raise MapOverError(
             task.name,
@@ -400,9 +404,10 @@ def _elements(
             value,
             f"it is not iterable; return a list (or any iterable) from {source!r}",
         ) from None
-    if iterator is value:  # an iterator yields its elements once
-        _check_unspent(task, source, value, consumed)
-    return list(iterator)
+    if iterator is not value:  # a collection
+        return list(iterator)
+    _check_unspent(task, source, value, consumed)  # an iterator yields its elements once
+    return await anyio.to_thread.run_sync(list, iterator, abandon_on_cancel=True)
 
 
 def _check_unspent(

@@ -10,17 +10,20 @@ import logging
 import pathlib
 import subprocess
 import sys
+import threading
 import uuid
 from collections import OrderedDict, namedtuple
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowing import Flow, InvalidTaskError, StepState, TaskDef, task
+import flowing._cache
+from flowing import Flow, FlowTimeoutError, InvalidTaskError, StepState, TaskDef, task
 from flowing._cache import INLINE_BUDGET, Unencodable, _Budget, _OverBudget, value_digest
 
 
@@ -446,3 +449,30 @@ async def test_cached_tasks_differing_only_in_a_captured_object_are_not_cached(
     results = await flow.arun()
     assert [(results[n].value, results[n].cached) for n in ("lo", "hi")] == [(1, False), (3, False)]
     assert "task 'hi' runs uncached: its code has the same key as task 'lo'" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_hashing_a_large_input_is_abandoned_when_the_run_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over the inline budget, an input is hashed in a worker thread: a deadline must
+    not wait for that thread."""
+    hashing_done = threading.Event()
+
+    def key(self: Any, task: Any, kwargs: Any, budget: Any) -> str:
+        if budget is not None:
+            raise _OverBudget()
+        hashing_done.wait(10)  # a hash far slower than the run's deadline
+        return "key"
+
+    monkeypatch.setattr(flowing._cache.ResultCache, "_key", key)
+
+    @task(cache=True)
+    def cached() -> int:
+        return 1
+
+    try:
+        with anyio.fail_after(5), pytest.raises(FlowTimeoutError):
+            await Flow(cached).arun(timeout_s=0.1)
+    finally:
+        hashing_done.set()

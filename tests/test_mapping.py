@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from flowing import (
@@ -581,3 +582,31 @@ async def test_a_new_run_runs_every_instance_again() -> None:
     await flow.arun()
     await flow.arun()
     assert sorted(calls) == [0, 0, 1, 1]
+
+
+@pytest.mark.anyio
+async def test_an_iterator_is_listed_off_the_event_loop() -> None:
+    """Its elements come only once an async task ran meanwhile: listed on the event
+    loop, it would wait for that task in vain."""
+    listing, opened = threading.Event(), threading.Event()
+
+    def slowly() -> Iterator[int]:
+        yield 1
+        listing.set()
+        assert opened.wait(WAIT_S)
+        yield 2
+
+    items = _source(slowly())
+
+    @task
+    async def opener() -> None:
+        await anyio.to_thread.run_sync(listing.wait, WAIT_S)
+        opened.set()
+
+    @task(depends_on=[items], map_over="items")
+    def double(items: int) -> int:
+        return 2 * items
+
+    with anyio.fail_after(2 * WAIT_S):
+        results = await Flow(double, opener).arun()
+    assert results["double"].value == [2, 4]
