@@ -287,8 +287,8 @@ class Flow:
                     journal = await self._journal.open_run(
                         self._graph, set(self._overrides), set(kept), fresh=fresh
                     )
-                except BaseException:
-                    self._cancel_all_unfinished()
+                except BaseException as error:
+                    self._cancel_all_unfinished(error)
                     raise
             scheduler = Scheduler(
                 self._graph,
@@ -313,12 +313,13 @@ class Flow:
         finally:
             self._run_lock.release()
 
-    def _cancel_all_unfinished(self) -> None:
-        """The run ended before its scheduler started: record every unfinished task as
-        CANCELLED, and tell the event stream, so that its consumers see the run end."""
+    def _cancel_all_unfinished(self, error: BaseException) -> None:
+        """The run ended before its scheduler started (``error``): record every unfinished
+        task as CANCELLED, and tell the event stream, so that its consumers see the run end."""
         import time
 
         from ._events import FlowFinished, FlowStarted, TaskFinished
+        from ._scheduler import unstarted_reason
 
         total = len(self._graph)
         unfinished = [(i, t) for i, t in enumerate(self._graph.tasks) if t.name not in self._results]
@@ -328,7 +329,7 @@ class Flow:
             result = StepResult(
                 t.name,
                 StepState.CANCELLED,
-                reason="the run was cancelled before it started",
+                reason=unstarted_reason(error),
                 detached=t.detached,
             )
             self._results[t.name] = result

@@ -439,9 +439,7 @@ class Scheduler:
 
     def _cancel_unfinished(self, error: BaseException) -> None:
         # The executor's session could not open (unreachable cluster, wrong backend): say so.
-        unstarted = "the run was cancelled before it started"
-        if self._ctx is None and isinstance(error, FlowingError):
-            unstarted = f"not started: {error}"
+        unstarted = unstarted_reason(error if self._ctx is None else None)
         for i, task in enumerate(self.graph.tasks):
             if task.name in self.results:
                 continue
@@ -464,3 +462,12 @@ class Scheduler:
     def _succeeded(self, i: int) -> bool:
         result = self.results.get(self.graph.tasks[i].name)
         return result is not None and result.state is StepState.SUCCEEDED
+
+
+def unstarted_reason(error: BaseException | None) -> str:
+    """Why a task that never started is CANCELLED: ``error``, the flowing error that kept
+    the run from starting (an unreachable cluster, a journal that cannot be written),
+    or else a cancellation."""
+    if isinstance(error, FlowingError):
+        return f"not started: {error}"
+    return "the run was cancelled before it started"

@@ -533,10 +533,11 @@ async def test_a_journal_that_cannot_be_written_is_refused_before_any_task_runs(
     flow = Flow(second, journal_path=path)
     if where in SPECIAL_FILES:
         _special_file(tmp_path, where)  # it appears after the flow was built
-    with pytest.raises(InvalidJournalError, match=problem):
+    with pytest.raises(InvalidJournalError, match=problem) as refused:
         await flow.arun()
     assert CALLS == {}
-    assert all(r.state is StepState.CANCELLED for r in flow.results.values())
+    reasons = {(r.state, r.reason) for r in flow.results.values()}
+    assert reasons == {(StepState.CANCELLED, f"not started: {refused.value}")}
 
 
 @pytest.mark.anyio
