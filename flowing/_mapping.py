@@ -22,7 +22,8 @@ import inspect
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import anyio
@@ -100,43 +101,52 @@ async def run_mapped(
     started_at = time.monotonic()
     # The step's own start (one attempt: its instances retry each on their own).
     ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
+    kept = ctx.kept_instances.get(task.name) if ctx.kept_instances is not None else None
+    if kept is not None and not kept.has_inputs(kwargs):
+        kept = None
     try:
-        items = await _elements(task, task.map_over, kwargs[task.map_over], ctx.consumed_iterators)
+        items = kept.items if kept is not None else _elements(task, kwargs, ctx.consumed_iterators)
     except Exception as error:
         reason = f"cannot map over {task.map_over!r}"
         return step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
     fan_out = _FanOut(task, index, kwargs, ctx, fail_fast, halted)
     try:
-        await fan_out.run(items)
-    finally:  # also when cancelled: what finished is kept for resume()
+        await fan_out.run(items, kept.succeeded if kept is not None else {})
+    finally:  # also when cancelled: what succeeded is kept for resume()
         if ctx.kept_instances is not None:
-            ctx.kept_instances[task.name] = KeptInstances(kwargs, fan_out.results)
+            ctx.kept_instances[task.name] = KeptInstances.of(kwargs, items, fan_out.results)
     return fan_out.outcome(started_at)
 
 
 @dataclasses.dataclass(frozen=True)
 class KeptInstances:
-    """A mapped step's inputs and its instances' results in its latest run, for
-    ``resume()``: given the very same input objects, its succeeded instances stand."""
+    """A mapped step's inputs, elements and succeeded instances in its latest run, for
+    ``resume()``: given the very same input objects, those instances stand, and the
+    elements are not listed again (an iterator yields them only once)."""
 
     inputs: dict[str, Any]
-    results: list[StepResult | None]
+    items: list[Any]
+    succeeded: dict[int, StepResult]
 
-    def succeeded_for(self, kwargs: dict[str, Any], count: int) -> dict[int, StepResult]:
-        """The succeeded instances, by element, if ``kwargs`` are the same objects."""
-        same = kwargs.keys() == self.inputs.keys() and all(
+    @classmethod
+    def of(
+        cls, inputs: dict[str, Any], items: list[Any], results: list[StepResult | None]
+    ) -> KeptInstances:
+        succeeded = {k: r for k, r in enumerate(results) if r is not None and r.succeeded}
+        return cls(inputs, items, succeeded)
+
+    def has_inputs(self, kwargs: dict[str, Any]) -> bool:
+        """Whether ``kwargs`` are the very objects the step ran on."""
+        return kwargs.keys() == self.inputs.keys() and all(
             kwargs[name] is value for name, value in self.inputs.items()
         )
-        if not same or count != len(self.results):
-            return {}
-        return {k: r for k, r in enumerate(self.results) if r is not None and r.succeeded}
 
 
 class _FanOut:
     """The instances of one mapped step.
 
     Invariant: ``results[k]`` is None until instance ``k`` has a final result;
-    ``failed`` is True once any instance FAILED.
+    ``_culprit`` names the first instance that FAILED, None while none did.
     """
 
     def __init__(
@@ -160,7 +170,6 @@ class _FanOut:
         self.halted = halted
         self.slot_values = task_slot_values(task)
         self.results: list[StepResult | None] = []
-        self.failed = False
         self._culprit: str | None = None  # the first instance that FAILED
         # Instances run one by one: their elements, their runners, the bound on how
         # many are in progress (None: no bound).
@@ -170,9 +179,13 @@ class _FanOut:
         self._window: anyio.Semaphore | None = None
         self._interrupt: BaseException | None = None
 
-    async def run(self, items: list[Any]) -> None:
+    async def run(self, items: list[Any], succeeded: dict[int, StepResult]) -> None:
+        """Run an instance per element, but for those ``succeeded`` (on ``resume()``),
+        which stand: their InstanceFinished is emitted again."""
         self.results = [None] * len(items)
-        pending = self._keep_the_succeeded(len(items))
+        for k, result in succeeded.items():
+            self._finish(k, result)
+        pending = [k for k in range(len(items)) if k not in succeeded]
         if self._runs_in_batches():
             await self._run_in_batches([(k, items[k]) for k in pending])
             return
@@ -194,15 +207,6 @@ class _FanOut:
                 runners.start_soon(self._instance, k, self._instance_name(k))
         if self._interrupt is not None:
             raise self._interrupt
-
-    def _keep_the_succeeded(self, count: int) -> list[int]:
-        """On ``resume()``: the instances that succeeded last time on the same inputs
-        stand (their InstanceFinished emitted again); returns the elements to run."""
-        kept = self.ctx.kept_instances.get(self.task.name) if self.ctx.kept_instances else None
-        succeeded = kept.succeeded_for(self.kwargs, count) if kept is not None else {}
-        for k, result in succeeded.items():
-            self._finish(k, result)
-        return [k for k in range(count) if k not in succeeded]
 
     def _runs_in_batches(self) -> bool:
         no_journal_nor_executor = self.journal is None and self.ctx.runner is None
@@ -279,12 +283,14 @@ class _FanOut:
 
     async def _journal_keys(self, items: list[Any]) -> list[str | None]:
         """The instances' journal keys (see ``instance_keys``); all None without a
-        journal, or when the step has no key. Hashed in a worker thread: elements may be large."""
+        journal, or when the step has no key. A set's elements are hashed in a worker
+        thread: they may be large."""
         step_key = self.journal.keys[self.index] if self.journal is not None else None
         if step_key is None:
             return [None] * len(items)
-        ordered = isinstance(self.kwargs[self.source], Sequence)
-        hashing = functools.partial(instance_keys, step_key, items, ordered)
+        if not isinstance(self.kwargs[self.source], AbstractSet):
+            return instance_keys(step_key, items, unordered=False)
+        hashing = functools.partial(instance_keys, step_key, items, unordered=True)
         return await anyio.to_thread.run_sync(hashing, abandon_on_cancel=True)
 
     async def _replayed(self, key: str | None, instance: TaskInstance) -> StepResult | None:
@@ -293,7 +299,8 @@ class _FanOut:
         return await self.journal.load(key, instance.name, instance.detached)
 
     def _stopping(self) -> bool:
-        return self._interrupt is not None or self.halted() or (self.fail_fast and self.failed)
+        failed = self._culprit is not None
+        return self._interrupt is not None or self.halted() or (self.fail_fast and failed)
 
     def _stopped_by_failure(self) -> str | None:
         """Why no more instances may start, once one FAILED under fail_fast; else None."""
@@ -314,7 +321,6 @@ class _FanOut:
     def _finish(self, k: int, result: StepResult) -> None:
         self.results[k] = result
         if result.state is StepState.FAILED:
-            self.failed = True
             self._culprit = self._culprit or result.name
         self.ctx.emit(
             make_instance_finished(result.name, self.index, self.ctx.total, time.monotonic(), k, result)
@@ -356,22 +362,23 @@ class _FanOut:
         )
 
 
-def instance_keys(step_key: str, items: list[Any], ordered: bool) -> list[str | None]:
+def instance_keys(step_key: str, items: list[Any], unordered: bool) -> list[str | None]:
     """Each instance's journal key under its step's key ``step_key``.
 
-    An element is keyed by its value digest and by how many equal elements come
-    before it, not by its position: a set (or the keys of a dict) may yield its
-    elements in another order in another process, and a replay must find each
-    element's own result. An element without a stable encoding is keyed by its
-    position when the mapped value is a sequence (``ordered``), else not journaled.
+    An instance is keyed by its position, as the mapped value is the same in every
+    process that replays its step; but a set's elements (``unordered``) come in
+    another order under another hash seed: those are keyed by their value digest
+    (and how many equal ones come before), or not journaled without a stable encoding.
     """
+    if not unordered:
+        return [_key(f"{step_key}/{k}") for k in range(len(items))]
     seen: Counter[str] = Counter()
     keys: list[str | None] = []
-    for k, item in enumerate(items):
+    for item in items:
         try:
             digest = value_digest(item)
         except Exception:  # Unencodable, as the cache has it, or a dataclass field that raises
-            keys.append(_key(f"{step_key}/at/{k}") if ordered else None)
+            keys.append(None)
             continue
         keys.append(_key(f"{step_key}/element/{digest}/{seen[digest]}"))
         seen[digest] += 1
@@ -382,11 +389,11 @@ def _key(text: str) -> str:
     return hashlib.sha256(f"flowing-instance/{text}".encode()).hexdigest()
 
 
-async def _elements(
-    task: TaskDef[..., Any], source: str, value: Any, consumed: dict[int, str]
-) -> list[Any]:
-    """The elements ``task`` maps over. An iterator (a generator, say) is listed in a
-    worker thread: its own code may take its time, and must not hold up the event loop."""
+def _elements(task: TaskDef[..., Any], kwargs: dict[str, Any], consumed: dict[int, str]) -> list[Any]:
+    """The elements ``task`` maps over, listed on the event loop (a generator's own
+    code may need its thread: a database cursor, say)."""
+    assert task.map_over is not None
+    source, value = task.map_over, kwargs[task.map_over]
     if isinstance(value, (str, bytes, bytearray)):
         raise MapOverError(
             task.name,
@@ -404,10 +411,9 @@ async def _elements(
             value,
             f"it is not iterable; return a list (or any iterable) from {source!r}",
         ) from None
-    if iterator is not value:  # a collection
-        return list(iterator)
-    _check_unspent(task, source, value, consumed)  # an iterator yields its elements once
-    return await anyio.to_thread.run_sync(list, iterator, abandon_on_cancel=True)
+    if iterator is value:  # an iterator yields its elements once
+        _check_unspent(task, source, value, consumed)
+    return list(iterator)
 
 
 def _check_unspent(
