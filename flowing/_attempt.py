@@ -24,6 +24,7 @@ from ._threads import ThreadSlots
 if TYPE_CHECKING:
     from ._cache import ResultCache
     from ._executor import BodyRunner
+    from ._mapping import KeptInstances
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +43,16 @@ class StepContext:
     consumed_iterators: dict[int, str] = field(default_factory=dict)
     # Each mapped step's instances in its latest run (a KeptInstances by step name),
     # the Flow's: resume() keeps those that succeeded. None: not remembered.
-    kept_instances: dict[str, Any] | None = None
+    kept_instances: dict[str, KeptInstances] | None = None
 
     def held_back(self, task: TaskDef[..., Any]) -> str | None:
         """Why a body of ``task`` that has not started must not start now; None: it may.
-        fail_fast's halt of the run spares detached tasks; a mapping's own stop does not."""
-        stopped = self.mapping_stopped() if self.mapping_stopped is not None else None
-        if stopped is not None or task.detached:
-            return stopped
-        return self.slots.halt_reason
+        fail_fast spares detached tasks (their mappings never stop by it either)."""
+        if task.detached:
+            return None
+        if self.slots.halt_reason is not None:
+            return self.slots.halt_reason
+        return self.mapping_stopped() if self.mapping_stopped is not None else None
 
 
 def step_result(
@@ -304,28 +306,17 @@ async def _call_with_timeout(
     max_attempts: int,
     slot: PoolSlot | None = None,
 ) -> Any:
-    """One attempt: its start event, then its body under the task's timeout.
-
-    A sync body for the run's own threads first waits for one: that wait is no
-    part of its timeout, and its start event comes once it holds a thread.
-    """
-    body: Awaitable[Any]
+    """One attempt: its start event, then its body under the task's timeout."""
+    if not task.is_async and (ctx.runner is None or task.local):
+        return await _in_a_thread(task, index, kwargs, ctx, attempt, max_attempts, slot)
+    ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
     if task.is_async:
-        ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
-        body = task.fn(**kwargs)
-    elif ctx.runner is not None and not task.local:
-        ctx.emit(make_started(task.name, index, ctx.total, time.monotonic(), attempt, max_attempts))
-        body = ctx.runner.run(task, kwargs, _abandoned(task, index, ctx, attempt))
-    else:
-        body = await _in_a_thread(task, index, kwargs, ctx, attempt, max_attempts, slot)
-    if task.timeout_s is None:  # no cancel scope to pay for
-        return refuse_coroutine(task.name, await body)
-    with anyio.move_on_after(task.timeout_s):
-        return refuse_coroutine(task.name, await body)
-    raise TimeoutError(
-        f"task {task.name!r} timed out after {task.timeout_s:g} s "
-        f"(attempt {attempt} of {max_attempts})"
+        return await _timed(task, attempt, max_attempts, functools.partial(task.fn, **kwargs))
+    assert ctx.runner is not None
+    run_remotely = functools.partial(
+        ctx.runner.run, task, kwargs, _abandoned(task, index, ctx, attempt)
     )
+    return await _timed(task, attempt, max_attempts, run_remotely)
 
 
 async def _in_a_thread(
@@ -336,8 +327,9 @@ async def _in_a_thread(
     attempt: int,
     max_attempts: int,
     slot: PoolSlot | None,
-) -> Awaitable[Any]:
-    """The sync body's call, once it holds a worker thread's token, and its start event."""
+) -> Any:
+    """A sync body's attempt in one of the run's threads. It waits for a thread first:
+    that wait is no part of its timeout, and its start event comes once it has one."""
 
     def call_in_thread() -> Any:
         try:
@@ -365,7 +357,23 @@ async def _in_a_thread(
     except BaseException:  # held back, or an event observer raised KeyboardInterrupt
         ctx.slots.release(reserved)
         raise
-    return ctx.slots.call(reserved, abandoned_here)
+    # From here ThreadSlots.call owns the token: it gives it back however it ends.
+    call = functools.partial(ctx.slots.call, reserved, abandoned_here)
+    return await _timed(task, attempt, max_attempts, call)
+
+
+async def _timed(
+    task: TaskDef[..., Any], attempt: int, max_attempts: int, body: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Await ``body()`` under the task's timeout; its value, refused if a coroutine."""
+    if task.timeout_s is None:  # no cancel scope to pay for
+        return refuse_coroutine(task.name, await body())
+    with anyio.move_on_after(task.timeout_s):
+        return refuse_coroutine(task.name, await body())
+    raise TimeoutError(
+        f"task {task.name!r} timed out after {task.timeout_s:g} s "
+        f"(attempt {attempt} of {max_attempts})"
+    )
 
 
 def _abandoned(task: TaskDef[..., Any], index: int, ctx: StepContext, attempt: int) -> Callable[[], None]:

@@ -25,11 +25,12 @@ from ._exceptions import (
 )
 from ._pools import Pool, check_pool_names, check_pools
 from ._results import StepResult, StepState, count_states, format_summary
-from ._task import TaskDef
+from ._task import TaskDef, check_flag
 
 if TYPE_CHECKING:
     from ._executor import Executor
     from ._journal import Journal
+    from ._mapping import KeptInstances
     from ._serializers import Serializer
     from ._stream import EventStream, OnEvent
 
@@ -88,21 +89,21 @@ class Flow:
         self.pools = check_pools(pools)
         check_pool_names(self._graph.tasks, self.pools)
         self.max_workers = max_workers
-        self.fail_fast = _check_flag("fail_fast", fail_fast, FlowDefinitionError)
+        self.fail_fast = check_flag("fail_fast", fail_fast, FlowDefinitionError)
         self._results: dict[str, StepResult] = {}
         self._overrides: dict[str, StepResult] = {}
         self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
         # Each mapped step's instances in the latest run: resume() keeps those that succeeded.
-        self._instances: dict[str, Any] = {}
+        self._instances: dict[str, KeptInstances] = {}
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
         self._events.add(self._recorder, "timeline recorder", guard=False)  # cannot raise
-        if _check_flag("tracing", tracing, FlowDefinitionError):
+        if check_flag("tracing", tracing, FlowDefinitionError):
             from ._otel import SpanRecorder
 
             self._events.add(SpanRecorder(), "OpenTelemetry spans")
-        _check_flag("journal_fsync", journal_fsync, FlowDefinitionError)
+        check_flag("journal_fsync", journal_fsync, FlowDefinitionError)
         chosen = resolve_serializer(serializer)
         self._journal: Journal | None = None
         if journal_path is not None:
@@ -266,8 +267,8 @@ class Flow:
         resuming: bool = False,
     ) -> dict[str, StepResult]:
         _check_timeout(timeout_s)
-        _check_flag("fresh", fresh, ValueError)
-        _check_flag("progress", progress, ValueError)
+        check_flag("fresh", fresh, ValueError)
+        check_flag("progress", progress, ValueError)
         import anyio
 
         from ._progress import showing_progress
@@ -401,13 +402,6 @@ def _run_on_new_loop(
 
     anyio.run(run_and_keep, backend=backend)
     return results[0]
-
-
-def _check_flag(option: str, value: object, error: type[Exception]) -> bool:
-    """A True/False option; anything else (a "false" read from a config file) is refused."""
-    if not isinstance(value, bool):
-        raise error(f"{option} must be True or False, got {value!r}")
-    return value
 
 
 def _check_timeout(timeout_s: float | None) -> None:

@@ -34,7 +34,7 @@ from ._cache import ResultCache
 from ._graph import Graph
 from ._journal import JournalRun
 from ._lanes import Finished, Lanes, Report, chain_successors, lane_result, lane_tasks
-from ._mapping import run_mapped
+from ._mapping import KeptInstances, run_mapped
 from ._pools import Limits, Pool
 from ._results import FAILED, SUCCEEDED, StepResult, StepState, count_states, make_result
 from ._runners import Runners, open_runners
@@ -57,7 +57,7 @@ class Scheduler:
         journal: JournalRun | None = None,
         executor: Executor | None = None,
         cache: MutableMapping[str, Any] | None = None,
-        kept_instances: dict[str, Any] | None = None,
+        kept_instances: dict[str, KeptInstances] | None = None,
     ) -> None:
         self.graph = graph
         self.cache = {} if cache is None else cache  # @task(cache=True) results, by cache key

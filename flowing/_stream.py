@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._events import Event, FlowFinished, log_event
 from ._log import logger
@@ -52,6 +53,7 @@ class EventStream:
         self._finished = False
         # The consumer's wait, its thread, and how to wake it from another thread.
         self._wakeup: anyio.Event | None = None
+        self._consumer_loop: object = None  # its anyio token
         self._consumer_thread: int | None = None
         self._call_soon: Callable[[Callable[[], None]], object] | None = None
 
@@ -90,15 +92,23 @@ class EventStream:
     def __aiter__(self) -> EventStream:
         return self
 
+    def _note_consumer(self) -> None:
+        """Where the consumer waits (its thread, and how to wake its loop from another):
+        noted again whenever its event loop changed."""
+        token = anyio.lowlevel.current_token()
+        if token == self._consumer_loop:
+            return
+        from ._threads import call_soon_threadsafe
+
+        self._consumer_loop = token
+        self._consumer_thread = threading.get_ident()
+        self._call_soon = call_soon_threadsafe()
+
     async def __anext__(self) -> Event:
         while not self._buffer:
             if self._finished:
                 raise StopAsyncIteration
-            if self._call_soon is None:
-                from ._threads import call_soon_threadsafe
-
-                self._consumer_thread = threading.get_ident()
-                self._call_soon = call_soon_threadsafe()
+            self._note_consumer()
             wakeup = self._wakeup = anyio.Event()
             # Set first, checked second (push does the reverse): an event pushed from
             # another thread meanwhile is seen here, or its push sees this wait.
@@ -197,10 +207,7 @@ class Broadcaster:
                 stop(exc)
             finally:
                 stream.close()
-            limit = max(deadline - anyio.current_time(), CATCH_UP_GRACE_S)
-            with anyio.move_on_after(limit):
-                await caught_up.wait()
-            if not caught_up.is_set():
+            if not await _caught_up_by(caught_up, deadline):
                 tg.cancel_scope.cancel()
                 logger.warning(
                     "async on_event callback %r was cancelled: it had not caught up with "
@@ -209,17 +216,28 @@ class Broadcaster:
                     timeout_s,
                     CATCH_UP_GRACE_S,
                 )
-        if stream.dropped:
-            logger.warning(
-                "async on_event callback %r fell behind: %d event(s) of the run were "
-                "dropped (at most %d wait for it; iterate flow.events(buffer=...) instead "
-                "to keep more)",
-                callback,
-                stream.dropped,
-                stream.buffer,
-            )
+        _tell_dropped(callback, stream)
         if error is not None:
             raise error
+
+
+async def _caught_up_by(caught_up: anyio.Event, deadline: float) -> bool:
+    """Wait for ``caught_up`` until ``deadline``, or ``CATCH_UP_GRACE_S`` if that is later."""
+    with anyio.move_on_after(max(deadline - anyio.current_time(), CATCH_UP_GRACE_S)):
+        await caught_up.wait()
+    return caught_up.is_set()
+
+
+def _tell_dropped(callback: OnEvent, stream: EventStream) -> None:
+    if stream.dropped:
+        logger.warning(
+            "async on_event callback %r fell behind: %d event(s) of the run were "
+            "dropped (at most %d wait for it; iterate flow.events(buffer=...) instead "
+            "to keep more)",
+            callback,
+            stream.dropped,
+            stream.buffer,
+        )
 
 
 async def _deliver(

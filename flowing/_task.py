@@ -93,9 +93,9 @@ class TaskDef(Generic[P, R]):
             self.name, "retry_max_backoff_ms", retry_max_backoff_ms
         )
         self.timeout_s = _check_timeout(self.name, timeout_s)
-        self.detached = _check_flag(self.name, "detached", detached)
+        self.detached = check_flag(f"detached of task {self.name!r}", detached)
         # A sync body stays in this process whatever the executor.
-        self.local = _check_flag(self.name, "local", local)
+        self.local = check_flag(f"local of task {self.name!r}", local)
         self.when = _check_gate(self.name, "when", when)
         self.validate = _check_gate(self.name, "validate", validate)
         self.retry_until = _check_gate(self.name, "retry_until", retry_until)
@@ -104,7 +104,7 @@ class TaskDef(Generic[P, R]):
         self.pool = check_pool(self.name, pool)
         self.map_over = _check_map_over(self.name, map_over, self.depends_on)
         self.max_concurrency = check_max_concurrency(self.name, max_concurrency, self.map_over)
-        self.cache = _check_flag(self.name, "cache", cache)
+        self.cache = check_flag(f"cache of task {self.name!r}", cache)
         self.is_async = is_async_callable(fn)
         self.__wrapped__ = fn
         _check_parameters(self.name, fn, self.depends_on)
@@ -222,9 +222,10 @@ def _check_dependencies(
     return tuple(unique.values())
 
 
-def _check_flag(name: str, option: str, value: Any) -> bool:
+def check_flag(option: str, value: object, error: type[Exception] = InvalidTaskError) -> bool:
+    """A True/False option; anything else (a "false" read from a config file) is refused."""
     if not isinstance(value, bool):
-        raise InvalidTaskError(f"{option} of task {name!r} must be True or False, got {value!r}")
+        raise error(f"{option} must be True or False, got {value!r}")
     return value
 
 

@@ -355,3 +355,35 @@ async def test_events_can_be_iterated_in_another_threads_event_loop(anyio_backen
     await anyio.to_thread.run_sync(consumer.join, 10)
     assert not consumer.is_alive()
     assert len(results) == 2 and [describe(e) for e in seen] == CHAIN
+
+
+@pytest.mark.anyio
+async def test_a_consumer_may_go_on_iterating_in_a_later_event_loop(anyio_backend: str) -> None:
+    go = threading.Event()
+
+    @task
+    def held() -> int:
+        assert go.wait(10)  # the first event was taken in the consumer's first loop
+        return 1
+
+    flow = Flow(held)
+    stream = flow.events()
+    seen: list[str] = []
+
+    async def first() -> None:
+        seen.append(type(await stream.__anext__()).__name__)
+
+    async def rest() -> None:
+        with anyio.fail_after(10):
+            seen.extend([type(e).__name__ async for e in stream])
+
+    def consume() -> None:
+        anyio.run(first, backend=anyio_backend)
+        go.set()
+        anyio.run(rest, backend=anyio_backend)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    await flow.arun()
+    await anyio.to_thread.run_sync(consumer.join, 20)
+    assert seen == ["FlowStarted", "TaskStarted", "TaskFinished", "FlowFinished"]
