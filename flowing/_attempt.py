@@ -24,7 +24,7 @@ from ._threads import ThreadSlots
 if TYPE_CHECKING:
     from ._cache import ResultCache
     from ._executor import BodyRunner
-    from ._mapping import KeptInstances
+    from ._mapping import MappingMemory
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +39,8 @@ class StepContext:
     runner: BodyRunner | None = None  # the run's executor; None: sync bodies use ``slots``
     # Why no more bodies of a mapped step may start (fail_fast), None while they may.
     mapping_stopped: Callable[[], str | None] | None = None
-    # The iterators mapped steps have consumed in this run, by id, with the step's name.
-    consumed_iterators: dict[int, str] = field(default_factory=dict)
-    # Each mapped step's instances in its latest run (a KeptInstances by step name),
-    # the Flow's: resume() keeps those that succeeded. None: not remembered.
-    kept_instances: dict[str, KeptInstances] | None = None
+    # The Flow's memory of its mapped steps since its last run() (None: a fresh one).
+    mappings: MappingMemory | None = None
 
     def held_back(self, task: TaskDef[..., Any]) -> str | None:
         """Why a body of ``task`` that has not started must not start now; None: it may.

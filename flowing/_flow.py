@@ -30,7 +30,7 @@ from ._task import TaskDef, check_flag
 if TYPE_CHECKING:
     from ._executor import Executor
     from ._journal import Journal
-    from ._mapping import KeptInstances
+    from ._mapping import MappingMemory
     from ._serializers import Serializer
     from ._stream import EventStream, OnEvent
 
@@ -93,8 +93,9 @@ class Flow:
         self._results: dict[str, StepResult] = {}
         self._overrides: dict[str, StepResult] = {}
         self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
-        # Each mapped step's instances in the latest run: resume() keeps those that succeeded.
-        self._instances: dict[str, KeptInstances] = {}
+        # Its mapped steps' elements and instances since the last run(), for resume();
+        # None until a run, and after an override() (it may change a value in place).
+        self._mappings: MappingMemory | None = None
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
@@ -186,6 +187,7 @@ class Flow:
                 f"this Flow is running: override({name!r}, ...) would change a result "
                 f"under it; call override() before run() or once it has returned"
             )
+        self._mappings = None
         result = StepResult(
             name, StepState.SUCCEEDED, value=value, reason="overridden", detached=task.detached
         )
@@ -271,6 +273,7 @@ class Flow:
         check_flag("progress", progress, ValueError)
         import anyio
 
+        from ._mapping import MappingMemory
         from ._progress import showing_progress
         from ._scheduler import Scheduler
 
@@ -278,8 +281,8 @@ class Flow:
             raise FlowAlreadyRunningError()
         try:
             self._results = kept
-            if not resuming:
-                self._instances.clear()  # a new run runs every instance again
+            if self._mappings is None or not resuming:  # a new run maps over new values
+                self._mappings = MappingMemory()
             if fresh:
                 self._cache.clear()  # a fresh run replays nothing, cached inputs included
             journal = None
@@ -301,7 +304,7 @@ class Flow:
                 journal=journal,
                 executor=self.executor,
                 cache=self._cache,
-                kept_instances=self._instances,
+                mappings=self._mappings,
             )
             with showing_progress(self._events, progress):
                 async with self._events.delivering(timeout_s):

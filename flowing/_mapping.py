@@ -22,8 +22,7 @@ import inspect
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -101,11 +100,12 @@ async def run_mapped(
     started_at = time.monotonic()
     # The step's own start (one attempt: its instances retry each on their own).
     ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
-    kept = ctx.kept_instances.get(task.name) if ctx.kept_instances is not None else None
+    memory = ctx.mappings if ctx.mappings is not None else MappingMemory()
+    kept = memory.kept.get(task.name)
     if kept is not None and not kept.has_inputs(kwargs):
         kept = None
     try:
-        items = kept.items if kept is not None else _elements(task, kwargs, ctx.consumed_iterators)
+        items = kept.items if kept is not None else _elements(task, kwargs, memory.consumed)
     except Exception as error:
         reason = f"cannot map over {task.map_over!r}"
         return step_result(task, started_at, StepState.FAILED, error=error, reason=reason)
@@ -113,9 +113,19 @@ async def run_mapped(
     try:
         await fan_out.run(items, kept.succeeded if kept is not None else {})
     finally:  # also when cancelled: what succeeded is kept for resume()
-        if ctx.kept_instances is not None:
-            ctx.kept_instances[task.name] = KeptInstances.of(kwargs, items, fan_out.results)
+        memory.kept[task.name] = KeptInstances.of(kwargs, items, fan_out.results)
     return fan_out.outcome(started_at)
+
+
+@dataclasses.dataclass
+class MappingMemory:
+    """What a Flow keeps of its mapped steps from a run() to its resume()s: each step's
+    elements and succeeded instances, and the iterators the steps consumed (an
+    iterator yields its elements once), each with the name of the step."""
+
+    kept: dict[str, KeptInstances] = dataclasses.field(default_factory=dict)
+    # By id; the iterator itself is held, so that its id is not reused meanwhile.
+    consumed: dict[int, tuple[object, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,14 +293,13 @@ class _FanOut:
 
     async def _journal_keys(self, items: list[Any]) -> list[str | None]:
         """The instances' journal keys (see ``instance_keys``); all None without a
-        journal, or when the step has no key. A set's elements are hashed in a worker
-        thread: they may be large."""
+        journal, or when the step has no key. Hashed in a worker thread: elements may
+        be large (a few µs an element, beside a journal write's fraction of a ms)."""
         step_key = self.journal.keys[self.index] if self.journal is not None else None
         if step_key is None:
             return [None] * len(items)
-        if not isinstance(self.kwargs[self.source], AbstractSet):
-            return instance_keys(step_key, items, unordered=False)
-        hashing = functools.partial(instance_keys, step_key, items, unordered=True)
+        ordered = isinstance(self.kwargs[self.source], Sequence)
+        hashing = functools.partial(instance_keys, step_key, items, ordered)
         return await anyio.to_thread.run_sync(hashing, abandon_on_cancel=True)
 
     async def _replayed(self, key: str | None, instance: TaskInstance) -> StepResult | None:
@@ -362,23 +371,23 @@ class _FanOut:
         )
 
 
-def instance_keys(step_key: str, items: list[Any], unordered: bool) -> list[str | None]:
+def instance_keys(step_key: str, items: list[Any], ordered: bool) -> list[str | None]:
     """Each instance's journal key under its step's key ``step_key``.
 
-    An instance is keyed by its position, as the mapped value is the same in every
-    process that replays its step; but a set's elements (``unordered``) come in
-    another order under another hash seed: those are keyed by their value digest
-    (and how many equal ones come before), or not journaled without a stable encoding.
+    An element is keyed by its value digest and by how many equal elements come
+    before it, not by its position: the step key covers code, not values, and the
+    mapped value may come in another order in another process (a set under another
+    hash seed, an upstream that ran again), while a replay must find each element's
+    own result. An element without a stable encoding is keyed by its position when
+    the mapped value is a sequence (``ordered``), else not journaled.
     """
-    if not unordered:
-        return [_key(f"{step_key}/{k}") for k in range(len(items))]
     seen: Counter[str] = Counter()
     keys: list[str | None] = []
-    for item in items:
+    for k, item in enumerate(items):
         try:
             digest = value_digest(item)
         except Exception:  # Unencodable, as the cache has it, or a dataclass field that raises
-            keys.append(None)
+            keys.append(_key(f"{step_key}/at/{k}") if ordered else None)
             continue
         keys.append(_key(f"{step_key}/element/{digest}/{seen[digest]}"))
         seen[digest] += 1
@@ -389,7 +398,9 @@ def _key(text: str) -> str:
     return hashlib.sha256(f"flowing-instance/{text}".encode()).hexdigest()
 
 
-def _elements(task: TaskDef[..., Any], kwargs: dict[str, Any], consumed: dict[int, str]) -> list[Any]:
+def _elements(
+    task: TaskDef[..., Any], kwargs: dict[str, Any], consumed: dict[int, tuple[object, str]]
+) -> list[Any]:
     """The elements ``task`` maps over, listed on the event loop (a generator's own
     code may need its thread: a database cursor, say)."""
     assert task.map_over is not None
@@ -417,15 +428,16 @@ def _elements(task: TaskDef[..., Any], kwargs: dict[str, Any], consumed: dict[in
 
 
 def _check_unspent(
-    task: TaskDef[..., Any], source: str, iterator: Any, consumed: dict[int, str]
+    task: TaskDef[..., Any], source: str, iterator: Any, consumed: dict[int, tuple[object, str]]
 ) -> None:
-    """Refuse an iterator that another mapped step of this run consumed, or a generator
-    already iterated (in an earlier run, kept by ``resume()``): it would map to nothing."""
-    first = consumed.setdefault(id(iterator), task.name)
+    """Refuse an iterator that another mapped step consumed (in this run, or in the run
+    a ``resume()`` goes on from), or a generator already iterated otherwise: it would
+    map to nothing."""
+    _, first = consumed.setdefault(id(iterator), (iterator, task.name))
     if first != task.name:
-        why = f"it is an iterator that {first!r} already consumed in this run"
+        why = f"it is an iterator that {first!r} already consumed"
     elif inspect.isgenerator(iterator) and inspect.getgeneratorstate(iterator) != "GEN_CREATED":
-        why = "it is a generator that was already iterated (in an earlier run, kept by resume())"
+        why = "it is a generator that was already iterated"
     else:
         return
     raise MapOverError(

@@ -34,7 +34,7 @@ from ._cache import ResultCache
 from ._graph import Graph
 from ._journal import JournalRun
 from ._lanes import Finished, Lanes, Report, chain_successors, lane_result, lane_tasks
-from ._mapping import KeptInstances, run_mapped
+from ._mapping import MappingMemory, run_mapped
 from ._pools import Limits, Pool
 from ._results import FAILED, SUCCEEDED, StepResult, StepState, count_states, make_result
 from ._runners import Runners, open_runners
@@ -57,11 +57,11 @@ class Scheduler:
         journal: JournalRun | None = None,
         executor: Executor | None = None,
         cache: MutableMapping[str, Any] | None = None,
-        kept_instances: dict[str, KeptInstances] | None = None,
+        mappings: MappingMemory | None = None,
     ) -> None:
         self.graph = graph
         self.cache = {} if cache is None else cache  # @task(cache=True) results, by cache key
-        self.kept_instances = kept_instances  # mapped steps' latest instances (see StepContext)
+        self.mappings = mappings if mappings is not None else MappingMemory()
         self.journal = journal
         self.executor = executor  # None: sync bodies run in this run's own threads
         self.fail_fast = fail_fast
@@ -133,7 +133,7 @@ class Scheduler:
                     Limits(self.pools),
                     runner=runner,
                     cache=ResultCache(self.cache, self.journal, self.graph.tasks),
-                    kept_instances=self.kept_instances,
+                    mappings=self.mappings,
                 )
                 # Lane bodies start without a checkpoint: none starts in a cancelled run.
                 await anyio.lowlevel.checkpoint_if_cancelled()

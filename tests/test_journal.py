@@ -716,9 +716,11 @@ MAPPED_OVER_A_SET = textwrap.dedent(
 
     journal = sys.argv[1]
 
+    WORDS = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot"}
+
     @task
-    def names():
-        return {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot"}
+    def names():  # a generator is not journaled: it runs again in each process
+        return WORDS if os.environ["SOURCE"] == "set" else (w for w in WORDS)
 
     @task(depends_on=[names], map_over="names")
     def shout(names):  # the same code in both processes: its journaled results count
@@ -732,17 +734,18 @@ MAPPED_OVER_A_SET = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("source", ["set", "generator"])
 def test_instances_of_a_step_mapped_over_a_set_replay_their_own_elements_in_another_process(
-    tmp_path: Path,
+    tmp_path: Path, source: str
 ) -> None:
-    """A set of strings iterates in another order under another hash seed: each
-    replayed instance must still be its own element's result."""
+    """A set of strings iterates in another order under another hash seed (replayed,
+    or made again by its task): each replayed instance must be its own element's result."""
     script = tmp_path / "child.py"
     script.write_text(MAPPED_OVER_A_SET)
     journal = tmp_path / "run.jsonl"
 
     def run(seed: str, broken: str) -> Any:
-        env = {**os.environ, "PYTHONHASHSEED": seed, "BROKEN": broken}
+        env = {**os.environ, "PYTHONHASHSEED": seed, "BROKEN": broken, "SOURCE": source}
         done = subprocess.run(
             [sys.executable, str(script), str(journal)],
             capture_output=True, text=True, timeout=60, env=env, check=True,
