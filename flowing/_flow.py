@@ -93,8 +93,7 @@ class Flow:
         self._results: dict[str, StepResult] = {}
         self._overrides: dict[str, StepResult] = {}
         self._cache: dict[str, Any] = {}  # @task(cache=True) results, for the Flow's life
-        # Its mapped steps' elements and instances since the last run(), for resume();
-        # None until a run, and after an override() (it may change a value in place).
+        # Its mapped steps' elements and instances since the last run(), for resume().
         self._mappings: MappingMemory | None = None
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
@@ -187,7 +186,8 @@ class Flow:
                 f"this Flow is running: override({name!r}, ...) would change a result "
                 f"under it; call override() before run() or once it has returned"
             )
-        self._mappings = None
+        if self._mappings is not None:  # the value may be the same object, changed in place
+            self._mappings.kept.clear()
         result = StepResult(
             name, StepState.SUCCEEDED, value=value, reason="overridden", detached=task.detached
         )

@@ -433,12 +433,13 @@ def _check_unspent(
     """Refuse an iterator that another mapped step consumed (in this run, or in the run
     a ``resume()`` goes on from), or a generator already iterated otherwise: it would
     map to nothing."""
-    _, first = consumed.setdefault(id(iterator), (iterator, task.name))
-    if first != task.name:
-        why = f"it is an iterator that {first!r} already consumed"
+    earlier = consumed.get(id(iterator))
+    if earlier is not None:  # a step maps once a run: this is another step, or a resume()
+        why = f"it is an iterator that {earlier[1]!r} already consumed"
     elif inspect.isgenerator(iterator) and inspect.getgeneratorstate(iterator) != "GEN_CREATED":
         why = "it is a generator that was already iterated"
     else:
+        consumed[id(iterator)] = (iterator, task.name)
         return
     raise MapOverError(
         task.name, source, iterator, f"{why}; return a list from {source!r} to map over it again"

@@ -643,3 +643,27 @@ async def test_resume_after_an_override_maps_over_the_overridden_value() -> None
     broken.clear()
     results = await flow.aresume()
     assert results["tenfold"].value == [10, 20, 30, 40]
+
+
+@pytest.mark.anyio
+async def test_an_iterator_stays_consumed_after_an_override_of_another_task() -> None:
+    items = _source(iter([1, 2, 3]))
+
+    @task
+    def other() -> int:
+        raise ValueError("not yet")
+
+    @task(depends_on=[items], map_over="items")
+    def first(items: int) -> int:
+        return items
+
+    @task(depends_on=[items, other], map_over="items")
+    def second(items: int, other: int) -> int:
+        return items
+
+    flow = Flow(first, second, fail_fast=False)
+    await flow.arun()  # `first` consumes the iterator; `second` waits for `other`
+    flow.override(other, 0)
+    results = await flow.aresume()
+    assert results["first"].value == [1, 2, 3]
+    assert "it is an iterator that 'first' already consumed" in str(results["second"].error)
