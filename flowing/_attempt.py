@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -78,28 +78,35 @@ def step_result(
     )
 
 
-def call_result(
-    name: str,
-    *,
-    detached: bool,
-    value: Any,
-    error: BaseException | None,
-    started_at: float,
-    finished_at: float,
-) -> StepResult:
+class CallReport(Protocol):
+    """What a worker thread reports of one call of a body: it returned ``value`` or
+    raised ``error``, between ``started_at`` and ``finished_at``."""
+
+    @property
+    def value(self) -> Any: ...
+    @property
+    def error(self) -> BaseException | None: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def finished_at(self) -> float: ...
+
+
+def call_result(name: str, report: CallReport, *, detached: bool) -> StepResult:
     """The result of a task run as one call of its body in a worker thread, which
-    returned ``value`` or raised ``error`` (an ``Exception``, or the body's own
+    returned a value or raised an ``Exception`` (or the body's own
     ``asyncio.CancelledError``, which the reason names)."""
+    error = report.error
     failed = error is not None
     return make_result(
         name,
         FAILED if failed else SUCCEEDED,
-        value=None if failed else value,
+        value=None if failed else report.value,
         error=error,
-        duration_ms=(finished_at - started_at) * 1000,
+        duration_ms=(report.finished_at - report.started_at) * 1000,
         attempts=1,
-        started_at=started_at,
-        finished_at=finished_at,
+        started_at=report.started_at,
+        finished_at=report.finished_at,
         reason=UNASKED_CANCELLATION if _is_asyncio_cancellation(error) else None,
         detached=detached,
     )

@@ -88,14 +88,7 @@ def chain_successors(graph: Graph, in_lane: Sequence[bool], done: Callable[[str]
 
 def lane_result(task: TaskDef[..., Any], report: Finished) -> StepResult:
     """The result of a lane task whose body returned or raised an ``Exception``."""
-    return call_result(
-        task.name,
-        detached=task.detached,
-        value=report.value,
-        error=report.error,
-        started_at=report.started_at,
-        finished_at=report.finished_at,
-    )
+    return call_result(task.name, report, detached=task.detached)
 
 
 class Lanes:

@@ -245,14 +245,7 @@ class _FanOut:
         self.ctx.emit(make_started(name, self.index, self.ctx.total, time.monotonic(), 1, 1))
 
     def _batch_returned(self, report: InstanceReturned) -> None:
-        result = call_result(
-            self._instance_name(report.k),
-            detached=self.task.detached,
-            value=report.value,
-            error=report.error,
-            started_at=report.started_at,
-            finished_at=report.finished_at,
-        )
+        result = call_result(self._instance_name(report.k), report, detached=self.task.detached)
         self._finish(report.k, result)
 
     def _batch_abandoned(self, k: int) -> None:
@@ -308,8 +301,8 @@ class _FanOut:
         return await self.journal.load(key, instance.name, instance.detached)
 
     def _stopping(self) -> bool:
-        failed = self._culprit is not None
-        return self._interrupt is not None or self.halted() or (self.fail_fast and failed)
+        stopped = self._stopped_by_failure() is not None
+        return self._interrupt is not None or self.halted() or stopped
 
     def _stopped_by_failure(self) -> str | None:
         """Why no more instances may start, once one FAILED under fail_fast; else None."""
