@@ -140,7 +140,7 @@ class Journal:
             raise InvalidJournalError(
                 self.path,
                 f"opening it to read and append failed ({error.strerror or error})",
-                "check its permissions, or give another journal_path",
+                "check its permissions, or give another path",
             ) from error
 
     def append(self, line: bytes) -> None:

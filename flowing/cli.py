@@ -36,6 +36,7 @@ from ._exceptions import (
     ExecutorAddressError,
     ExecutorUnreachableError,
     FlowDefinitionError,
+    InvalidJournalError,
     InvalidPoolError,
     MissingExtraError,
     StepKeyError,
@@ -179,11 +180,15 @@ def _run(args: argparse.Namespace) -> int:
             f"task {error.task!r} uses pool {error.pool!r}, which {file} does not define; "
             f"add POOLS = {{{error.pool!r}: <size>}} to {file} or pass --pool {error.pool}=SIZE"
         ) from error
+    except InvalidJournalError as error:  # its path is not a file (checked again at the start)
+        raise _BadInput(f"--journal {error}") from error
     _check_pool_options(args.pool, flow, getattr(module, "POOLS", None) or {})
     started = time.monotonic()
     interrupted = False
     try:
         flow.run(backend=args.backend, progress=not args.quiet)
+    except InvalidJournalError as error:  # refused at the start, before any task runs
+        raise _BadInput(f"--journal {error}") from error
     except KeyboardInterrupt:
         interrupted = True
     results = flow.results
@@ -256,10 +261,6 @@ def _check_run_options(args: argparse.Namespace) -> None:
             raise MissingExtraError("--dask", "distributed", "dask")
         if args.backend != "asyncio":
             raise _BadInput("--dask needs --backend asyncio: Dask's asynchronous client runs on asyncio")
-    if args.journal is not None:
-        if args.journal.resolve() == Path(_split_target(args.target)[0]).resolve():
-            raise _BadInput(f"--journal {str(args.journal)!r} is the flow's own file; give another path")
-        _check_writable(args.journal, "--journal")
 
 
 def _dask_executor(address: str, terminals: list[TaskDef[..., Any]]) -> Any:

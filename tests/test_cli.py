@@ -218,15 +218,60 @@ def test_timeline_writes_the_chart(tmp_path: Path, suffix: str, magic: bytes) ->
     assert f"timeline written to {chart}" in done.stderr
 
 
-@pytest.mark.parametrize("option", ["--timeline", "--journal"])
+DIRECTORY_REFUSED = {
+    "--timeline": "--timeline 'chart.mmd' is a directory; give a file path",
+    "--journal": "--journal 'chart.mmd' cannot be used as a journal: it is a directory; "
+    "give a file path, such as 'chart.mmd/run.jsonl'",
+}
+
+
+@pytest.mark.parametrize("option,message", DIRECTORY_REFUSED.items(), ids=DIRECTORY_REFUSED.keys())
 def test_a_directory_given_as_an_output_file_is_refused_before_anything_runs(
-    tmp_path: Path, option: str
+    tmp_path: Path, option: str, message: str
 ) -> None:
     (tmp_path / "chart.mmd").mkdir()
     source = PIPELINE.replace("return [1, 2, 3]", "raise SystemExit('must not run')")
     done = flowing("run", str(write(tmp_path, source)), option, "chart.mmd", cwd=tmp_path)
     assert (done.returncode, done.stdout) == (2, "")
-    assert done.stderr == f"flowing: error: {option} 'chart.mmd' is a directory; give a file path\n"
+    assert done.stderr == f"flowing: error: {message}\n"
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _csv(path: Path) -> None:
+    path.write_text("name,score\nada,3\n")
+
+
+def _read_only(path: Path) -> None:
+    path.write_bytes(b"")
+    path.chmod(0o444)
+
+
+UNUSABLE_JOURNALS = {
+    "fifo": (_fifo, "it is a FIFO, not a regular file; give the path of a regular file"),
+    "another-program's-file": (_csv, "it is not empty and none of its lines is a journal record"),
+    "read-only": (_read_only, "opening it to read and append failed (Permission denied)"),
+}
+
+
+@pytest.mark.parametrize("make,problem", UNUSABLE_JOURNALS.values(), ids=UNUSABLE_JOURNALS.keys())
+def test_a_journal_path_the_journal_refuses_is_one_line_before_anything_runs(
+    tmp_path: Path, make: Callable[[Path], None], problem: str
+) -> None:
+    if make is _fifo and not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    if make is _read_only and hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("root may write a read-only file")
+    make(tmp_path / "run.journal")
+    source = PIPELINE.replace("return [1, 2, 3]", "raise SystemExit('must not run')")
+    done = flowing("run", str(write(tmp_path, source)), "--journal", "run.journal", cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(
+        f"flowing: error: --journal 'run.journal' cannot be used as a journal: {problem}"
+    )
+    assert len(done.stderr.splitlines()) == 1
 
 
 SQUATTER = """
@@ -340,8 +385,8 @@ BAD_INPUTS = {
     "bad-backend": (["run", "bad.py", "--backend", "curio"], PIPELINE, "invalid choice: 'curio'"),
     "bad-format": (["graph", "bad.py", "--format", "png"], PIPELINE, "invalid choice: 'png'"),
     "bad-timeline": (["run", "bad.py", "--timeline", "run.gif"], PIPELINE, "must end in one of .png"),
-    "no-journal-dir": (["run", "bad.py", "--journal", "no/such/dir/j"], PIPELINE, "the directory 'no/such/dir' does not exist"),
-    "journal-is-the-file": (["run", "bad.py", "--journal", "bad.py"], PIPELINE, "is the flow's own file"),
+    "no-journal-dir": (["run", "bad.py", "--journal", "no/such/dir/j"], PIPELINE, "--journal 'no/such/dir/j' cannot be used as a journal: its folder "),
+    "journal-is-the-file": (["run", "bad.py", "--journal", "bad.py"], PIPELINE, "--journal 'bad.py' cannot be used as a journal: it is not empty and none of its lines is a journal record"),
     "cycle-free-but-bad-task": (["run", "bad.py"], "from flowing import task\n@task(retry=-1)\ndef a(): pass\n", "retry of task 'a' must be an int >= 0"),
     "no-command": ([], "", "the following arguments are required"),
     "cycle": (["run", "bad.py"], "from flowing import task\n" + CYCLE, "the tasks form a cycle: 'c2' -> 'c1' -> 'c2'"),
