@@ -24,13 +24,14 @@ from ._exceptions import (
     TaskNotRunError,
 )
 from ._pools import Pool, check_pool_names, check_pools
-from ._results import StepResult, StepState, count_states, format_summary
+from ._results import StepResult, StepState, format_summary
 from ._task import TaskDef, check_flag
 
 if TYPE_CHECKING:
     from ._executor import Executor
-    from ._journal import Journal
+    from ._journal import Journal, JournalRun
     from ._mapping import MappingMemory
+    from ._scheduler import Scheduler
     from ._serializers import Serializer
     from ._stream import EventStream, OnEvent
 
@@ -275,7 +276,6 @@ class Flow:
 
         from ._mapping import MappingMemory
         from ._progress import showing_progress
-        from ._scheduler import Scheduler
 
         if not self._run_lock.acquire(blocking=False):
             raise FlowAlreadyRunningError()
@@ -291,21 +291,10 @@ class Flow:
                     journal = await self._journal.open_run(
                         self._graph, set(self._overrides), set(kept), fresh=fresh
                     )
-                except BaseException as error:
-                    self._cancel_all_unfinished(error)
+                except BaseException as error:  # the run ends before it starts: say so
+                    self._scheduler(None).cancel_before_start(error)
                     raise
-            scheduler = Scheduler(
-                self._graph,
-                self._results,
-                max_workers=self.max_workers,
-                fail_fast=self.fail_fast,
-                emit=self._events.emit,
-                pools=self.pools,
-                journal=journal,
-                executor=self.executor,
-                cache=self._cache,
-                mappings=self._mappings,
-            )
+            scheduler = self._scheduler(journal)
             with showing_progress(self._events, progress):
                 async with self._events.delivering(timeout_s):
                     with anyio.move_on_after(timeout_s) as deadline:
@@ -317,30 +306,22 @@ class Flow:
         finally:
             self._run_lock.release()
 
-    def _cancel_all_unfinished(self, error: BaseException) -> None:
-        """The run ended before its scheduler started (``error``): record every unfinished
-        task as CANCELLED, and tell the event stream, so that its consumers see the run end."""
-        import time
+    def _scheduler(self, journal: JournalRun | None) -> Scheduler:
+        """A scheduler for one run, recording into this flow's results."""
+        from ._scheduler import Scheduler
 
-        from ._events import FlowFinished, FlowStarted, TaskFinished
-        from ._scheduler import unstarted_reason
-
-        total = len(self._graph)
-        unfinished = [(i, t) for i, t in enumerate(self._graph.tasks) if t.name not in self._results]
-        started = time.monotonic()
-        self._events.emit(FlowStarted(total, len(unfinished), started))
-        for i, t in unfinished:
-            result = StepResult(
-                t.name,
-                StepState.CANCELLED,
-                reason=unstarted_reason(error),
-                detached=t.detached,
-            )
-            self._results[t.name] = result
-            self._events.emit(TaskFinished(t.name, i, total, time.monotonic(), result))
-        finished = time.monotonic()
-        counts = count_states(self._results.values())
-        self._events.emit(FlowFinished(total, counts, finished, (finished - started) * 1000))
+        return Scheduler(
+            self._graph,
+            self._results,
+            max_workers=self.max_workers,
+            fail_fast=self.fail_fast,
+            emit=self._events.emit,
+            pools=self.pools,
+            journal=journal,
+            executor=self.executor,
+            cache=self._cache,
+            mappings=self._mappings,
+        )
 
     def _block_on(
         self, run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend

@@ -152,15 +152,22 @@ class Scheduler:
             if self._lanes is not None:
                 self._lanes.close()  # no cycle keeps this run's results alive
                 self._lanes = None
-            finished = time.monotonic()
-            self.emit(
-                FlowFinished(
-                    len(self.graph),
-                    count_states(self.results.values()),
-                    finished,
-                    (finished - started) * 1000,
-                )
-            )
+            self._emit_flow_finished(started)
+
+    def cancel_before_start(self, error: BaseException) -> None:
+        """The run ended before it could start (``error``): record every unfinished task
+        as CANCELLED, between the events that start and finish a run, so that the event
+        stream's consumers see it end."""
+        started = time.monotonic()
+        pending = sum(1 for t in self.graph.tasks if t.name not in self.results)
+        self.emit(FlowStarted(len(self.graph), pending, started))
+        self._cancel_unfinished(error)
+        self._emit_flow_finished(started)
+
+    def _emit_flow_finished(self, started: float) -> None:
+        finished = time.monotonic()
+        counts = count_states(self.results.values())
+        self.emit(FlowFinished(len(self.graph), counts, finished, (finished - started) * 1000))
 
     async def _run_phase(self, *, detached: bool) -> None:
         self._phase_detached = detached
@@ -438,8 +445,9 @@ class Scheduler:
                 self._record(i, self._unstarted(i, StepState.SKIPPED, reason))
 
     def _cancel_unfinished(self, error: BaseException) -> None:
-        # The executor's session could not open (unreachable cluster, wrong backend): say so.
-        unstarted = unstarted_reason(error if self._ctx is None else None)
+        # Before the run's context exists, `error` kept it from starting (an executor's
+        # session or the journal could not open): say so.
+        unstarted = _unstarted_reason(error if self._ctx is None else None)
         for i, task in enumerate(self.graph.tasks):
             if task.name in self.results:
                 continue
@@ -464,7 +472,7 @@ class Scheduler:
         return result is not None and result.state is StepState.SUCCEEDED
 
 
-def unstarted_reason(error: BaseException | None) -> str:
+def _unstarted_reason(error: BaseException | None) -> str:
     """Why a task that never started is CANCELLED: ``error``, the flowing error that kept
     the run from starting (an unreachable cluster, a journal that cannot be written),
     or else a cancellation."""
