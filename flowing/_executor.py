@@ -51,6 +51,12 @@ class RunThreads(Protocol):
     def on_halt(self, hook: Callable[[str], Awaitable[None]]) -> None:
         """Have ``hook(halt_reason)`` awaited once fail_fast stops the run; it must not raise."""
 
+    def on_mapping_halt(self, hook: Callable[[str, str], Awaitable[None]]) -> None:
+        """Have ``hook(step, reason)`` awaited once fail_fast stops the mapped step named
+        ``step`` (one of its instances failed); it must not raise. From then on a runner
+        raises ``HeldBack(reason)`` for every body of the step's instances (``task.of``
+        is ``step``'s task) it has not started."""
+
 
 class Executor(Protocol):
     """Decides where sync task bodies run; pass one as ``Flow(..., executor=...)``."""
@@ -60,7 +66,8 @@ class Executor(Protocol):
 
         When fail_fast stops the run, ``threads.halt_reason`` is set and each hook
         the runner registered with ``threads.on_halt(hook)`` is awaited once,
-        so that it can cancel the main-graph bodies it has not started yet. A runner
+        so that it can cancel the main-graph bodies it has not started yet; likewise
+        ``threads.on_mapping_halt(hook)`` when fail_fast stops one mapped step. A runner
         that registers none lets them run, as before.
         """
         ...

@@ -283,6 +283,8 @@ class _FanOut:
             if self._window is not None:
                 self._window.release()
         self._finish(k, result)
+        if self._culprit == result.name:
+            await self._stop_on_executor()
 
     async def _journal_keys(self, items: list[Any]) -> list[str | None]:
         """The instances' journal keys (see ``instance_keys``); all None without a
@@ -309,6 +311,13 @@ class _FanOut:
         if self.fail_fast and self._culprit is not None:
             return f"fail_fast stopped the mapping after {self._culprit!r} failed"
         return None
+
+    async def _stop_on_executor(self) -> None:
+        """The first instance FAILED: under fail_fast, the run's executor holds back the
+        instances it has not started (those waiting for a thread check ``held_back``)."""
+        reason = self._stopped_by_failure()
+        if reason is not None and self.ctx.runner is not None:
+            await self.ctx.slots.halt_mapping(self.task.name, reason)
 
     def _skip_from(self, first: int) -> None:
         why = self._stopped_by_failure() or self.ctx.slots.halt_reason or "the run stopped"

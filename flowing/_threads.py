@@ -57,7 +57,8 @@ class ThreadSlots:
     It also carries the run's fail_fast halt to where sync bodies start: once
     ``halt_reason`` is set, main-graph bodies that have not started are held back
     (``HeldBack``), in the worker thread just before the call and by the
-    executor's runner (see ``on_halt``).
+    executor's runner (see ``on_halt``); and a mapped step's fail_fast stop to the
+    executor's runner (see ``on_mapping_halt``).
     """
 
     def __init__(self, max_workers: int) -> None:
@@ -69,6 +70,7 @@ class ThreadSlots:
         self.waiting = 0
         self.batches_waiting = 0
         self._on_halt: list[Callable[[str], Awaitable[None]]] = []
+        self._on_mapping_halt: list[Callable[[str, str], Awaitable[None]]] = []
         # The run's own worker threads (asyncio only; None: anyio.to_thread).
         self.workers: Workers | None = None
         # close(): idle threads end now, busy ones when their call returns; idempotent.
@@ -97,6 +99,16 @@ class ThreadSlots:
         assert self.halt_reason is not None
         for hook in self._on_halt:
             await hook(self.halt_reason)
+
+    def on_mapping_halt(self, hook: Callable[[str, str], Awaitable[None]]) -> None:
+        """Have ``halt_mapping(step, reason)`` await ``hook(step, reason)``; it must not raise."""
+        self._on_mapping_halt.append(hook)
+
+    async def halt_mapping(self, step: str, reason: str) -> None:
+        """fail_fast stopped mapped step ``step``: let each runner hold back the bodies of
+        its instances that have not started."""
+        for hook in self._on_mapping_halt:
+            await hook(step, reason)
 
     async def run(
         self, fn: Callable[[], Any], on_abandon: Callable[[], None], *, batch: bool = False

@@ -33,10 +33,12 @@ from ._exceptions import (
     TaskSerializationError,
 )
 from ._executor import BodyRunner, RunThreads
+from ._mapping import TaskInstance
 from ._runners import running_asyncio_loop
 from ._task import TaskDef
 
 try:
+    import cloudpickle  # type: ignore[import-untyped]
     import distributed
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise MissingExtraError("flowing.dask", "distributed", "dask") from error
@@ -48,9 +50,6 @@ _SERIALISATION_ERRORS = (TypeError, AttributeError, pickle.PicklingError)
 # What connecting to an unreachable scheduler raises (asyncio's TimeoutError is no
 # OSError before Python 3.11).
 _CONNECT_ERRORS = (OSError, asyncio.TimeoutError)
-# How the scheduler fails every key of a graph it could not unpickle (a RuntimeError
-# chained from the unpickling error): misleading when an input failed to rebuild.
-_GRAPH_NOT_DESERIALISED = "Error during deserialization of the task graph"
 _CANCEL_GRACE_S = 5.0
 
 
@@ -116,12 +115,21 @@ class DaskExecutor:
 class _DaskRunner:
     """Submits each sync body as one Dask future and awaits it on the event loop.
 
-    When fail_fast halts the run, the main-graph bodies that have not started stay
-    so: each is submitted wrapped in a guard that returns a marker instead of calling
-    the body once the run's id is in its worker's halted runs, and ``_hold_back``
-    cancels those that no worker had started. Invariants: ``_in_flight`` holds the
-    guarded futures submitted and not yet awaited to the end, by key; ``_held_back``
-    the keys ``_hold_back`` cancelled.
+    A body and its inputs travel as bytes pickled here, rebuilt by a wrapper on the
+    worker just before the call (``_call_on_worker``): the scheduler never unpickles
+    them, and what a worker cannot unpickle fails that task with
+    ``TaskSerializationError``. (Left to Dask, a worker that cannot unpickle a task
+    loses its connection to the scheduler, and the task is retried on other workers
+    until ``distributed.scheduler.allowed-failures``, or the run's timeout, ends it.)
+
+    When fail_fast halts the run, or stops one mapped step, the bodies it stops that
+    have not started stay so: each main-graph body is submitted with its stop tokens
+    (the run's; an instance's also its mapped step's), the wrapper returns a marker
+    instead of calling the body once one of them is in its worker's halted tokens,
+    and ``_halt`` cancels the futures that no worker had started. Invariants:
+    ``_in_flight`` holds the guarded futures submitted and not yet awaited to the
+    end, by key, with their tokens; ``_held_back`` the keys ``_halt`` cancelled;
+    ``_halted`` the halted tokens with why, ``_told`` those the workers were told of.
     """
 
     def __init__(self, client: distributed.Client, threads: RunThreads) -> None:
@@ -129,50 +137,50 @@ class _DaskRunner:
         self.threads = threads
         self._run_id = uuid.uuid4().hex
         self._not_started = f"flowing: not started, run {self._run_id} halted"
-        self._guarded = _guard(self._run_id, self._not_started)
-        self._in_flight: dict[str, distributed.Future[Any]] = {}
+        self._not_rebuilt = f"flowing: not unpickled, run {self._run_id}"
+        self._remote = _call_on_worker(self._not_started, self._not_rebuilt)
+        self._in_flight: dict[str, tuple[distributed.Future[Any], tuple[str, ...]]] = {}
         self._held_back: set[str] = set()
-        self._workers_told = False
+        self._halted: dict[str, str] = {}
+        self._told: list[str] = []
         threads.on_halt(self._hold_back)
+        threads.on_mapping_halt(self._hold_back_mapping)
 
     @classmethod
     @asynccontextmanager
     async def open(
         cls, client: distributed.Client, threads: RunThreads
     ) -> AsyncIterator[_DaskRunner]:
-        """A runner for one run; afterwards the workers forget the run if it was halted."""
+        """A runner for one run; afterwards the workers forget its halted tokens."""
         runner = cls(client, threads)
         try:
             yield runner
         finally:
-            if runner._workers_told:  # forget the halted run on the workers
+            if runner._told:
                 with anyio.move_on_after(_CANCEL_GRACE_S, shield=True):
-                    await client.run(_forget(runner._run_id), on_error="ignore")
+                    await client.run(_forget(runner._told), on_error="ignore")
 
     async def run(
         self, task: TaskDef[..., Any], kwargs: dict[str, Any], on_abandon: Callable[[], None]
     ) -> Any:
-        guarded = not task.detached  # fail_fast never holds back detached tasks
-        if guarded and self.threads.halt_reason is not None:
-            raise HeldBack(self.threads.halt_reason)
-        # A partial keeps the body's own keyword names clear of submit()'s options,
-        # and needs no flowing on the workers.
-        call = functools.partial(task.fn, **kwargs)
-        if guarded:
-            call = functools.partial(self._guarded, call)
-        key = f"{task.name}-{uuid.uuid4().hex}"
-        try:
-            future = self.client.submit(call, key=key, pure=False)
+        tokens = self._tokens(task)
+        reason = self._stop_reason(tokens)
+        if reason is not None:
+            raise HeldBack(reason)
+        try:  # a partial keeps the body's own keyword names clear of submit()'s options
+            payload = cloudpickle.dumps(functools.partial(task.fn, **kwargs))
         except _SERIALISATION_ERRORS as error:
             raise TaskSerializationError(task.name, "its function or its inputs", error) from error
-        if guarded:
-            self._in_flight[key] = future
+        key = f"{task.name}-{uuid.uuid4().hex}"
+        future = self.client.submit(self._remote, payload, tokens, key=key, pure=False)
+        if tokens:
+            self._in_flight[key] = (future, tokens)
         try:
             value = await _outcome(task.name, future)
         except RemoteTaskLostError:
             if key not in self._held_back:
                 raise
-            value = self._not_started  # cancelled by _hold_back before it started
+            value = self._not_started  # cancelled by _halt before it started
         except BaseException:
             if future.status == "pending":  # a timeout or a cancelled run: cancel it remotely
                 with anyio.move_on_after(_CANCEL_GRACE_S, shield=True):
@@ -180,27 +188,63 @@ class _DaskRunner:
             raise
         finally:
             self._in_flight.pop(key, None)
-        if guarded and type(value) is str and value == self._not_started:
-            raise HeldBack(self.threads.halt_reason or "fail_fast stopped the run")
+        if type(value) is str and value == self._not_started:
+            raise HeldBack(self._stop_reason(tokens) or "fail_fast stopped the run")
+        unpickling = self._unpickling_error(value)
+        if unpickling is not None:
+            what = "its function or its inputs"
+            refused = TaskSerializationError(task.name, what, unpickling, on_the_cluster=True)
+            raise refused from unpickling
         return value
 
-    async def _hold_back(self, reason: str) -> None:
-        """fail_fast halted the run: cancel every guarded future whose body has not started.
+    def _unpickling_error(self, value: Any) -> BaseException | None:
+        """What the worker raised unpickling the body, when ``value`` is its report of it."""
+        if type(value) is tuple and len(value) == 2 and type(value[0]) is str:
+            if value[0] == self._not_rebuilt and isinstance(value[1], BaseException):
+                return value[1]
+        return None
 
-        The workers are asked once; each, in one step of its event loop, marks the
-        run halted (its guards return the marker from then on) and names which of
-        the keys it is executing or has finished. No other key can start its body
+    def _tokens(self, task: TaskDef[..., Any]) -> tuple[str, ...]:
+        """What stops a body of ``task`` by fail_fast: the run, and an instance's mapped
+        step; nothing for a detached task."""
+        if task.detached:
+            return ()
+        if isinstance(task, TaskInstance):
+            return (self._run_id, f"{self._run_id}/{task.of.name}")
+        return (self._run_id,)
+
+    def _stop_reason(self, tokens: tuple[str, ...]) -> str | None:
+        """Why a body with ``tokens`` must not start now; None: it may."""
+        if tokens and self.threads.halt_reason is not None:
+            return self.threads.halt_reason
+        return next((self._halted[t] for t in tokens if t in self._halted), None)
+
+    async def _hold_back(self, reason: str) -> None:
+        """fail_fast halted the run: hold back every main-graph body not started."""
+        await self._halt(self._run_id, reason)
+
+    async def _hold_back_mapping(self, step: str, reason: str) -> None:
+        """fail_fast stopped mapped step ``step``: hold back its instances not started."""
+        await self._halt(f"{self._run_id}/{step}", reason)
+
+    async def _halt(self, token: str, reason: str) -> None:
+        """Cancel every guarded future stopped by ``token`` whose body has not started.
+
+        The workers are asked once; each, in one step of its event loop, marks
+        ``token`` halted (the wrappers return the marker from then on) and names which
+        of the keys it is executing or has finished. No other key can start its body
         after that, so cancelling the others loses nothing a body produced.
         """
-        pending = dict(self._in_flight)
+        self._halted[token] = reason
+        pending = {key: f for key, (f, tokens) in self._in_flight.items() if token in tokens}
         if not pending:
             return
-        self._workers_told = True
+        self._told.append(token)
         # Without an answer what started is unknown: nothing is cancelled, and the
-        # bodies the guards hold back end with the marker once a worker is free.
+        # bodies the wrappers hold back end with the marker once a worker is free.
         with anyio.move_on_after(_CANCEL_GRACE_S):
             try:
-                answers = await self.client.run(_halt_on_worker(self._run_id, list(pending)))
+                answers = await self.client.run(_halt_on_worker(token, list(pending)))
                 started = set().union(*answers.values())
                 unstarted = {key: f for key, f in pending.items() if key not in started}
                 self._held_back.update(unstarted)
@@ -214,27 +258,42 @@ class _DaskRunner:
 # The functions below run on the workers. cloudpickle sends a nested function by value,
 # so the workers need no flowing; a module-level flowing function would be sent by
 # reference and fail to unpickle where flowing is not installed. They use nothing but
-# their closure and ``distributed``.
+# their closure, the standard library and ``distributed``.
 
 
-def _guard(run_id: str, not_started: str) -> Callable[[Callable[[], Any]], Any]:
-    """A body's wrapper on the workers: once ``run_id`` is halted, ``not_started`` instead."""
+def _call_on_worker(
+    not_started: str, not_rebuilt: str
+) -> Callable[[bytes, tuple[str, ...]], Any]:
+    """A body's wrapper on the workers: ``not_started`` once one of its stop tokens is
+    halted; ``(not_rebuilt, error)`` when the body cannot be unpickled there."""
 
-    def guarded(call: Callable[[], Any]) -> Any:
-        from distributed import get_worker  # a global would cost 0.2 ms more to pickle
+    def call(payload: bytes, tokens: tuple[str, ...]) -> Any:
+        import pickle
 
-        if run_id in getattr(get_worker(), "flowing_halted_runs", ()):
-            return not_started
-        return call()
+        if tokens:
+            from distributed import get_worker  # a global would cost 0.2 ms more to pickle
 
-    return guarded
+            halted = getattr(get_worker(), "flowing_halted", ())
+            if any(token in halted for token in tokens):
+                return not_started
+        try:
+            body = pickle.loads(payload)
+        except Exception as error:
+            try:  # the error travels back to the client as the task's value
+                pickle.loads(pickle.dumps(error))
+            except Exception:
+                error = RuntimeError(f"{type(error).__name__}: {error}")
+            return (not_rebuilt, error)
+        return body()
+
+    return call
 
 
-def _halt_on_worker(run_id: str, keys: list[str]) -> Callable[[Any], list[str]]:
-    """For ``client.run``: mark ``run_id`` halted; which of ``keys`` this worker started."""
+def _halt_on_worker(token: str, keys: list[str]) -> Callable[[Any], list[str]]:
+    """For ``client.run``: mark ``token`` halted; which of ``keys`` this worker started."""
 
     def halt(dask_worker: Any) -> list[str]:
-        vars(dask_worker).setdefault("flowing_halted_runs", set()).add(run_id)
+        vars(dask_worker).setdefault("flowing_halted", set()).add(token)
         state = dask_worker.state
         running = {ts.key for ts in state.all_running_tasks}  # executing or seceded
         done = [k for k in keys if k in state.tasks and state.tasks[k].state in ("memory", "error")]
@@ -243,23 +302,24 @@ def _halt_on_worker(run_id: str, keys: list[str]) -> Callable[[Any], list[str]]:
     return halt
 
 
-def _forget(run_id: str) -> Callable[[Any], None]:
-    """For ``client.run``: drop ``run_id`` from the worker's halted runs."""
+def _forget(tokens: list[str]) -> Callable[[Any], None]:
+    """For ``client.run``: drop ``tokens`` from the worker's halted tokens."""
 
     def forget(dask_worker: Any) -> None:
-        vars(dask_worker).get("flowing_halted_runs", set()).discard(run_id)
+        vars(dask_worker).get("flowing_halted", set()).difference_update(tokens)
 
     return forget
 
 
 async def _outcome(name: str, future: distributed.Future[Any]) -> Any:
-    """The body's value; its own exception as raised; a clear error for anything lost."""
-    error = await future.exception()  # type: ignore[no-untyped-call]  # waits
+    """The body's value; its own exception as raised; a clear error for anything lost.
+
+    The scheduler never unpickles a body or its inputs (they travel as bytes), so
+    Dask's error for a task graph it cannot unpickle, a plain RuntimeError that
+    distributed gives no type of its own, cannot stand for them.
+    """
+    await future.exception()  # type: ignore[no-untyped-call]  # waits for the end
     if future.status == "error":
-        if isinstance(error, RuntimeError) and str(error).startswith(_GRAPH_NOT_DESERIALISED):
-            cause = error.__cause__ or error
-            what = "its function or its inputs"
-            raise TaskSerializationError(name, what, cause, on_the_cluster=True) from error
         return await future.result()  # raises the body's own exception
     if future.status != "finished":
         raise RemoteTaskLostError(name, str(future.status))
@@ -271,8 +331,6 @@ async def _outcome(name: str, future: distributed.Future[Any]) -> Any:
 
 def send_by_value(module_names: set[str]) -> None:
     """Pickle the functions of these modules by value, for workers that cannot import them."""
-    import cloudpickle  # type: ignore[import-untyped]
-
     for name in module_names:
         module = sys.modules.get(name)
         if module is not None and not name.startswith("flowing"):

@@ -24,6 +24,7 @@ from flowing import (
     ExecutorBackendError,
     ExecutorUnreachableError,
     Flow,
+    InstanceFinished,
     RemoteTaskLostError,
     StepState,
     TaskFinished,
@@ -235,28 +236,81 @@ def _cannot_rebuild() -> None:
     raise RuntimeError("cannot rebuild RebuildFails")
 
 
-@task(local=True)
-def local_rebuild_fails() -> RebuildFails:
-    return RebuildFails()
+class RebuildFailsElsewhere:
+    """Unpickles in this process (where the LocalCluster's scheduler runs), not on a worker."""
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"pid": os.getpid()}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        if state["pid"] != os.getpid():
+            raise RuntimeError("cannot rebuild RebuildFailsElsewhere in another process")
 
 
-@task(depends_on=[local_rebuild_fails])
-def takes_what_cannot_be_rebuilt(local_rebuild_fails: RebuildFails) -> str:
-    return "never runs"
+ONLY_HERE = "class OnlyHere:\n    pass\n"
 
 
+def only_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
+    """An instance of a class from a module this process imports and no worker can."""
+    (tmp_path / "flowing_only_here.py").write_text(ONLY_HERE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flowing_only_here", raising=False)
+    import flowing_only_here  # type: ignore[import-not-found]
+
+    return flowing_only_here.OnlyHere()
+
+
+UNPICKLABLE_ON_WORKERS = {
+    "raises anywhere": (
+        lambda tmp_path, monkeypatch: RebuildFails(),
+        "RuntimeError: cannot rebuild RebuildFails",
+    ),
+    "raises on a worker": (
+        lambda tmp_path, monkeypatch: RebuildFailsElsewhere(),
+        "RuntimeError: cannot rebuild RebuildFailsElsewhere in another process",
+    ),
+    "class of a module only here": (
+        only_here,
+        "ModuleNotFoundError: No module named 'flowing_only_here'",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"), UNPICKLABLE_ON_WORKERS.values(), ids=UNPICKLABLE_ON_WORKERS.keys()
+)
 def test_an_input_the_cluster_cannot_unpickle_fails_that_task_naming_the_cause(
-    client: Any,
+    client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Any, cause: str
 ) -> None:
-    results = Flow(takes_what_cannot_be_rebuilt, executor=DaskExecutor(client)).run(timeout_s=30)
-    result = results["takes_what_cannot_be_rebuilt"]
+    """At once, with the workers' connections intact: before, a worker that could not
+    unpickle the task lost its connection, and the task was retried on the others."""
+
+    @task(local=True)
+    def made_here() -> object:
+        return make(tmp_path, monkeypatch)
+
+    @task(depends_on=[made_here])
+    def takes_it(made_here: object) -> str:
+        return "never runs"
+
+    @task
+    def after() -> int:
+        return os.getpid()
+
+    workers_before = set(client.scheduler_info()["workers"])
+    results = Flow(takes_it, after, fail_fast=False, executor=DaskExecutor(client)).run(
+        timeout_s=30
+    )
+    result = results["takes_it"]
     assert result.state is StepState.FAILED
     assert isinstance(result.error, TaskSerializationError)
     assert str(result.error).startswith(
-        "task 'takes_what_cannot_be_rebuilt': its function or its inputs cannot be "
-        "deserialised on the cluster (RuntimeError: cannot rebuild RebuildFails)"
+        f"task 'takes_it': its function or its inputs cannot be deserialised on the "
+        f"cluster ({cause}); make sure it unpickles there"
     )
     assert "@task(local=True)" in str(result.error)
+    assert results["after"].state is StepState.SUCCEEDED
+    assert set(client.scheduler_info()["workers"]) == workers_before
 
 
 @pytest.mark.parametrize("limit", ["task timeout_s", "run timeout_s"])
@@ -619,9 +673,13 @@ async def test_cancelling_the_run_cancels_every_submitted_future(
 def test_what_flowing_sends_to_the_workers_unpickles_without_flowing_there() -> None:
     import cloudpickle
 
-    from flowing.dask import _forget, _guard, _halt_on_worker
+    from flowing.dask import _call_on_worker, _forget, _halt_on_worker
 
-    sent = [_guard("run", "not started"), _halt_on_worker("run", ["key"]), _forget("run")]
+    sent = [
+        _call_on_worker("halted", "not unpickled"),
+        _halt_on_worker("run", ["key"]),
+        _forget(["run"]),
+    ]
     unpickle = (
         "import pickle, sys; sys.modules['flowing'] = None; "  # import flowing now fails
         "print(len(pickle.load(sys.stdin.buffer)))"
@@ -631,3 +689,59 @@ def test_what_flowing_sends_to_the_workers_unpickles_without_flowing_there() -> 
         input=cloudpickle.dumps(sent), capture_output=True, timeout=60,
     )
     assert (done.returncode, done.stdout.strip()) == (0, b"3"), done.stderr.decode()
+
+
+def test_fail_fast_in_a_mapping_cancels_its_instances_whose_bodies_had_not_started(
+    client: Any, tmp_path: Path
+) -> None:
+    """Instance 0 fails (its gate, in this process) once two other instances hold the
+    two worker threads: the three more, queued on the cluster, are cancelled there
+    and SKIPPED naming the mapping's stop; the two that started finish and keep
+    their value. The run itself never halts: only the mapping stops them."""
+    elements = list(range(SLEEPERS))
+
+    @task
+    def items() -> list[int]:
+        return elements
+
+    async def unless_first(items: int) -> bool:
+        if items == 0:
+            both_busy = lambda: len(list(tmp_path.glob("ran-*"))) == WORKERS  # noqa: E731
+            assert await anyio.to_thread.run_sync(wait_until, both_busy, 30.0)
+            raise RuntimeError("boom")
+        return True
+
+    @task(depends_on=[items], map_over="items", when=unless_first)
+    def sleeper(items: int) -> int:
+        (tmp_path / f"ran-{items}").touch()
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return items
+
+    # Release the two running instances once every other instance has its final result.
+    instances: dict[int, Any] = {}
+
+    def release_when_settled(event: Any) -> None:
+        if isinstance(event, InstanceFinished):
+            instances[event.item] = event.result
+            if sum(not r.succeeded for r in instances.values()) == SLEEPERS - WORKERS:
+                (tmp_path / "release").touch()
+
+    flow = Flow(sleeper, executor=DaskExecutor(client), on_event=release_when_settled)
+    since = time.time()
+    flow.run(timeout_s=60)
+
+    ran = {int(p.name.removeprefix("ran-")) for p in tmp_path.glob("ran-*")}
+    assert len(ran) == WORKERS and 0 not in ran
+    assert instances[0].state is StepState.FAILED
+    for k in ran:
+        assert (instances[k].state, instances[k].value) == (StepState.SUCCEEDED, k)
+    for k in set(elements) - ran - {0}:
+        assert (instances[k].state, instances[k].attempts, instances[k].reason) == (
+            StepState.SKIPPED,
+            0,
+            "not started: fail_fast stopped the mapping after 'sleeper[0]' failed",
+        )
+    names = {f"sleeper[{k}]" for k in elements}
+    assert got_a_result_on_the_cluster(client, names, since) == {f"sleeper[{k}]" for k in ran}

@@ -12,6 +12,7 @@ from flowing import (
     BodyRunner,
     Flow,
     FlowDefinitionError,
+    RunThreads,
     StepState,
     ThreadExecutor,
     task,
@@ -109,6 +110,48 @@ async def test_a_sync_body_returning_a_coroutine_through_an_executor_fails_clear
     results = await Flow(mistaken, executor=ThreadExecutor()).arun()
     assert results["mistaken"].state is StepState.FAILED
     assert "task 'mistaken' returned an un-awaited coroutine" in str(results["mistaken"].error)
+
+
+class MappingHaltsExecutor:
+    """Runs bodies in-process; records each mapping halt its runner is told of."""
+
+    def __init__(self) -> None:
+        self.halts: list[tuple[str, str]] = []
+
+    @asynccontextmanager
+    async def session(self, threads: RunThreads) -> AsyncIterator[BodyRunner]:
+        async def record(step: str, reason: str) -> None:
+            self.halts.append((step, reason))
+
+        threads.on_mapping_halt(record)
+        yield RecordingExecutor._Runner(RecordingExecutor())
+
+
+@pytest.mark.parametrize(
+    ("fail_fast", "detached", "halts"),
+    [
+        (True, False, [("each", "fail_fast stopped the mapping after 'each[1]' failed")]),
+        (False, False, []),
+        (True, True, []),
+    ],
+    ids=["fail_fast", "no fail_fast", "detached"],
+)
+async def test_a_runner_is_told_once_when_fail_fast_stops_a_mapping(
+    fail_fast: bool, detached: bool, halts: list[tuple[str, str]]
+) -> None:
+    @task
+    def items() -> list[int]:
+        return [0, 1, 2, 3]
+
+    @task(depends_on=[items], map_over="items", detached=detached)
+    def each(items: int) -> int:
+        if items % 2:
+            raise ValueError(items)
+        return items
+
+    executor = MappingHaltsExecutor()
+    await Flow(each, items, fail_fast=fail_fast, executor=executor, max_workers=1).arun()
+    assert executor.halts == halts
 
 
 @pytest.mark.parametrize("bad", [42, "tcp://127.0.0.1:8786", object()], ids=repr)
