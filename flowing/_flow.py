@@ -145,7 +145,7 @@ class Flow:
         ``progress=True`` shows live progress on stderr (see the README).
         """
         run = functools.partial(self.arun, timeout_s=timeout_s, fresh=fresh, progress=progress)
-        return self._block_on(run, backend)
+        return self._block_on(run, backend, progress)
 
     async def arun(
         self, *, timeout_s: float | None = None, fresh: bool = False, progress: bool = False
@@ -164,7 +164,7 @@ class Flow:
     ) -> dict[str, StepResult]:
         """Re-run every task that did not succeed last time; keep the ones that did."""
         run = functools.partial(self.aresume, timeout_s=timeout_s, progress=progress)
-        return self._block_on(run, backend)
+        return self._block_on(run, backend, progress)
 
     async def aresume(
         self, *, timeout_s: float | None = None, progress: bool = False
@@ -324,10 +324,14 @@ class Flow:
         )
 
     def _block_on(
-        self, run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend
+        self, run: Callable[[], Awaitable[dict[str, StepResult]]], backend: Backend, progress: bool
     ) -> dict[str, StepResult]:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        from ._preload import import_run_modules
+
+        # Imported now, none is left for a Ctrl-C to interrupt inside the loop.
+        import_run_modules(backend, progress is True)
         if _event_loop_running_here():
             # Jupyter or an async app called the blocking API: give the flow its
             # own loop in a helper thread rather than nesting loops.

@@ -81,7 +81,7 @@ def _display_failed(error: Exception) -> None:
 
 def make_display(file: TextIO) -> Display:
     """The rich live display on a terminal when rich is installed, else plain lines."""
-    if _is_terminal(file):
+    if is_terminal(file):
         try:
             return RichDisplay(file)
         except ImportError:
@@ -89,7 +89,7 @@ def make_display(file: TextIO) -> Display:
     return PlainDisplay(file)
 
 
-def _is_terminal(file: TextIO) -> bool:
+def is_terminal(file: TextIO) -> bool:
     try:
         return file.isatty()
     except (AttributeError, ValueError):
@@ -483,7 +483,7 @@ def _escape(text: str) -> str:
 
 def print_summary(results: Iterable[StepResult], verdict: str, file: TextIO) -> None:
     """The results table and a verdict line: coloured with rich on a terminal, else plain."""
-    if _is_terminal(file):
+    if is_terminal(file):
         try:
             _print_rich_summary(list(results), verdict, file)
             return

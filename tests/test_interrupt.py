@@ -8,6 +8,7 @@ the journal stays valid for the next process.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -147,3 +148,81 @@ def test_ctrl_c_during_run_cancels_the_rest_then_raises_keyboardinterrupt(
         "ran": ["last", "stalled_async", "stalled_sync"],
         "last": 5,
     }
+
+
+IMPORTS_CHILD = textwrap.dedent(
+    """
+    import json, sys
+
+    def loop_running():  # the modules may be half imported: look up with getattr
+        running_loop = getattr(sys.modules.get("asyncio"), "_get_running_loop", None)
+        if running_loop is not None and running_loop() is not None:
+            return True
+        in_trio_run = getattr(getattr(sys.modules.get("trio"), "lowlevel", None), "in_trio_run", None)
+        return in_trio_run is not None and in_trio_run()
+
+    imported, watching = [], []
+
+    def record(event, args):
+        if event == "import" and (watching or loop_running()):
+            imported.append(args[0])
+
+    sys.addaudithook(record)
+    from flowing import Flow, FlowFinished, FlowStarted, task
+
+    def watch(event):
+        if isinstance(event, (FlowStarted, FlowFinished)):
+            watching[:] = [True] if isinstance(event, FlowStarted) else []
+
+    @task
+    def first():
+        return 1
+
+    @task(depends_on=[first], cache=True)
+    async def second(first):
+        return first + 1
+
+    @task(depends_on=[first], retry=1)
+    def third(first):
+        return first + 2
+
+    backend, journal = sys.argv[1:]
+    Flow(second, third, journal_path=journal, on_event=watch).run(backend=backend, progress=True)
+    print(json.dumps(imported))
+    """
+)
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["progress-as-lines", "progress-on-a-terminal"])
+def test_a_run_imports_nothing_once_its_event_loop_runs(
+    anyio_backend: str, terminal: bool, tmp_path: Path
+) -> None:
+    # A Ctrl-C that lands inside an import can leave it half done (a TypeError from
+    # the import machinery on asyncio, a lost signal on trio): run() imports first.
+    script = tmp_path / "child.py"
+    script.write_text(IMPORTS_CHILD)
+    reader, writer = os.openpty() if terminal else os.pipe()  # a terminal: rich's live display
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), anyio_backend, str(tmp_path / "journal.jsonl")],
+            stdout=subprocess.PIPE,
+            stderr=writer,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert json.loads(done.stdout) == []
+
+
+def test_a_ctrl_c_during_the_imports_before_a_run_is_raised_once_they_are_done() -> None:
+    from flowing._preload import _sigint_held
+
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_held():
+            signal.raise_signal(signal.SIGINT)
+            finished = True
+    assert finished
