@@ -172,7 +172,9 @@ class _DaskRunner:
         except _SERIALISATION_ERRORS as error:
             raise TaskSerializationError(task.name, "its function or its inputs", error) from error
         key = f"{task.name}-{uuid.uuid4().hex}"
-        future = self.client.submit(self._remote, payload, tokens, key=key, pure=False)
+        # A PickleBuffer travels as a frame of its own, not copied into Dask's pickle.
+        sent = pickle.PickleBuffer(payload)
+        future = self.client.submit(self._remote, sent, tokens, key=key, pure=False)
         if tokens:
             self._in_flight[key] = (future, tokens)
         try:
@@ -263,11 +265,11 @@ class _DaskRunner:
 
 def _call_on_worker(
     not_started: str, not_rebuilt: str
-) -> Callable[[bytes, tuple[str, ...]], Any]:
+) -> Callable[[pickle.PickleBuffer, tuple[str, ...]], Any]:
     """A body's wrapper on the workers: ``not_started`` once one of its stop tokens is
     halted; ``(not_rebuilt, error)`` when the body cannot be unpickled there."""
 
-    def call(payload: bytes, tokens: tuple[str, ...]) -> Any:
+    def call(payload: pickle.PickleBuffer, tokens: tuple[str, ...]) -> Any:
         import pickle
 
         if tokens:
