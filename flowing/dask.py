@@ -167,14 +167,8 @@ class _DaskRunner:
         reason = self._stop_reason(tokens)
         if reason is not None:
             raise HeldBack(reason)
-        try:  # a partial keeps the body's own keyword names clear of submit()'s options
-            payload = cloudpickle.dumps(functools.partial(task.fn, **kwargs))
-        except _SERIALISATION_ERRORS as error:
-            raise TaskSerializationError(task.name, "its function or its inputs", error) from error
         key = f"{task.name}-{uuid.uuid4().hex}"
-        # A PickleBuffer travels as a frame of its own, not copied into Dask's pickle.
-        sent = pickle.PickleBuffer(payload)
-        future = self.client.submit(self._remote, sent, tokens, key=key, pure=False)
+        future = self._submit(key, task, kwargs, tokens)
         if tokens:
             self._in_flight[key] = (future, tokens)
         try:
@@ -198,6 +192,24 @@ class _DaskRunner:
             refused = TaskSerializationError(task.name, what, unpickling, on_the_cluster=True)
             raise refused from unpickling
         return value
+
+    def _submit(
+        self, key: str, task: TaskDef[..., Any], kwargs: dict[str, Any], tokens: tuple[str, ...]
+    ) -> distributed.Future[Any]:
+        """Submit the body with its inputs, pickled here, as Dask key ``key``.
+
+        Each PickleBuffer travels as a frame of its own, not copied into Dask's pickle:
+        the pickled body, and the buffers of inputs that hand theirs out (NumPy arrays),
+        which are not copied into the body's pickle either.
+        """
+        buffers: list[pickle.PickleBuffer] = []
+        try:  # a partial keeps the body's own keyword names clear of submit()'s options
+            body = functools.partial(task.fn, **kwargs)
+            payload = cloudpickle.dumps(body, protocol=5, buffer_callback=buffers.append)
+        except _SERIALISATION_ERRORS as error:
+            raise TaskSerializationError(task.name, "its function or its inputs", error) from error
+        sent = pickle.PickleBuffer(payload)
+        return self.client.submit(self._remote, sent, buffers, tokens, key=key, pure=False)
 
     def _unpickling_error(self, value: Any) -> BaseException | None:
         """What the worker raised unpickling the body, when ``value`` is its report of it."""
@@ -265,11 +277,13 @@ class _DaskRunner:
 
 def _call_on_worker(
     not_started: str, not_rebuilt: str
-) -> Callable[[pickle.PickleBuffer, tuple[str, ...]], Any]:
+) -> Callable[[pickle.PickleBuffer, list[pickle.PickleBuffer], tuple[str, ...]], Any]:
     """A body's wrapper on the workers: ``not_started`` once one of its stop tokens is
     halted; ``(not_rebuilt, error)`` when the body cannot be unpickled there."""
 
-    def call(payload: pickle.PickleBuffer, tokens: tuple[str, ...]) -> Any:
+    def call(
+        payload: pickle.PickleBuffer, buffers: list[pickle.PickleBuffer], tokens: tuple[str, ...]
+    ) -> Any:
         import pickle
 
         if tokens:
@@ -279,7 +293,9 @@ def _call_on_worker(
             if any(token in halted for token in tokens):
                 return not_started
         try:
-            body = pickle.loads(payload)
+            # Dask hands the buffers over read-only; a body may write to its inputs.
+            writable = [bytearray(b) if memoryview(b).readonly else b for b in buffers]
+            body = pickle.loads(payload, buffers=writable)
         except Exception as error:
             try:  # the error travels back to the client as the task's value
                 pickle.loads(pickle.dumps(error))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -745,3 +746,46 @@ def test_fail_fast_in_a_mapping_cancels_its_instances_whose_bodies_had_not_start
         )
     names = {f"sleeper[{k}]" for k in elements}
     assert got_a_result_on_the_cluster(client, names, since) == {f"sleeper[{k}]" for k in ran}
+
+
+def test_a_large_buffer_input_travels_beside_the_pickled_body_not_inside_it(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input whose pickle hands out its buffer (a NumPy array does) is not copied
+    into the bytes flowing pickles: it travels as a frame of its own, and the body
+    gets it writable, as in this process."""
+    import pickle
+
+    import cloudpickle
+
+    import flowing.dask
+
+    class Blob:  # defined here: cloudpickle sends it by value
+        def __init__(self, data: Any) -> None:
+            self.data = data
+
+        def __reduce_ex__(self, protocol: Any) -> Any:
+            return (Blob, (pickle.PickleBuffer(self.data) if protocol >= 5 else self.data,))
+
+    pickled: list[int] = []
+
+    def dumps(obj: Any, **options: Any) -> bytes:
+        payload: bytes = cloudpickle.dumps(obj, **options)
+        pickled.append(len(payload))
+        return payload
+
+    monkeypatch.setattr(flowing.dask, "cloudpickle", types.SimpleNamespace(dumps=dumps))
+    size = 8_000_000
+
+    @task(local=True)
+    def blob() -> Blob:
+        return Blob(bytearray(b"\x01" * size))
+
+    @task(depends_on=[blob])
+    def ones(blob: Blob) -> int:
+        blob.data[0] = 0  # a body may write to its inputs, as it may in this process
+        return bytes(blob.data).count(b"\x01")
+
+    result = Flow(ones, executor=DaskExecutor(client)).run(timeout_s=30)["ones"]
+    assert (result.state, result.error, result.value) == (StepState.SUCCEEDED, None, size - 1)
+    assert max(pickled) < size // 100
