@@ -314,6 +314,31 @@ def test_an_input_the_cluster_cannot_unpickle_fails_that_task_naming_the_cause(
     assert set(client.scheduler_info()["workers"]) == workers_before
 
 
+def test_an_input_the_cluster_cannot_unpickle_is_retried_like_any_failure(client: Any) -> None:
+    """``retry=`` resubmits it (another worker may have what this one lacks); every
+    attempt fails the same way here, and the last error is the task's."""
+
+    @task(local=True)
+    def made_here() -> object:
+        return RebuildFails()
+
+    @task(depends_on=[made_here], retry=1, retry_backoff_base_ms=0)
+    def takes_it(made_here: object) -> str:
+        return "never runs"
+
+    retries: list[TaskRetrying] = []
+    flow = Flow(
+        takes_it,
+        executor=DaskExecutor(client),
+        on_event=lambda e: retries.append(e) if isinstance(e, TaskRetrying) else None,
+    )
+    result = flow.run(timeout_s=30)["takes_it"]
+    assert (result.state, result.attempts, type(result.error)) == (
+        StepState.FAILED, 2, TaskSerializationError
+    )
+    assert [type(e.error) for e in retries] == [TaskSerializationError]
+
+
 @pytest.mark.parametrize("limit", ["task timeout_s", "run timeout_s"])
 def test_a_timeout_cancels_the_remote_future(
     client: Any, tmp_path: Path, limit: str
