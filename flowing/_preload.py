@@ -38,20 +38,31 @@ _ENGINE_MODULES = (
     "fractions",
     "pathlib",
     "uuid",
+    "random",  # jittered retries
 )
 
 
 # The live display's, when progress is shown on a terminal and rich is installed.
-_RICH_MODULES = ("rich.cells", "rich.console", "rich.live", "rich.markup", "rich.table", "rich.text")
+_RICH_MODULES = (
+    "rich.cells",
+    "rich.console",
+    "rich.live",
+    "rich.markup",
+    "rich.table",
+    "rich.text",
+    "rich._emoji_codes",  # imported the first time rich renders markup (a failure's line)
+)
 
 
 def import_run_modules(backend: str, progress: bool) -> None:
     """Import the modules a run on ``backend`` uses; a Ctrl-C meanwhile comes after."""
     with _sigint_held():
-        for name in (*_BACKEND_MODULES[backend], *_ENGINE_MODULES):
+        for name in _ENGINE_MODULES:
             importlib.import_module(name)
-        with contextlib.suppress(ImportError):  # anyio's private name: anyio.run() says why
-            importlib.import_module(f"anyio._backends._{backend}")
+        # A backend that is not installed: left to anyio.run(), which says how to install it.
+        with contextlib.suppress(ImportError):
+            for name in (*_BACKEND_MODULES[backend], f"anyio._backends._{backend}"):
+                importlib.import_module(name)
         from ._progress import is_terminal
 
         if progress and is_terminal(sys.stderr):

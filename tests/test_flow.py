@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import subprocess
+import sys
+import textwrap
 import weakref
 from typing import Any
 
@@ -297,6 +300,31 @@ async def test_a_run_deadline_cancels_unfinished_tasks_and_resume_finishes_them(
 def test_bad_run_arguments_are_rejected(call: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call(Flow(step_1))
+
+
+NO_TRIO_CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["trio"] = None  # as if trio were not installed
+    from flowing import Flow, task
+
+    @task
+    def one():
+        return 1
+
+    try:
+        Flow(one).run(backend="trio")
+    except LookupError as error:
+        print(error)
+    """
+)
+
+
+def test_run_on_a_backend_that_is_not_installed_raises_anyios_lookuperror() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TRIO_CHILD], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "trio" in done.stdout and done.stderr == ""
 
 
 def test_each_transition_is_logged_on_the_flowing_logger(caplog: pytest.LogCaptureFixture) -> None:

@@ -182,8 +182,12 @@ IMPORTS_CHILD = textwrap.dedent(
     async def second(first):
         return first + 1
 
-    @task(depends_on=[first], retry=1)
-    def third(first):
+    failures = [ValueError("once")]
+
+    @task(depends_on=[first], retry=1, retry_jitter=0.5, retry_backoff_base_ms=1)
+    def third(first):  # a jittered retry draws a random number
+        if failures:
+            raise failures.pop()
         return first + 2
 
     backend, journal = sys.argv[1:]
