@@ -84,5 +84,5 @@ def _sigint_held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if caught:
-        previous(signal.SIGINT, None)
+    if caught:  # with this frame, as if it came now: trio checks it for KI protection
+        previous(signal.SIGINT, sys._getframe())

@@ -230,3 +230,26 @@ def test_a_ctrl_c_during_the_imports_before_a_run_is_raised_once_they_are_done()
             signal.raise_signal(signal.SIGINT)
             finished = True
     assert finished
+
+
+def test_a_ctrl_c_held_inside_a_trio_run_reaches_trio_as_an_unheld_one_would() -> None:
+    # trio's handler defers a KeyboardInterrupt to a checkpoint when the frame it is
+    # given is KI-protected, as None is: the signal's own frame must be handed on.
+    trio = pytest.importorskip("trio")
+    from flowing._preload import _sigint_held
+
+    raised: list[str] = []
+
+    async def main() -> None:
+        try:
+            with _sigint_held():
+                signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raised.append("once the imports are done")
+        await trio.lowlevel.checkpoint()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        raised.append("at a later checkpoint")
+    assert raised == ["once the imports are done"]
