@@ -320,7 +320,7 @@ def _split_target(target: str) -> tuple[str, list[str]]:
 def _import_file(file: str) -> ModuleType:
     path = Path(file)
     if not path.is_file():
-        raise _BadInput(f"no such file: {file!r}")
+        raise _BadInput(_not_a_file(file, path))
     name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else "__flowing_main__"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -338,6 +338,15 @@ def _import_file(file: str) -> ModuleType:
         line = _line_in(error, path)
         raise _BadInput(f"cannot import {file}{line}: {describe_error(error)}") from error
     return module
+
+
+def _not_a_file(file: str, path: Path) -> str:
+    """Why ``file`` cannot be imported as a flow file: it is missing or no regular file."""
+    if path.is_dir():
+        return f"{file!r} is a directory; give the Python file that defines the tasks"
+    if path.exists():
+        return f"{file!r} is not a regular file; give the Python file that defines the tasks"
+    return f"no such file: {file!r}"
 
 
 def _line_in(error: BaseException, path: Path) -> str:

@@ -375,6 +375,8 @@ POOL_API = "from flowing import task\n@task(pool='api')\ndef a(): pass\n"
 
 BAD_INPUTS = {
     "missing-file": (["run", "nope.py"], "", "no such file: 'nope.py'"),
+    "folder-as-file": (["graph", "."], "", "'.' is a directory; give the Python file that defines the tasks"),
+    "device-as-file": (["run", os.devnull], "", f"{os.devnull!r} is not a regular file"),
     "syntax-error": (["run", "bad.py"], "def broken(:\n", "cannot import bad.py: SyntaxError: "),
     "import-error": (["run", "bad.py"], "import not_a_module_xyz\n", "No module named 'not_a_module_xyz'"),
     "raises-on-import": (["run", "bad.py"], "x = 1\nraise RuntimeError('boom')\n", "bad.py (line 2): RuntimeError: boom"),
@@ -386,6 +388,7 @@ BAD_INPUTS = {
     "bad-format": (["graph", "bad.py", "--format", "png"], PIPELINE, "invalid choice: 'png'"),
     "bad-timeline": (["run", "bad.py", "--timeline", "run.gif"], PIPELINE, "must end in one of .png"),
     "no-journal-dir": (["run", "bad.py", "--journal", "no/such/dir/j"], PIPELINE, "--journal 'no/such/dir/j' cannot be used as a journal: its folder "),
+    "journal-under-a-file": (["run", "bad.py", "--journal", "bad.py/j"], PIPELINE, "--journal 'bad.py/j' cannot be used as a journal: opening it to read and append failed (Not a directory)"),
     "journal-is-the-file": (["run", "bad.py", "--journal", "bad.py"], PIPELINE, "--journal 'bad.py' cannot be used as a journal: it is not empty and none of its lines is a journal record"),
     "cycle-free-but-bad-task": (["run", "bad.py"], "from flowing import task\n@task(retry=-1)\ndef a(): pass\n", "retry of task 'a' must be an int >= 0"),
     "no-command": ([], "", "the following arguments are required"),
