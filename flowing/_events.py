@@ -13,7 +13,7 @@ from typing import Union
 
 from ._log import logger
 from ._frozen import quick_constructor
-from ._results import StepResult, describe_error
+from ._results import StepResult, describe_error, describe_outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +105,7 @@ def log_event(event: Event) -> None:
         result = event.result
         level = logging.WARNING if result.error is not None else logging.INFO
         if logger.isEnabledFor(level):
-            detail = describe_error(result.error) if result.error else (result.reason or "")
+            detail = describe_outcome(result)
             logger.log(
                 level,
                 "task %r %s in %.1f ms after %d attempt(s)%s",
@@ -139,7 +139,7 @@ def log_event(event: Event) -> None:
         result = event.result
         level = logging.WARNING if result.error is not None else logging.DEBUG
         if logger.isEnabledFor(level):
-            detail = describe_error(result.error) if result.error else (result.reason or "")
+            detail = describe_outcome(result)
             logger.log(
                 level,
                 "instance %r %s after %d attempt(s)%s",

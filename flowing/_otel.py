@@ -21,7 +21,7 @@ from ._events import (
     ThreadAbandoned,
 )
 from ._exceptions import MissingExtraError
-from ._results import StepResult, StepState, describe_error
+from ._results import StepResult, StepState, describe_error, describe_outcome
 
 
 class SpanRecorder:
@@ -99,8 +99,7 @@ class SpanRecorder:
         if result.state is not StepState.SUCCEEDED:
             if result.error is not None:
                 span.record_exception(result.error)
-            detail = describe_error(result.error) if result.error else result.reason or ""
-            span.set_status(self._error(f"{result.state.value}: {detail}"))
+            span.set_status(self._error(f"{result.state.value}: {describe_outcome(result)}"))
         span.end()
 
     def _end_run(self, event: FlowFinished) -> None:

@@ -34,7 +34,16 @@ from ._events import (
     TaskStarted,
     ThreadAbandoned,
 )
-from ._results import FAILED, REPLAYED_REASON, SUCCEEDED, StepResult, StepState, describe_error, format_summary
+from ._results import (
+    FAILED,
+    REPLAYED_REASON,
+    SUCCEEDED,
+    StepResult,
+    StepState,
+    describe_error,
+    describe_outcome,
+    format_summary,
+)
 from ._stream import Broadcaster
 
 _MAX_RUNNING_SHOWN = 8
@@ -388,8 +397,8 @@ class RichDisplay:
                 f"failed: {_escape(why)} [dim](retry in {event.delay_ms:.0f} ms)[/]"
             )
         elif isinstance(event, TaskFinished) and event.result.state is StepState.FAILED:
-            detail = describe_error(event.result.error) if event.result.error else event.result.reason
-            self.console.print(f"[bold red]✗ {_escape(event.task)}[/] failed: {_escape(detail or '')}")
+            detail = describe_outcome(event.result)
+            self.console.print(f"[bold red]✗ {_escape(event.task)}[/] failed: {_escape(detail)}")
         elif isinstance(event, ThreadAbandoned):
             self.console.print(
                 f"[yellow]! {_escape(event.task)}[/]: sync body abandoned, its thread runs on"
@@ -510,7 +519,7 @@ def _print_rich_summary(results: list[StepResult], verdict: str, file: TextIO) -
             f"{r.duration_ms:.1f} ms" if r.started_at is not None and not r.cached else "",
             str(r.attempts) if r.attempts else "",
             "[dim]detached[/]" if r.detached else "",
-            _escape(describe_error(r.error) if r.error is not None else r.reason or ""),
+            _escape(describe_outcome(r)),
         )
     console = _console(file)
     console.print(table)

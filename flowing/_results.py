@@ -90,11 +90,12 @@ def _summary_row(result: StepResult) -> tuple[str, ...]:
         f"{result.duration_ms:.1f} ms",
         str(result.attempts),
         "detached" if result.detached else ("cached" if result.cached else ""),
-        _describe_outcome(result),
+        describe_outcome(result),
     )
 
 
-def _describe_outcome(result: StepResult) -> str:
+def describe_outcome(result: StepResult) -> str:
+    """Why ``result`` is as it is: its error described, else its reason ("" for none)."""
     if result.error is not None:
         return describe_error(result.error)
     return result.reason or ""
