@@ -277,11 +277,17 @@ def chain(first_value: Any) -> tuple[TaskDef[..., Any], TaskDef[..., Any]]:
     return first, second
 
 
-@pytest.mark.anyio
-async def test_a_replayed_task_is_reported_as_a_cached_task_finished_event(tmp_path: Path) -> None:
-    first, second = chain(1)
+async def journaled_chain(tmp_path: Path) -> tuple[TaskDef[..., Any], Path]:
+    """``chain(1)``'s ``second``, run once with a journal in ``tmp_path``, and that journal."""
+    _, second = chain(1)
     journal = tmp_path / "run.jsonl"
     await Flow(second, journal_path=journal).arun()
+    return second, journal
+
+
+@pytest.mark.anyio
+async def test_a_replayed_task_is_reported_as_a_cached_task_finished_event(tmp_path: Path) -> None:
+    second, journal = await journaled_chain(tmp_path)
     events: list[Event] = []
     await Flow(second, journal_path=journal, on_event=events.append).arun()
     started = [e for e in events if isinstance(e, FlowStarted)]
@@ -368,9 +374,7 @@ def _damage(journal: Path, line: int, how: str) -> None:
 async def test_a_damaged_line_is_skipped_with_a_warning_and_its_task_runs_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
-    first, second = chain(1)
-    journal = tmp_path / "run.jsonl"
-    await Flow(second, journal_path=journal).arun()
+    second, journal = await journaled_chain(tmp_path)
     _damage(journal, 0, how)
     results = await Flow(second, journal_path=journal).arun()
     assert "skipped 1 damaged line(s) (line 1)" in caplog.text
@@ -382,9 +386,7 @@ async def test_a_damaged_line_is_skipped_with_a_warning_and_its_task_runs_again(
 async def test_a_truncated_last_line_is_ignored_and_sealed_before_the_next_record(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first, second = chain(1)
-    journal = tmp_path / "run.jsonl"
-    await Flow(second, journal_path=journal).arun()
+    second, journal = await journaled_chain(tmp_path)
     content = journal.read_bytes()
     journal.write_bytes(content[: len(content) - 20])  # the crash hit while writing 'second'
     results = await Flow(second, journal_path=journal).arun()
@@ -401,9 +403,7 @@ async def test_a_truncated_last_line_is_ignored_and_sealed_before_the_next_recor
 async def test_records_of_another_key_version_are_ignored_silently(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first, second = chain(1)
-    journal = tmp_path / "run.jsonl"
-    await Flow(second, journal_path=journal).arun()
+    second, journal = await journaled_chain(tmp_path)
     journal.write_text(journal.read_text().replace('"v":1,', '"v":0,'))
     with caplog.at_level(logging.WARNING, "flowing"):
         results = await Flow(second, journal_path=journal).arun()
