@@ -37,6 +37,13 @@ class FakeTerminal(io.StringIO):
         return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", self.getvalue()).split())
 
 
+def flaky_broken_events() -> list[Event]:
+    """The events of a run of ``flaky_broken_report``, for a display to be fed by hand."""
+    seen: list[Event] = []
+    flaky_broken_report(seen.append).run()
+    return seen
+
+
 def test_without_a_terminal_each_event_is_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:
     seen: list[Event] = []
     flaky_broken_report(seen.append).run(progress=True)
@@ -97,8 +104,7 @@ def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
 
     terminal = FakeTerminal()
     display = RichDisplay(terminal)
-    seen: list[Event] = []
-    flaky_broken_report(seen.append).run()
+    seen = flaky_broken_events()
     for event in seen[:4]:  # up to flaky's second attempt
         display.on_event(event)
     screen = Console(file=io.StringIO(), width=100, record=True)
@@ -116,8 +122,7 @@ def test_the_rich_display_shows_a_task_waiting_for_its_retry() -> None:
     from rich.console import Console
 
     display = RichDisplay(FakeTerminal())
-    seen: list[Event] = []
-    flaky_broken_report(seen.append).run()
+    seen = flaky_broken_events()
     for event in seen[:3]:  # flaky's first attempt failed, its retry not started
         display.on_event(event)
     screen = Console(file=io.StringIO(), width=100, record=True)
@@ -174,8 +179,7 @@ def test_the_rich_display_lines_up_the_running_tasks_and_counts_the_rest() -> No
 
 def test_the_tally_forgets_a_task_with_retries_once_it_finished() -> None:
     tally = Tally()
-    seen: list[Event] = []
-    flaky_broken_report(seen.append).run()
+    seen = flaky_broken_events()
     for event in seen:
         tally.update(event)
     assert tally.running == {} and tally.attempts == {}
@@ -201,8 +205,7 @@ def test_the_tally_shows_nothing_running_once_a_run_cancelled_inside_a_mapped_ta
 def test_the_tally_hands_on_failures_and_retries_as_news() -> None:
     news: list[Event] = []
     tally = Tally(on_news=news.append)
-    seen: list[Event] = []
-    flaky_broken_report(seen.append).run()
+    seen = flaky_broken_events()
     for event in seen:
         tally.update(event)
     assert [(type(e).__name__, e.task) for e in news if isinstance(e, TaskFinished | TaskRetrying)] == [
@@ -216,8 +219,7 @@ def test_the_rich_display_prints_failures_as_they_happen() -> None:
     pytest.importorskip("rich")
     terminal = FakeTerminal()
     display = RichDisplay(terminal)
-    seen: list[Event] = []
-    flaky_broken_report(seen.append).run()
+    seen = flaky_broken_events()
     display.start()
     for event in seen:
         display.on_event(event)
@@ -240,8 +242,7 @@ def test_the_rich_display_stops_printing_news_once_the_terminal_failed(
             raise error("terminal gone")
 
     display = RichDisplay(DeadTerminal())
-    seen: list[Event] = []
-    flaky_broken_report(seen.append).run()
+    seen = flaky_broken_events()
     with caplog.at_level(logging.WARNING, logger="flowing"):
         for event in seen + seen:  # a retry and a failure each time: four pieces of news
             display.on_event(event)
@@ -266,8 +267,7 @@ def test_the_eta_extrapolates_the_average_pace(
 def test_plain_lines_are_written_soon_without_waiting_for_more_events() -> None:
     out = io.StringIO()
     display = PlainDisplay(out, flush_s=0.01)
-    seen: list[Event] = []
-    flaky_broken_report(seen.append).run()
+    seen = flaky_broken_events()
     display.start()
     display.on_event(seen[0])
     deadline = time.monotonic() + 10
