@@ -71,6 +71,16 @@ def scheduler_keys(client: Any, prefix: str) -> list[str]:
     return [k for k in keys if str(k).startswith(prefix)]
 
 
+def held_until_released(started: Path, release: Path) -> None:
+    """In a body on a worker: mark ``started``, then wait for the test to create
+    ``release``, 20 s at the most (Dask cannot interrupt a worker thread). The
+    workers import it from this module, which the cluster's processes can import."""
+    started.touch()
+    deadline = time.monotonic() + 20
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def wait_until(condition: Any, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -348,10 +358,7 @@ def test_a_timeout_cancels_the_remote_future(
     # 2 s: time enough for the body to start on a worker even on a busy machine
     @task(timeout_s=2.0 if limit == "task timeout_s" else None)
     def stuck() -> str:
-        started.touch()
-        deadline = time.monotonic() + 20
-        while not release.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        held_until_released(started, release)
         return "too late"
 
     flow = Flow(stuck, executor=DaskExecutor(client))
@@ -555,10 +562,7 @@ def test_a_future_cancelled_outside_flowing_fails_the_attempt_clearly(
 
     @task
     def lost() -> str:
-        started.touch()
-        deadline = time.monotonic() + 20
-        while not release.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        held_until_released(started, release)
         return "never seen"
 
     flow = Flow(lost, executor=DaskExecutor(client))
@@ -586,10 +590,7 @@ def sleepers(tmp_path: Path) -> list[Any]:
     def make(i: int) -> Any:
         @task(name=f"sleeper_{i}")
         def sleeper() -> int:
-            (tmp_path / f"ran-{i}").touch()
-            deadline = time.monotonic() + 20
-            while not (tmp_path / "release").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            held_until_released(tmp_path / f"ran-{i}", tmp_path / "release")
             return i
 
         return sleeper
@@ -739,10 +740,7 @@ def test_fail_fast_in_a_mapping_cancels_its_instances_whose_bodies_had_not_start
 
     @task(depends_on=[items], map_over="items", when=unless_first)
     def sleeper(items: int) -> int:
-        (tmp_path / f"ran-{items}").touch()
-        deadline = time.monotonic() + 15
-        while not (tmp_path / "release").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        held_until_released(tmp_path / f"ran-{items}", tmp_path / "release")
         return items
 
     # Release the two running instances once every other instance has its final result.
