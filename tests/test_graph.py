@@ -60,6 +60,11 @@ def test_indices_of_dependencies_are_smaller_than_their_dependents() -> None:
             assert i in graph.dependents[dep]
 
 
+def test_the_index_maps_each_task_to_its_position() -> None:
+    graph = build_graph([d])
+    assert graph.index == {t: i for i, t in enumerate(graph.tasks)}
+
+
 def test_detached_tasks_whose_dependencies_are_in_the_graph_join_it() -> None:
     @task(depends_on=[d], detached=True)
     def notify(d: int) -> None: ...
@@ -111,6 +116,22 @@ def test_a_main_task_depending_on_a_detached_task_is_rejected() -> None:
         Flow(after)
 
 
+@pytest.mark.parametrize("side_listed_last", [True, False])
+def test_a_detached_terminal_does_not_hide_a_main_task_depending_on_it(
+    side_listed_last: bool,
+) -> None:
+    @task(depends_on=[a], detached=True)
+    def side(a: int) -> int:
+        return a
+
+    @task(depends_on=[side])
+    def after(side: int) -> None: ...
+
+    terminals = (after, side) if side_listed_last else (side, after)
+    with pytest.raises(DetachedDependencyError, match="'after' depends on detached task 'side'"):
+        Flow(*terminals)
+
+
 def test_a_cycle_is_reported_with_the_tasks_on_it() -> None:
     @task
     def first(**kwargs: Any) -> None: ...
@@ -138,6 +159,12 @@ def test_bad_terminals_are_rejected(terminals: tuple[Any, ...], message: str) ->
     with pytest.raises(FlowDefinitionError) as caught:
         Flow(*terminals)
     assert message in str(caught.value)
+
+
+def test_only_a_callable_terminal_is_told_to_decorate_it_with_task() -> None:
+    with pytest.raises(FlowDefinitionError) as caught:
+        Flow("d")  # type: ignore[arg-type]
+    assert str(caught.value).endswith("which is not a task")
 
 
 @pytest.mark.parametrize("max_workers", [0, -1, 1.5, True, "4"])

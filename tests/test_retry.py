@@ -82,6 +82,32 @@ def test_an_unusable_retry_after_hint_is_ignored_with_a_warning(
     assert "ignoring retry_after" in caplog.text
 
 
+def test_the_warning_names_the_task_the_hint_and_the_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = _policy(retry=3, name="fetch")
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        retry_delay_ms(policy, 1, Throttled("soon"))
+    assert caplog.messages == [
+        "task 'fetch': ignoring retry_after='soon' on Throttled; it must be seconds >= 0 "
+        "(a number or a timedelta)"
+    ]
+
+
+def test_a_zero_retry_after_hint_is_valid_and_not_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        assert retry_delay_ms(_policy(retry=3), 1, Throttled(0)) == 1000.0
+    assert caplog.records == []
+
+
+def test_jitter_draws_from_random_when_no_draw_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("random.random", lambda: 0.5)
+    policy = _policy(retry=5, retry_jitter=0.5)
+    assert retry_delay_ms(policy, 3, ValueError()) == 3000.0
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -93,6 +119,8 @@ def test_an_unusable_retry_after_hint_is_ignored_with_a_warning(
         ({"retry_jitter": -0.1}, "retry_jitter"),
         ({"retry_jitter": float("nan")}, "retry_jitter"),
         ({"retry_jitter": True}, "retry_jitter"),
+        ({"retry_jitter": False}, "retry_jitter"),
+        ({"retry_jitter": "0.1"}, "retry_jitter"),
     ],
     ids=lambda value: repr(value)[:40],
 )
