@@ -21,13 +21,16 @@ import pytest
 import anyio
 
 from flowing import (
+    Event,
     ExecutorAddressError,
     ExecutorBackendError,
     ExecutorUnreachableError,
     Flow,
     InstanceFinished,
     RemoteTaskLostError,
+    StepResult,
     StepState,
+    TaskDef,
     TaskFinished,
     TaskRetrying,
     TaskSerializationError,
@@ -79,6 +82,15 @@ def held_until_released(started: Path, release: Path) -> None:
     deadline = time.monotonic() + 20
     while not release.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def run_retried(step: TaskDef[..., Any], client: Any) -> tuple[StepResult, list[TaskRetrying]]:
+    """Run ``step`` (and what it depends on) on the cluster: its result, and the
+    retries announced on the way."""
+    events: list[Event] = []
+    flow = Flow(step, executor=DaskExecutor(client), on_event=events.append)
+    result = flow.run(timeout_s=60)[step.name]
+    return result, [e for e in events if isinstance(e, TaskRetrying)]
 
 
 def wait_until(condition: Any, timeout_s: float = 10.0) -> bool:
@@ -336,13 +348,7 @@ def test_an_input_the_cluster_cannot_unpickle_is_retried_like_any_failure(client
     def takes_it(made_here: object) -> str:
         return "never runs"
 
-    retries: list[TaskRetrying] = []
-    flow = Flow(
-        takes_it,
-        executor=DaskExecutor(client),
-        on_event=lambda e: retries.append(e) if isinstance(e, TaskRetrying) else None,
-    )
-    result = flow.run(timeout_s=30)["takes_it"]
+    result, retries = run_retried(takes_it, client)
     assert (result.state, result.attempts, type(result.error)) == (
         StepState.FAILED, 2, TaskSerializationError
     )
@@ -386,13 +392,7 @@ def test_a_worker_dying_mid_task_is_a_retried_failure(client: Any, tmp_path: Pat
             os._exit(1)
         return os.getpid()
 
-    retries: list[TaskRetrying] = []
-    flow = Flow(
-        fragile,
-        executor=DaskExecutor(client),
-        on_event=lambda e: retries.append(e) if isinstance(e, TaskRetrying) else None,
-    )
-    result = flow.run(timeout_s=60)["fragile"]
+    result, retries = run_retried(fragile, client)
     assert (result.state, result.attempts) == (StepState.SUCCEEDED, 2)
     assert [type(e.error).__name__ for e in retries] == ["KilledWorker"]
     assert "fragile-" in str(retries[0].error)
