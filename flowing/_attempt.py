@@ -394,8 +394,8 @@ def refuse_coroutine(name: str, value: Any) -> Any:
     if inspect.iscoroutine(value):
         value.close()
         raise TypeError(
-            f"task {name!r} returned an un-awaited coroutine; declare it with "
-            f"'async def' or await the call inside it"
+            f"task {name!r} returned an un-awaited coroutine; await it in the body, "
+            f"which must be an 'async def' function to do so"
         )
     return value
 

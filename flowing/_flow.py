@@ -72,8 +72,8 @@ class Flow:
 
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
-        if on_event is not None and not callable(on_event):
-            raise FlowDefinitionError(f"on_event must be a callable taking an event, got {on_event!r}")
+        if on_event is not None:
+            _check_on_event(on_event)
         if executor is not None:
             from ._executor import ThreadExecutor, is_executor
 
@@ -397,6 +397,25 @@ def _check_timeout(timeout_s: float | None) -> None:
         isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0
     ):
         raise ValueError(f"timeout_s must be None or a number > 0, got {timeout_s!r}")
+
+
+def _check_on_event(on_event: object) -> None:
+    """``on_event`` is called with each event: refuse what could never take one."""
+    if not callable(on_event):
+        raise FlowDefinitionError(f"on_event must be a callable taking an event, got {on_event!r}")
+    import inspect
+
+    try:
+        signature = inspect.signature(on_event)
+    except (TypeError, ValueError):
+        return  # builtins and some C callables have no signature: trust the user
+    try:
+        signature.bind(None)
+    except TypeError as error:
+        raise FlowDefinitionError(
+            f"on_event must take the event as its one argument, but {error}: "
+            f"{on_event!r} would fail on every event"
+        ) from None
 
 
 def _event_loop_running_here() -> bool:

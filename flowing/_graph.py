@@ -40,6 +40,11 @@ def build_graph(terminals: Sequence[object]) -> Graph:
     if not terminals:
         raise FlowDefinitionError("a Flow needs at least one task, e.g. Flow(last_step)")
     for terminal in terminals:
+        if _is_collection_of_tasks(terminal):
+            raise FlowDefinitionError(
+                f"Flow got a {type(terminal).__name__} of tasks; pass the tasks themselves: "
+                f"Flow(*tasks)"
+            )
         if not isinstance(terminal, TaskDef):
             hint = " (decorate it with @task)" if callable(terminal) else ""
             raise FlowDefinitionError(f"Flow got {terminal!r}, which is not a task{hint}")
@@ -55,6 +60,15 @@ def build_graph(terminals: Sequence[object]) -> Graph:
         for d in task_deps:
             dependents[d].append(i)
     return Graph(tuple(ordered), deps, tuple(tuple(ds) for ds in dependents), index)
+
+
+def _is_collection_of_tasks(value: object) -> bool:
+    """A list, tuple or set of tasks, given where the tasks themselves belong."""
+    return (
+        isinstance(value, (list, tuple, set, frozenset))
+        and bool(value)
+        and all(isinstance(item, TaskDef) for item in value)
+    )
 
 
 def _collect_upstream(terminals: Iterable[AnyTask]) -> dict[AnyTask, None]:

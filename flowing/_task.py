@@ -82,8 +82,14 @@ class TaskDef(Generic[P, R]):
     ) -> None:
         if not callable(fn):
             raise InvalidTaskError(f"@task needs a function, got {fn!r}")
+        _check_not_a_task(fn)
         self.fn = fn
         self.name = _check_name(fn, name)
+        if inspect.isasyncgenfunction(fn):
+            raise InvalidTaskError(
+                f"task {self.name!r} is an async generator function, which flowing cannot "
+                f"await; collect its items in an async def task and return them, e.g. as a list"
+            )
         self.depends_on = _check_dependencies(self.name, depends_on)
         self.retry = _check_retry(self.name, retry)
         self.retry_backoff_base_ms = _check_non_negative(
@@ -190,6 +196,15 @@ async def call_gate(gate: Gate, *args: Any, **kwargs: Any) -> Any:
     if inspect.isawaitable(outcome):
         return await outcome
     return outcome
+
+
+def _check_not_a_task(fn: object) -> None:
+    if isinstance(fn, TaskDef):
+        raise InvalidTaskError(
+            f"task {fn.name!r} is already a task: declare it once, with every option "
+            f"in one @task(...), or decorate its plain function (its .fn) again under "
+            f"another name"
+        )
 
 
 def _check_name(fn: Callable[..., Any], name: str | None) -> str:
@@ -342,8 +357,14 @@ def _check_parameters(
                 f"task {name!r} depends on {dep_name!r} but its function has no "
                 f"parameter {dep_name!r}; add one (or **kwargs) to receive its value"
             )
-    for p in parameters:
+    for position, p in enumerate(parameters):
         required = p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        if required and p.name not in provided and position == 0 and p.name in ("self", "cls"):
+            raise MissingParameterError(
+                f"task {name!r} has a required parameter {p.name!r}: @task cannot bind a "
+                f"method declared in a class body; decorate the bound method instead, e.g. "
+                f"task(instance.{getattr(fn, '__name__', 'method')}), or give {p.name!r} a default"
+            )
         if required and p.name not in provided:
             raise MissingParameterError(
                 f"task {name!r} has a required parameter {p.name!r} that no dependency "

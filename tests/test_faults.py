@@ -158,7 +158,10 @@ async def test_a_task_returning_an_unawaited_coroutine_fails_with_an_error_namin
     error = results["forgot_async"].error
     assert results["forgot_async"].state is StepState.FAILED
     assert isinstance(error, TypeError)
-    assert "'forgot_async'" in str(error) and "un-awaited coroutine" in str(error)
+    assert str(error) == (
+        "task 'forgot_async' returned an un-awaited coroutine; await it in the body, "
+        "which must be an 'async def' function to do so"
+    )
 
 
 def _stopping_task(exc_type: type[BaseException], kind: str, where: str) -> TaskDef[[], Any]:

@@ -265,6 +265,32 @@ def test_a_non_callable_on_event_is_refused() -> None:
         Flow(only, on_event="print")  # type: ignore[arg-type]
 
 
+async def _async_no_argument() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("on_event", "problem"),
+    [
+        (lambda: None, "too many positional arguments"),
+        (lambda event, extra: None, "missing a required argument: 'extra'"),
+        (_async_no_argument, "too many positional arguments"),
+    ],
+    ids=["no-argument", "two-arguments", "async-no-argument"],
+)
+def test_an_on_event_that_cannot_take_an_event_is_refused_when_the_flow_is_built(
+    on_event: Any, problem: str
+) -> None:
+    @task
+    def only() -> None: ...
+
+    with pytest.raises(FlowDefinitionError) as caught:
+        Flow(only, on_event=on_event)
+    assert str(caught.value) == (
+        f"on_event must take the event as its one argument, but {problem}: "
+        f"{on_event!r} would fail on every event"
+    )
+
+
 def test_an_abandoned_sync_body_is_reported_between_its_start_and_its_failure() -> None:
     release = threading.Event()
 

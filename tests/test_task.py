@@ -93,6 +93,49 @@ def test_bad_options_are_rejected_with_a_message_naming_the_task(
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "redeclare",
+    [lambda t: task(t), lambda t: task(retry=2)(t), lambda t: TaskDef(t)],
+    ids=["bare", "with-options", "TaskDef"],
+)
+def test_decorating_a_task_again_is_rejected_naming_it_and_the_fix(
+    redeclare: Any,
+) -> None:
+    with pytest.raises(InvalidTaskError) as caught:
+        redeclare(source)
+    assert str(caught.value) == (
+        "task 'source' is already a task: declare it once, with every option in one "
+        "@task(...), or decorate its plain function (its .fn) again under another name"
+    )
+
+
+@pytest.mark.parametrize("first", ["self", "cls"])
+def test_a_method_decorated_in_its_class_is_rejected_with_the_bound_method_as_the_fix(
+    first: str,
+) -> None:
+    namespace: dict[str, Any] = {}
+    exec(f"def method({first}): return 1", namespace)
+    with pytest.raises(MissingParameterError) as caught:
+        task(namespace["method"])
+    assert str(caught.value) == (
+        f"task 'method' has a required parameter {first!r}: @task cannot bind a method "
+        f"declared in a class body; decorate the bound method instead, e.g. "
+        f"task(instance.method), or give {first!r} a default"
+    )
+
+
+def test_an_async_generator_function_is_rejected_before_it_could_succeed_unrun() -> None:
+    async def stream() -> Any:
+        yield 1
+
+    with pytest.raises(InvalidTaskError) as caught:
+        task(stream)
+    assert str(caught.value) == (
+        "task 'stream' is an async generator function, which flowing cannot await; "
+        "collect its items in an async def task and return them, e.g. as a list"
+    )
+
+
 def test_a_dependency_without_a_parameter_is_rejected() -> None:
     with pytest.raises(MissingParameterError, match="'lonely' depends on 'source'.*no parameter 'source'"):
 
