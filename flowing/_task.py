@@ -131,6 +131,9 @@ class TaskDef(Generic[P, R]):
         return float(min(delay, self.retry_max_backoff_ms))
 
 
+_OPTIONS = frozenset(inspect.signature(TaskDef.__init__).parameters) - {"self", "fn"}
+
+
 @overload
 def task(fn: Callable[P, R], /) -> TaskDef[P, R]: ...
 
@@ -165,9 +168,11 @@ def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
     after the dependency. See the README for every option.
     """
     if fn is not None:
+        _check_options(fn, options)
         return TaskDef(fn, **options)
 
     def decorate(inner: Callable[P, R]) -> TaskDef[P, R]:
+        _check_options(inner, options)
         return TaskDef(inner, **options)
 
     return decorate
@@ -196,6 +201,21 @@ async def call_gate(gate: Gate, *args: Any, **kwargs: Any) -> Any:
     if inspect.isawaitable(outcome):
         return await outcome
     return outcome
+
+
+def _check_options(fn: object, options: dict[str, Any]) -> None:
+    """Every keyword given to ``@task(...)`` is one of its options; a typo says which."""
+    unknown = sorted(options.keys() - _OPTIONS)
+    if unknown:
+        import difflib
+
+        name = options.get("name") or getattr(fn, "__name__", None) or repr(fn)
+        close = difflib.get_close_matches(unknown[0], sorted(_OPTIONS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InvalidTaskError(
+            f"@task got an unknown option {unknown[0]!r} for task {name!r}; {hint}"
+            f"its options are {', '.join(sorted(_OPTIONS))}"
+        )
 
 
 def _check_not_a_task(fn: object) -> None:

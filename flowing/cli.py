@@ -19,6 +19,7 @@ could not be written after a run whose tasks all succeeded, 130 when interrupted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -26,7 +27,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -192,10 +193,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     results = flow.results
-    if args.json:
-        print(json.dumps(_as_json(results, time.monotonic() - started), indent=2))
-    elif not args.quiet:
-        _print_summary(results, time.monotonic() - started)
+    with _stdout_may_close():
+        if args.json:
+            print(json.dumps(_as_json(results, time.monotonic() - started), indent=2))
+        elif not args.quiet:
+            _print_summary(results, time.monotonic() - started)
     written = True
     if args.timeline is not None and results:
         written = _write_timeline(flow, args.timeline, args.quiet)
@@ -285,8 +287,25 @@ def _graph(args: argparse.Namespace) -> int:
     """Draw the graph alone: no Flow, so the pools the tasks name need not be defined."""
     file, names = _split_target(args.target)
     graph = build_graph(_terminals(_import_file(file), file, names))
-    print(to_mermaid(graph, {}) if args.format == "mermaid" else to_dot(graph, {}), end="")
+    with _stdout_may_close():
+        print(to_mermaid(graph, {}) if args.format == "mermaid" else to_dot(graph, {}), end="")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _stdout_may_close() -> Iterator[None]:
+    """Print, and flush; a reader that has gone (``| head``) ends the output quietly.
+
+    stdout then points at the null device, so the interpreter's own flush at exit
+    has nothing to complain about; the exit status stays the command's own.
+    """
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def _terminals(module: ModuleType, file: str, names: list[str]) -> list[TaskDef[..., Any]]:

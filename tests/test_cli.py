@@ -365,6 +365,31 @@ def test_graph_prints_the_graph_without_running_it(tmp_path: Path, fmt: str, par
     }
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["run", "--json", "--quiet"], ["run"], ["graph"]],
+    ids=["run-json", "run-summary", "graph"],
+)
+def test_a_reader_that_closed_stdout_ends_the_output_quietly_keeping_the_status(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """``flowing run x.py --json | head -1``: no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "flowing", command[0], str(write(tmp_path, PIPELINE)), *command[1:]],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONWARNINGS": ""},
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, "Error" not in done.stderr) == (0, True), done.stderr
+
+
 def test_version_prints_the_package_version() -> None:
     done = flowing("--version")
     assert (done.returncode, done.stdout) == (0, f"flowing {__version__}\n")

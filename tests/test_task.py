@@ -94,6 +94,32 @@ def test_bad_options_are_rejected_with_a_message_naming_the_task(
 
 
 @pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": 3}, "unknown option 'timeout' for task 'body'; did you mean 'timeout_s'? "),
+        ({"depend_on": []}, "unknown option 'depend_on' for task 'body'; did you mean 'depends_on'? "),
+        ({"retries": 2}, "unknown option 'retries' for task 'body'; did you mean 'retry'? "),
+        ({"name": "named", "colour": "red"}, "unknown option 'colour' for task 'named'; its options"),
+    ],
+    ids=["timeout", "depend_on", "retries", "no-close-match"],
+)
+@pytest.mark.parametrize("form", ["decorator", "call"])
+def test_an_unknown_option_is_rejected_naming_the_task_and_the_option_meant(
+    options: dict[str, Any], message: str, form: str
+) -> None:
+    def body() -> None: ...
+
+    with pytest.raises(InvalidTaskError) as caught:
+        task(**options)(body) if form == "decorator" else task(body, **options)
+    assert message in str(caught.value)
+    assert str(caught.value).endswith(
+        "its options are cache, depends_on, detached, local, map_over, max_concurrency, "
+        "name, pool, retry, retry_backoff_base_ms, retry_jitter, retry_max_backoff_ms, "
+        "retry_on, retry_until, timeout_s, validate, when"
+    )
+
+
+@pytest.mark.parametrize(
     "redeclare",
     [lambda t: task(t), lambda t: task(retry=2)(t), lambda t: TaskDef(t)],
     ids=["bare", "with-options", "TaskDef"],
