@@ -313,19 +313,6 @@ async def test_a_retry_waiting_for_a_worker_thread_is_not_timed_until_it_has_one
     assert [e.attempt for e in events if isinstance(e, TaskStarted)] == [1, 2]
 
 
-async def test_a_sync_task_returning_a_coroutine_fails_with_a_clear_error() -> None:
-    async def forgot_to_await() -> int:
-        return 1
-
-    @task
-    def mistaken() -> Any:
-        return forgot_to_await()
-
-    results = await Flow(mistaken).arun()
-    assert results["mistaken"].state is StepState.FAILED
-    assert "task 'mistaken' returned an un-awaited coroutine" in str(results["mistaken"].error)
-
-
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 async def test_fail_fast_holds_back_a_retry_and_the_earlier_attempt_stands(is_async: bool) -> None:
     first_attempt_done, boom_failed = anyio.Event(), anyio.Event()

@@ -99,15 +99,18 @@ async def test_the_thread_executor_gives_the_same_results_as_the_default(
     }
 
 
-async def test_a_sync_body_returning_a_coroutine_through_an_executor_fails_clearly() -> None:
-    async def later() -> int:
+@pytest.mark.parametrize("executor", [None, ThreadExecutor()], ids=["default", "explicit"])
+async def test_a_sync_body_returning_a_coroutine_fails_clearly(
+    executor: ThreadExecutor | None,
+) -> None:
+    async def forgot_to_await() -> int:
         return 1
 
     @task
     def mistaken() -> Any:
-        return later()
+        return forgot_to_await()
 
-    results = await Flow(mistaken, executor=ThreadExecutor()).arun()
+    results = await Flow(mistaken, executor=executor).arun()
     assert results["mistaken"].state is StepState.FAILED
     assert "task 'mistaken' returned an un-awaited coroutine" in str(results["mistaken"].error)
 
