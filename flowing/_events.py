@@ -99,6 +99,11 @@ Event = Union[
 ]
 
 
+def retry_cause(event: TaskRetrying) -> str:
+    """Why the attempt that ``event`` retries did not stand: its error, or the retry_until= gate."""
+    return describe_error(event.error) if event.error else "retry_until= said no"
+
+
 def log_event(event: Event) -> None:
     """One log line per transition on the ``flowing`` logger."""
     if isinstance(event, TaskFinished):
@@ -126,7 +131,7 @@ def log_event(event: Event) -> None:
             event.task,
             event.attempt,
             event.max_attempts,
-            describe_error(event.error) if event.error else "retry_until said no",
+            retry_cause(event),
             event.delay_ms,
         )
     elif isinstance(event, ThreadAbandoned):

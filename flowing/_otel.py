@@ -19,9 +19,10 @@ from ._events import (
     TaskRetrying,
     TaskStarted,
     ThreadAbandoned,
+    retry_cause,
 )
 from ._exceptions import MissingExtraError
-from ._results import StepResult, StepState, describe_error, describe_outcome
+from ._results import StepResult, StepState, describe_outcome
 
 
 class SpanRecorder:
@@ -62,7 +63,7 @@ class SpanRecorder:
             if span is not None:
                 if event.error is not None:
                     span.record_exception(event.error)
-                why = describe_error(event.error) if event.error else "retry_until= said no"
+                why = retry_cause(event)
                 span.set_status(self._error(why))
                 span.set_attribute("flowing.retry_delay_ms", event.delay_ms)
                 span.end()

@@ -33,6 +33,7 @@ from ._events import (
     TaskRetrying,
     TaskStarted,
     ThreadAbandoned,
+    retry_cause,
 )
 from ._results import (
     FAILED,
@@ -311,7 +312,7 @@ class PlainDisplay:
         if isinstance(event, (TaskFinished, InstanceFinished)):
             return f"{clock}  {_state_word(event.result):<9}  {event.task}{_outcome(event.result)}"
         if isinstance(event, TaskRetrying):
-            why = describe_error(event.error) if event.error else "retry_until= said no"
+            why = retry_cause(event)
             return (
                 f"{clock}  retry      {event.task}  attempt {event.attempt}/{event.max_attempts} "
                 f"failed ({why}); next in {event.delay_ms:.0f} ms"
@@ -391,7 +392,7 @@ class RichDisplay:
     def _print_news(self, event: Event) -> None:
         """A line above the display for each retry, failure and abandoned thread."""
         if isinstance(event, TaskRetrying):
-            why = describe_error(event.error) if event.error else "retry_until= said no"
+            why = retry_cause(event)
             self.console.print(
                 f"[yellow]↻ {_escape(event.task)}[/] attempt {event.attempt}/{event.max_attempts} "
                 f"failed: {_escape(why)} [dim](retry in {event.delay_ms:.0f} ms)[/]"

@@ -337,6 +337,29 @@ def test_each_transition_is_logged_on_the_flowing_logger(caplog: pytest.LogCaptu
     assert any("task 'step_4' skipped" in m for m in messages)
 
 
+@pytest.mark.parametrize(
+    "first_attempt,cause",
+    [(ValueError("flaky"), "(ValueError: flaky)"), (0, "(retry_until= said no)")],
+    ids=["raised", "rejected"],
+)
+def test_a_retry_is_logged_with_why_the_attempt_did_not_stand(
+    first_attempt: Any, cause: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcomes = [first_attempt, 1]
+
+    @task(retry=1, retry_backoff_base_ms=0, retry_until=lambda value: value == 1)
+    def flaky() -> Any:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    caplog.set_level(logging.INFO, logger="flowing")
+    Flow(flaky).run()
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries == [f"task 'flaky' attempt 1 of 2 failed {cause}; retrying in 0 ms"]
+
+
 def test_the_library_is_silent_unless_logging_is_configured(capsys: pytest.CaptureFixture[str]) -> None:
     Flow(step_4).run()
     captured = capsys.readouterr()
