@@ -71,15 +71,23 @@ def _is_collection_of_tasks(value: object) -> bool:
     )
 
 
-def _collect_upstream(terminals: Iterable[AnyTask]) -> dict[AnyTask, None]:
-    """Every task reachable backwards from ``terminals``, without recursion."""
+def _collect_upstream(terminals: Sequence[AnyTask]) -> dict[AnyTask, None]:
+    """Every task reachable backwards from ``terminals``, without recursion.
+
+    In depth-first post-order, terminals as given and dependencies in ``depends_on``
+    order, so that the topological order keeps the order the user wrote.
+    """
     members: dict[AnyTask, None] = {}
-    stack = list(terminals)
+    seen: set[AnyTask] = set()
+    stack: list[tuple[AnyTask, bool]] = [(t, False) for t in reversed(terminals)]
     while stack:
-        current = stack.pop()
-        if current not in members:
+        current, expanded = stack.pop()
+        if expanded:
             members[current] = None
-            stack.extend(current.depends_on)
+        elif current not in seen:
+            seen.add(current)
+            stack.append((current, True))
+            stack.extend((dep, False) for dep in reversed(current.depends_on) if dep not in seen)
     return members
 
 

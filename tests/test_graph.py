@@ -52,6 +52,36 @@ def test_tasks_come_in_dependency_order() -> None:
     assert order.index("c") < order.index("d")
 
 
+@task
+def x() -> int:
+    return 1
+
+
+@task
+def y() -> int:
+    return 2
+
+
+@pytest.mark.parametrize(
+    ("terminals", "order"),
+    [
+        ((x, y), ["x", "y"]),
+        ((y, x), ["y", "x"]),
+        ((d,), ["a", "b", "c", "d"]),
+        ((c, b), ["a", "c", "b"]),
+        ((x, d, y), ["x", "a", "y", "b", "c", "d"]),
+    ],
+    ids=["x-y", "y-x", "d", "c-b", "x-d-y"],
+)
+def test_independent_tasks_keep_the_order_they_were_given_in(
+    terminals: tuple[Any, ...], order: list[str]
+) -> None:
+    """Terminals in the order passed to Flow, dependencies in depends_on order: so
+    results, the summary and the pictures read as written, and with one worker
+    thread ready tasks start in that order."""
+    assert names(Flow(*terminals)) == order
+
+
 def test_indices_of_dependencies_are_smaller_than_their_dependents() -> None:
     graph = build_graph([d])
     for i, deps in enumerate(graph.deps):

@@ -317,7 +317,7 @@ def test_a_keyboard_interrupt_from_a_sync_body_stops_the_lanes_without_fail_fast
         interrupted.set()
         raise KeyboardInterrupt
 
-    flow = Flow(*[quick(k) for k in range(200)], interrupts, max_workers=1, fail_fast=False)
+    flow = Flow(interrupts, *[quick(k) for k in range(200)], max_workers=1, fail_fast=False)
     assert flow.tasks[0].name == "interrupts"  # so the others are queued behind it
     with pytest.raises(KeyboardInterrupt):
         flow.run(backend=anyio_backend)  # type: ignore[arg-type]
