@@ -271,6 +271,30 @@ def test_wrong_dependency_keys_are_refused_by_name() -> None:
         key(b)
 
 
+@pytest.mark.parametrize("dependency_key", [None, 3, ""], ids=["None", "int", "empty"])
+def test_a_dependency_key_that_is_no_key_is_refused_naming_the_dependency(
+    dependency_key: Any,
+) -> None:
+    """flow.step_keys() gives None for a task without a key: its dependents have none
+    either, so ``"dep:a=None"`` must not become a key shared by every such task."""
+
+    @task
+    def a() -> int:
+        return 1
+
+    @task(depends_on=[a])
+    def b(a: int) -> int:
+        return a
+
+    with pytest.raises(ValueError) as caught:
+        compute_step_key(b, {"a": dependency_key})
+    assert str(caught.value) == (
+        f"dependency_keys of task 'b' must map each dependency to its step key (a "
+        f"non-empty str), got {dependency_key!r} for 'a'; a dependency without a key "
+        f"(None in flow.step_keys()) leaves its dependents without one too"
+    )
+
+
 @pytest.mark.parametrize(
     "fn, culprit",
     [
