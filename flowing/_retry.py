@@ -36,10 +36,19 @@ def check_retry_on(name: str, retry_on: Any) -> RetryOn | None:
             f"to never retry"
         )
     for cls in classes:
+        if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, Exception):
+            raise InvalidTaskError(
+                f"retry_on of task {name!r} lists {cls.__name__}, which stops the run and "
+                f"is never retried; retry_on takes Exception subclasses"
+            )
         if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            hint = ""
+            if isinstance(cls, (list, set, frozenset)) and all(isinstance(c, type) for c in cls):
+                listed = ", ".join(c.__name__ for c in cls) + ("," if len(cls) == 1 else "")
+                hint = f"; pass a tuple: retry_on=({listed})"
             raise InvalidTaskError(
                 f"retry_on of task {name!r} must be an exception class or a tuple of "
-                f"them, got {cls!r}"
+                f"them, got {cls!r}{hint}"
             )
     return classes
 

@@ -114,7 +114,22 @@ def test_jitter_draws_from_random_when_no_draw_is_given(monkeypatch: pytest.Monk
         ({"retry_on": ()}, "retry_on of task 'step' is empty"),
         ({"retry_on": "ValueError"}, "must be an exception class"),
         ({"retry_on": (ValueError, 3)}, "got 3"),
-        ({"retry_on": KeyboardInterrupt}, "must be an exception class"),
+        (
+            {"retry_on": KeyboardInterrupt},
+            "retry_on of task 'step' lists KeyboardInterrupt, which stops the run and is "
+            "never retried; retry_on takes Exception subclasses",
+        ),
+        (
+            {"retry_on": (ValueError, BaseException)},
+            "retry_on of task 'step' lists BaseException, which stops the run and is "
+            "never retried; retry_on takes Exception subclasses",
+        ),
+        (
+            {"retry_on": [ConnectionError, TimeoutError]},
+            "must be an exception class or a tuple of them, got [<class 'ConnectionError'>, "
+            "<class 'TimeoutError'>]; pass a tuple: retry_on=(ConnectionError, TimeoutError)",
+        ),
+        ({"retry_on": [KeyError]}, "; pass a tuple: retry_on=(KeyError,)"),
         ({"retry_jitter": 1}, "retry_jitter of task 'step' must be a number in [0, 1)"),
         ({"retry_jitter": -0.1}, "retry_jitter"),
         ({"retry_jitter": float("nan")}, "retry_jitter"),
