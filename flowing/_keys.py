@@ -47,10 +47,10 @@ def compute_step_key(task: TaskDef[..., Any], dependency_keys: Mapping[str, str]
             f"{sorted(expected)}, got {sorted(dependency_keys)}"
         )
     for name, key in dependency_keys.items():
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str):
             raise ValueError(
                 f"dependency_keys of task {task.name!r} must map each dependency to its "
-                f"step key (a non-empty str), got {key!r} for {name!r}; a dependency "
+                f"step key (a str), got {key!r} for {name!r}; a dependency "
                 f"without a key (None in flow.step_keys()) leaves its dependents without one too"
             )
     digest = hashlib.sha256()
