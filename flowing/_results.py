@@ -75,18 +75,30 @@ def count_states(results: Iterable[StepResult]) -> dict[str, int]:
 def format_summary(results: Iterable[StepResult]) -> str:
     """A plain-text table, one row per task, in the order given."""
     rows = [_HEADERS] + [_summary_row(r) for r in results]
-    widths = [max(len(row[col]) for row in rows) for col in range(len(_HEADERS) - 1)]
+    widths = [max(_columns(row[col]) for row in rows) for col in range(len(_HEADERS) - 1)]
     lines = []
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        cells = [cell + " " * (width - _columns(cell)) for cell, width in zip(row, widths)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines)
+
+
+def _columns(text: str) -> int:
+    """How many terminal columns ``text`` takes: wide characters two, combining ones none."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        for ch in text
+    )
 
 
 def _summary_row(result: StepResult) -> tuple[str, ...]:
     return (
         result.state.value.upper(),
-        result.name,
+        "".join(" " if ch.isspace() or not ch.isprintable() else ch for ch in result.name),
         f"{result.duration_ms:.1f} ms",
         str(result.attempts),
         "detached" if result.detached else ("cached" if result.cached else ""),
