@@ -455,9 +455,10 @@ def _check_folder(path: str) -> None:
     """A journal that does not exist yet must be creatable when its first task succeeds."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise InvalidJournalError(
-            path, f"its folder {folder!r} does not exist", "create the folder first"
-        )
+        fix = "create the folder first"
+        if path.startswith("~"):
+            fix = f"'~' is not expanded: pass os.path.expanduser({path!r}) for a home folder"
+        raise InvalidJournalError(path, f"its folder {folder!r} does not exist", fix)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InvalidJournalError(
             path,

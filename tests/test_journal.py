@@ -506,6 +506,22 @@ def test_a_journal_path_that_is_not_a_regular_file_is_refused_when_the_flow_is_b
         compact_journal(path)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["~/run.jsonl", "~user/runs/run.jsonl"])
+async def test_a_journal_path_starting_with_a_tilde_is_refused_saying_it_is_not_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no folder named '~' here
+    first, second = chain(1)
+    with pytest.raises(InvalidJournalError) as refused:
+        await Flow(second, journal_path=path).arun()
+    folder = os.path.dirname(os.path.abspath(path))
+    assert str(refused.value) == (
+        f"{path!r} cannot be used as a journal: its folder {folder!r} does not exist; "
+        f"'~' is not expanded: pass os.path.expanduser({path!r}) for a home folder"
+    )
+
+
 UNWRITABLE = {
     "missing-folder": "its folder '.*nope' does not exist; create the folder first",
     "file-as-folder": r"opening it to read and append failed \(Not a directory\)",
