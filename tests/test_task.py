@@ -169,6 +169,19 @@ def test_a_dependency_without_a_parameter_is_rejected() -> None:
         def lonely() -> None: ...
 
 
+def test_a_positional_only_parameter_for_a_dependency_is_rejected_saying_why() -> None:
+    with pytest.raises(MissingParameterError) as caught:
+
+        @task(depends_on=[source])
+        def positional(source: int, /) -> int:
+            return source
+
+    assert str(caught.value) == (
+        "task 'positional' depends on 'source' but its parameter 'source' is "
+        "positional-only, and dependencies are passed by keyword; remove the '/'"
+    )
+
+
 def test_a_required_parameter_without_a_dependency_is_rejected() -> None:
     with pytest.raises(MissingParameterError, match="required parameter 'missing'"):
 
