@@ -318,7 +318,10 @@ class PlainDisplay:
                 f"failed ({why}); next in {event.delay_ms:.0f} ms"
             )
         if isinstance(event, ThreadAbandoned):
-            return f"{clock}  abandoned  {event.task}  its thread runs on after a timeout"
+            return (
+                f"{clock}  abandoned  {event.task}  sync body abandoned (timed out or "
+                f"cancelled), its thread runs on"
+            )
         if isinstance(event, FlowStarted):
             return f"{clock}  flow       started: {event.pending} of {event.total} tasks to run"
         return f"{clock}  flow       finished in {event.duration_ms / 1000:.2f} s: {_counts(event.counts)}"

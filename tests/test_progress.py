@@ -6,9 +6,11 @@ import io
 import logging
 import re
 import sys
+import threading
 import time
 
 import anyio
+import anyio.from_thread
 import pytest
 
 from _flows import flaky_broken_report
@@ -65,6 +67,26 @@ def test_without_a_terminal_each_event_is_one_plain_line(capsys: pytest.CaptureF
     assert "ValueError: bad row" in lines[6]
     assert "(dependency 'broken' failed)" in lines[7]
     assert lines[-1].startswith("[3/3]")
+
+
+@pytest.mark.anyio
+async def test_a_sync_body_abandoned_by_a_cancelled_run_is_not_said_to_have_timed_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    release = threading.Event()
+    scope = anyio.CancelScope()
+
+    @task
+    def stuck() -> None:
+        anyio.from_thread.run_sync(scope.cancel)  # the body is running: cancel the run
+        release.wait(30)
+
+    with scope:
+        await Flow(stuck).arun(progress=True)
+    release.set()
+    lines = capsys.readouterr().err.splitlines()
+    abandoned = [line.split("  abandoned  ", 1)[1] for line in lines if "  abandoned  " in line]
+    assert abandoned == ["stuck  sync body abandoned (timed out or cancelled), its thread runs on"]
 
 
 def test_progress_never_changes_the_results(capsys: pytest.CaptureFixture[str]) -> None:
