@@ -198,7 +198,7 @@ async def _gated_step(
     outcome = functools.partial(step_result, task, started_at)
     if task.when is not None:
         try:
-            allowed = await call_gate(task.when, **kwargs)
+            allowed = bool(await call_gate(task.when, **kwargs))  # a Series has no bool()
         except Exception as error:
             return outcome(StepState.FAILED, error=error, reason="when= raised")
         if not allowed:
@@ -251,7 +251,7 @@ async def _attempts(
             if task.retry_until is None:
                 return outcome(StepState.SUCCEEDED, value=value, attempts=attempt)
             try:
-                accepted = await call_gate(task.retry_until, value)
+                accepted = bool(await call_gate(task.retry_until, value))
             except Exception as exc:
                 return outcome(
                     StepState.FAILED,

@@ -99,7 +99,19 @@ def retry_after_ms(name: str, error: BaseException | None) -> float | None:
 
     A hint that is neither, or negative, or not finite, is ignored with a warning.
     """
-    hint = getattr(error, "retry_after", None)
+    try:
+        hint = getattr(error, "retry_after", None)
+    except Exception as unreadable:  # a property or __getattr__ of the error's own
+        from ._log import logger  # a rare path: keep import flowing light
+        from ._results import describe_error
+
+        logger.warning(
+            "task %r: ignoring retry_after on %s: reading it raised %s",
+            name,
+            type(error).__name__,
+            describe_error(unreadable),
+        )
+        return None
     if hint is None:
         return None
     import datetime  # a rare path: keep import flowing light

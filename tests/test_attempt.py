@@ -352,3 +352,35 @@ async def test_fail_fast_holds_back_a_retry_and_the_earlier_attempt_stands(is_as
     assert calls == [1]
     assert (result.state, result.value, result.attempts) == (StepState.FAILED, 1, 1)
     assert result.reason == "not retried: fail_fast stopped the run after 'boom' failed"
+
+
+class _NoTruthValue:
+    """What ``df["x"] > 0`` returns for a pandas Series: no answer to ``bool()``."""
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value of a Series is ambiguous")
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"when": lambda: _NoTruthValue()}, "when= raised"),
+        ({"retry": 1, "retry_until": lambda value: _NoTruthValue()}, "retry_until= raised"),
+    ],
+    ids=["when", "retry_until"],
+)
+async def test_a_gate_answer_without_a_truth_value_fails_its_task_not_the_run(
+    options: dict[str, Any], reason: str
+) -> None:
+    @task(**options)
+    def gated() -> int:
+        return 1
+
+    @task
+    def other() -> int:
+        return 2
+
+    results = await Flow(gated, other, fail_fast=False).arun()
+    assert (results["gated"].state, results["gated"].reason) == (StepState.FAILED, reason)
+    assert str(results["gated"].error) == "the truth value of a Series is ambiguous"
+    assert results["other"].state is StepState.SUCCEEDED

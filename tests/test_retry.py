@@ -94,6 +94,36 @@ def test_the_warning_names_the_task_the_hint_and_the_error(
     ]
 
 
+class HintProperty(Exception):
+    @property
+    def retry_after(self) -> float:
+        raise RuntimeError("no response to read it from")
+
+
+class HintLookup(Exception):
+    def __getattr__(self, name: str) -> Any:
+        raise KeyError(name)  # a lookup that does not raise AttributeError
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (HintProperty(), "RuntimeError: no response to read it from"),
+        (HintLookup(), "KeyError: 'retry_after'"),
+    ],
+    ids=["property-raises", "getattr-raises"],
+)
+def test_a_retry_after_hint_that_cannot_be_read_is_ignored_with_a_warning(
+    error: Exception, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = _policy(retry=3, name="fetch")
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        assert retry_delay_ms(policy, 2, error) == 2000.0
+    assert caplog.messages == [
+        f"task 'fetch': ignoring retry_after on {type(error).__name__}: reading it raised {why}"
+    ]
+
+
 def test_a_zero_retry_after_hint_is_valid_and_not_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
