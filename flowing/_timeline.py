@@ -247,6 +247,11 @@ def _retry_handle() -> Any:
 
 def timeline(recorder: RunRecorder, graph: Graph, path: str | os.PathLike[str] | None) -> str:
     """The Mermaid gantt of the latest run; also written to ``path`` (image or text) if given."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"timeline(path) takes a file path (a str or os.PathLike) such as 'run.png' or "
+            f"'run.mmd', got {path!r}"
+        )
     bars = recorder.bars(graph)
     text = to_gantt(bars, recorder.duration_ms())
     if path is None:

@@ -209,6 +209,18 @@ def test_the_timeline_is_written_by_suffix(tmp_path: Path, suffix: str, magic: b
     assert text.startswith("gantt")
 
 
+@pytest.mark.parametrize("path", [3, b"run.png", ["run.png"]], ids=["int", "bytes", "list"])
+def test_a_path_of_the_wrong_type_is_refused_naming_the_argument(path: object) -> None:
+    flow, _ = build_diamond()
+    flow.run()
+    with pytest.raises(TypeError) as caught:
+        flow.timeline(path)  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        f"timeline(path) takes a file path (a str or os.PathLike) such as 'run.png' or "
+        f"'run.mmd', got {path!r}"
+    )
+
+
 def test_an_unknown_suffix_is_refused(tmp_path: Path) -> None:
     flow, _ = build_diamond()
     flow.run()
