@@ -92,6 +92,11 @@ def resolve_serializer(serializer: str | Serializer) -> Serializer:
     if isinstance(serializer, str):
         if serializer in _BUILTIN:
             return _BUILTIN[serializer]()
+    elif isinstance(serializer, type):  # its unbound dumps() would refuse every value
+        raise FlowDefinitionError(
+            f"serializer is the class {serializer.__name__}; pass an instance: "
+            f"serializer={serializer.__name__}()"
+        )
     elif isinstance(serializer, Serializer) and isinstance(serializer.name, str):
         return serializer
     raise FlowDefinitionError(

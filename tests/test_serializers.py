@@ -61,3 +61,16 @@ def test_a_serializer_is_chosen_by_name_or_given_as_an_object(spec: Any, expecte
 def test_anything_else_is_refused_naming_the_parameter(spec: Any) -> None:
     with pytest.raises(FlowDefinitionError, match="serializer must be 'pickle', 'json' or"):
         resolve_serializer(spec)
+
+
+@pytest.mark.parametrize("cls", [JsonSerializer, PickleSerializer, Upper], ids=lambda c: c.__name__)
+def test_a_serializer_class_instead_of_an_instance_is_refused_with_the_call_to_write(
+    cls: type,
+) -> None:
+    """Its unbound ``dumps`` would refuse every value: nothing would be journaled."""
+    with pytest.raises(FlowDefinitionError) as caught:
+        resolve_serializer(cls)
+    assert str(caught.value) == (
+        f"serializer is the class {cls.__name__}; pass an instance: "
+        f"serializer={cls.__name__}()"
+    )
