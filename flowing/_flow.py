@@ -77,6 +77,11 @@ class Flow:
         if executor is not None:
             from ._executor import ThreadExecutor, is_executor
 
+            if isinstance(executor, type):  # its unbound session() fails at the first run
+                raise FlowDefinitionError(
+                    f"executor is the class {executor.__name__}; pass an instance: "
+                    f"executor={executor.__name__}(...)"
+                )
             if not is_executor(executor):
                 raise FlowDefinitionError(
                     f"executor must be an Executor such as ThreadExecutor() or "

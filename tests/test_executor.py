@@ -163,6 +163,14 @@ def test_a_flow_refuses_an_executor_that_is_not_one(bad: object) -> None:
         Flow(mixed_graph(), executor=bad)  # type: ignore[arg-type]
 
 
+def test_an_executor_class_instead_of_an_instance_is_refused_with_the_call_to_write() -> None:
+    with pytest.raises(FlowDefinitionError) as caught:
+        Flow(mixed_graph(), executor=ThreadExecutor)  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "executor is the class ThreadExecutor; pass an instance: executor=ThreadExecutor(...)"
+    )
+
+
 def test_local_defaults_to_false_and_is_kept() -> None:
     @task
     def anywhere() -> None: ...
