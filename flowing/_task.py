@@ -371,13 +371,13 @@ def _check_parameters(
             p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
     provided = {dep.name for dep in depends_on}
+    positional_only = {p.name for p in parameters if p.kind is p.POSITIONAL_ONLY}
+    for dep_name in sorted(provided & positional_only):  # **kwargs would take it instead
+        raise MissingParameterError(
+            f"task {name!r} depends on {dep_name!r} but its parameter {dep_name!r} is "
+            f"positional-only, and dependencies are passed by keyword; remove the '/'"
+        )
     if accepted is not None:
-        positional_only = {p.name for p in parameters if p.kind is p.POSITIONAL_ONLY}
-        for dep_name in sorted((provided - accepted) & positional_only):
-            raise MissingParameterError(
-                f"task {name!r} depends on {dep_name!r} but its parameter {dep_name!r} is "
-                f"positional-only, and dependencies are passed by keyword; remove the '/'"
-            )
         for dep_name in sorted(provided - accepted):
             raise MissingParameterError(
                 f"task {name!r} depends on {dep_name!r} but its function has no "

@@ -169,12 +169,22 @@ def test_a_dependency_without_a_parameter_is_rejected() -> None:
         def lonely() -> None: ...
 
 
-def test_a_positional_only_parameter_for_a_dependency_is_rejected_saying_why() -> None:
-    with pytest.raises(MissingParameterError) as caught:
+def _positional(source: int, /) -> int:
+    return source
 
-        @task(depends_on=[source])
-        def positional(source: int, /) -> int:
-            return source
+
+def _positional_and_kwargs(source: int, /, **others: int) -> int:
+    return source
+
+
+@pytest.mark.parametrize(
+    "positional", [_positional, _positional_and_kwargs], ids=["alone", "with-kwargs"]
+)
+def test_a_positional_only_parameter_for_a_dependency_is_rejected_saying_why(
+    positional: Any,
+) -> None:
+    with pytest.raises(MissingParameterError) as caught:
+        task(depends_on=[source], name="positional")(positional)
 
     assert str(caught.value) == (
         "task 'positional' depends on 'source' but its parameter 'source' is "
