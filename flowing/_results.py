@@ -76,10 +76,11 @@ def format_summary(results: Iterable[StepResult]) -> str:
     """A plain-text table, one row per task, in the order given."""
     rows = [_HEADERS] + [_summary_row(r) for r in results]
     widths = [max(_columns(row[col]) for row in rows) for col in range(len(_HEADERS) - 1)]
+    continued = "\n" + " " * (sum(widths) + 2 * len(widths))  # a message's next lines
     lines = []
     for row in rows:
         cells = [cell + " " * (width - _columns(cell)) for cell, width in zip(row, widths)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
+        lines.append("  ".join([*cells, row[-1].replace("\n", continued)]).rstrip())
     return "\n".join(lines)
 
 

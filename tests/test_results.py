@@ -29,3 +29,16 @@ def test_summary_columns_line_up_whatever_characters_a_task_name_holds(name: str
 def _wide_extra(text: str) -> int:
     """Columns beyond one per character that the wide characters of ``text`` take."""
     return sum(1 for ch in text if "\u3000" <= ch <= "\u9fff")
+
+
+def test_a_multi_line_error_continues_under_its_own_column() -> None:
+    results = [
+        StepResult("parse", StepState.FAILED, error=ValueError("line one\nline two"), attempts=1),
+        StepResult("after", StepState.SKIPPED, reason="dependency 'parse' failed"),
+    ]
+    assert format_summary(results).splitlines() == [
+        "state    task   duration  attempts    error / reason",
+        "FAILED   parse  0.0 ms    1           ValueError: line one",
+        "                                      line two",
+        "SKIPPED  after  0.0 ms    0           dependency 'parse' failed",
+    ]
