@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import functools
 import json
 import math
@@ -207,6 +208,116 @@ def test_globals_in_the_key_are_plain_constants_and_functions_of_the_same_module
     assert (key(with_globals(**one)) == key(with_globals(**other))) is same
 
 
+threshold = 1
+
+
+def reads_after_a_builtin() -> int:
+    return abs(threshold)
+
+
+def reads_in_nested_code() -> int:
+    return (lambda: threshold)()
+
+
+def reads_beside_nested_code() -> int:
+    return threshold + (lambda: 1)()
+
+
+@pytest.mark.parametrize(
+    "body", [reads_after_a_builtin, reads_in_nested_code, reads_beside_nested_code]
+)
+def test_a_plain_global_is_keyed_wherever_the_code_reads_it(body: Callable[[], int]) -> None:
+    def with_threshold(value: int) -> TaskDef[..., Any]:
+        namespace = {"__name__": __name__, "threshold": value}
+        return task(types.FunctionType(body.__code__, namespace, body.__name__))
+
+    assert key(with_threshold(1)) != key(with_threshold(2))
+
+
+def countdown(n: int) -> int:
+    return 0 if n <= 0 else countdown(n - 1)
+
+
+def test_a_recursive_helper_is_keyed_without_endless_recursion() -> None:
+    assert key(task(lambda: countdown(3), name="step")) == key(
+        task(lambda: countdown(3), name="step")
+    )
+
+
+def closing_over(value: object) -> TaskDef[..., Any]:
+    unset: int
+
+    def step() -> object:
+        return unset if value is None else value
+
+    return task(step)
+
+
+@pytest.mark.parametrize(
+    "one, other, same",
+    [
+        (0.5, 0.25, False),
+        (1j, 2j, False),
+        (b"a", b"b", False),
+        ((1, "a"), (1, "b"), False),
+        (frozenset({1, 2}), frozenset({1, 3}), False),
+        (frozenset([1, 9]), frozenset([9, 1]), True),
+        ((1, [2]), (1, [3]), True),
+    ],
+    ids=[
+        "float",
+        "complex",
+        "bytes",
+        "tuple",
+        "frozenset",
+        "frozenset-in-any-order",
+        "tuple-holding-a-list-is-opaque",
+    ],
+)
+def test_closed_over_plain_constants_of_every_kind_are_keyed_beside_an_empty_cell(
+    one: object, other: object, same: bool
+) -> None:
+    assert (key(closing_over(one)) == key(closing_over(other))) is same
+
+
+def test_a_keyword_only_default_is_in_the_key() -> None:
+    assert key(task(lambda *, x=1: x, name="step")) != key(task(lambda *, x=2: x, name="step"))
+
+
+class Greeter:
+    def hello(self) -> str:
+        return "hello"
+
+
+class Shouter:
+    def hello(self) -> str:
+        return "HELLO"
+
+
+def test_a_bound_method_is_keyed_by_its_function() -> None:
+    assert key(task(Greeter().hello)) == key(task(Greeter().hello))
+    assert key(task(Greeter().hello)) != key(task(Shouter().hello))
+
+
+def test_a_builtin_gate_is_keyed_by_its_name() -> None:
+    def step() -> int:
+        return 1
+
+    assert key(task(retry_until=bool)(step)) == key(task(retry_until=bool)(step))
+    assert key(task(retry_until=bool)(step)) != key(task(retry_until=callable)(step))
+
+
+def test_a_dependency_name_with_a_lone_surrogate_is_keyed() -> None:
+    odd = task(lambda: 1, name="\ud800")
+    after = task(depends_on=[odd])(lambda **kwargs: kwargs)
+    assert len(key(after, **{"\ud800": "k"})) == 64
+
+
+def test_only_a_task_has_a_step_key() -> None:
+    with pytest.raises(TypeError, match="needs a task, got <built-in function len>"):
+        compute_step_key(len, {})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("case", COSMETIC.values(), ids=COSMETIC.keys())
 def test_cosmetic_changes_keep_the_key(case: Callable[[], TaskDef[..., Any]]) -> None:
     assert key(case()) == key(base())
@@ -300,13 +411,50 @@ def test_a_dependency_key_that_is_no_key_is_refused_naming_the_dependency(
     [
         (functools.partial(lambda x: x, 1), "not a plain function"),
         (lambda x=object(): x, "a default of the body is object"),
+        (lambda *, x=object(): x, "a default of the body is object"),
+        (fractions.Fraction, "not a plain function"),
     ],
-    ids=["partial", "object-default"],
+    ids=["partial", "object-default", "keyword-only-object-default", "class-from-another-module"],
 )
 def test_code_without_a_fingerprint_raises_step_key_error(fn: Any, culprit: str) -> None:
     t = task(fn, name="odd")
     with pytest.raises(StepKeyError, match=f"task 'odd' has no step key: .*{culprit}"):
         key(t)
+
+
+def with_an_object_default(x: object = object()) -> object:
+    return x
+
+
+def _closing_over_the_culprit() -> Any:
+    inner = with_an_object_default
+
+    def body() -> object:
+        return inner()
+
+    return body
+
+
+def plain_body() -> int:
+    return 0
+
+
+@pytest.mark.parametrize(
+    "body, gates, culprit",
+    [
+        (_closing_over_the_culprit(), {}, "a default of the body"),
+        (lambda: with_an_object_default(), {}, "a default of the body"),
+        (functools.wraps(with_an_object_default)(lambda: 0), {}, "a default of the body"),
+        (plain_body, {"when": functools.partial(bool, True)}, "its when functools.partial"),
+        (plain_body, {"retry_until": lambda v, limit=[1]: v}, "a default of the retry_until"),
+    ],
+    ids=["closed-over-function", "same-module-global", "wrapped-function", "gate", "gate-default"],
+)
+def test_a_step_key_error_names_the_body_or_gate_it_was_reached_from(
+    body: Callable[[], Any], gates: dict[str, Any], culprit: str
+) -> None:
+    with pytest.raises(StepKeyError, match=culprit):
+        key(task(name="odd", **gates)(body))
 
 
 def test_a_decorated_body_is_keyed_by_its_inner_function() -> None:
