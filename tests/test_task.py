@@ -18,6 +18,9 @@ def source() -> int:
     return 1
 
 
+def not_a_task() -> None: ...
+
+
 def test_bare_decorator_makes_a_task_named_after_the_function() -> None:
     assert isinstance(source, TaskDef)
     assert source.name == "source"
@@ -30,6 +33,39 @@ def test_a_task_is_still_callable_as_the_plain_function() -> None:
         return source * 2
 
     assert double(21) == 42
+
+
+def test_a_task_called_with_keywords_passes_them_to_the_function() -> None:
+    @task(depends_on=[source])
+    def double(source: int) -> int:
+        return source * 2
+
+    assert double(source=21) == 42
+
+
+def test_a_bare_task_has_the_documented_defaults() -> None:
+    bare = task(not_a_task)
+    assert (bare.retry, bare.retry_backoff_base_ms, bare.retry_max_backoff_ms) == (0, 1000, 30_000)
+    assert (bare.timeout_s, bare.retry_on, bare.retry_jitter, bare.pool) == (None, None, 0.0, None)
+    assert (bare.detached, bare.local, bare.cache) == (False, False, False)
+    assert (bare.when, bare.validate, bare.retry_until, bare.map_over) == (None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("fn", "options", "message"),
+    [
+        (42, {}, "@task needs a function, got 42"),
+        (functools.partial(not_a_task), {}, "has no __name__; pass @task(name=...)"),
+    ],
+    ids=["not-callable", "no-name"],
+)
+def test_a_task_needs_a_function_and_a_name(fn: Any, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidTaskError, match=re.escape(message)):
+        task(fn, **options)
+
+
+def test_a_named_callable_without_a_name_of_its_own_is_a_task() -> None:
+    assert task(functools.partial(not_a_task), name="partial").name == "partial"
 
 
 def test_name_option_overrides_the_function_name() -> None:
@@ -55,9 +91,6 @@ def test_repeated_dependencies_are_kept_once() -> None:
     assert child.depends_on == (source,)
 
 
-def not_a_task() -> None: ...
-
-
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -70,6 +103,8 @@ def not_a_task() -> None: ...
         ({"timeout_s": "5"}, "timeout_s of task 'bad'"),
         ({"retry_backoff_base_ms": -1}, "retry_backoff_base_ms of task 'bad' must be a number >= 0"),
         ({"retry_max_backoff_ms": -5}, "retry_max_backoff_ms of task 'bad' must be a number >= 0"),
+        ({"retry_backoff_base_ms": True}, "retry_backoff_base_ms of task 'bad' must be a number >= 0"),
+        ({"retry_max_backoff_ms": "5"}, "retry_max_backoff_ms of task 'bad' must be a number >= 0"),
         ({"when": True}, "when= of task 'bad' must be callable"),
         ({"validate": "yes"}, "validate= of task 'bad' must be callable"),
         ({"retry_until": 3}, "retry_until= of task 'bad' must be callable"),
@@ -162,6 +197,12 @@ def test_an_async_generator_function_is_rejected_before_it_could_succeed_unrun()
     )
 
 
+def test_only_a_callable_dependency_is_told_to_decorate_it_with_task() -> None:
+    with pytest.raises(InvalidTaskError) as caught:
+        task(depends_on=[42])(lambda **kwargs: None)  # type: ignore[list-item]
+    assert str(caught.value).endswith("which is not a task")
+
+
 def test_a_dependency_without_a_parameter_is_rejected() -> None:
     with pytest.raises(MissingParameterError, match="'lonely' depends on 'source'.*no parameter 'source'"):
 
@@ -238,6 +279,11 @@ def test_backoff_of_any_attempt_stays_at_the_cap(base: float, failed_attempt: in
     assert flaky.backoff_ms(failed_attempt) == expected
 
 
+@task
+def second() -> int:
+    return 2
+
+
 class _AsyncCallable:
     async def __call__(self) -> int:
         return 1
@@ -276,6 +322,24 @@ def test_a_gate_that_cannot_take_its_arguments_is_rejected_before_anything_runs(
     with pytest.raises(InvalidTaskError, match=re.escape(message)):
 
         @task(depends_on=[source], **gates)
+        def gated(source: int) -> int:
+            return source
+
+
+@pytest.mark.parametrize(
+    ("depends_on", "listed"),
+    [([], "(it has none)"), ([source, second], "(source, second)")],
+    ids=["no-dependencies", "two-dependencies"],
+)
+def test_a_rejected_gate_is_told_the_names_it_would_get(depends_on: list[Any], listed: str) -> None:
+    with pytest.raises(InvalidTaskError, match=re.escape(f"values by name {listed}, but")):
+        task(depends_on=depends_on, when=lambda unknown: True)(lambda **kwargs: None)
+
+
+def test_a_gate_without_a_signature_is_trusted_and_the_next_gate_still_checked() -> None:
+    with pytest.raises(InvalidTaskError, match="validate= of task 'gated'"):
+
+        @task(depends_on=[source], when=min, validate=lambda other: True)
         def gated(source: int) -> int:
             return source
 
