@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import re
 from typing import Any
 
@@ -68,6 +69,10 @@ def test_a_named_callable_without_a_name_of_its_own_is_a_task() -> None:
     assert task(functools.partial(not_a_task), name="partial").name == "partial"
 
 
+def test_a_task_shows_its_functions_signature() -> None:
+    assert inspect.signature(source) == inspect.signature(source.fn)
+
+
 def test_name_option_overrides_the_function_name() -> None:
     @task(name="renamed")
     def original() -> None: ...
@@ -114,6 +119,7 @@ def test_repeated_dependencies_are_kept_once() -> None:
         ({"name": ""}, "task name must be a non-empty string"),
         ({"detached": "false"}, "detached of task 'bad' must be True or False, got 'false'"),
         ({"local": 1}, "local of task 'bad' must be True or False, got 1"),
+        ({"max_concurrency": 0}, "max_concurrency of task 'bad' must be None or an int >= 1"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None,
 )
