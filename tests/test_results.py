@@ -1,11 +1,13 @@
-"""Results: the plain-text summary table."""
+"""Results: counting states, describing outcomes, and the summary table."""
 
 from __future__ import annotations
 
 import pytest
 
 from flowing import StepResult, StepState
-from flowing._results import format_summary
+from flowing._results import count_states, describe_error, format_summary
+
+SUCCEEDED, FAILED, SKIPPED = StepState.SUCCEEDED, StepState.FAILED, StepState.SKIPPED
 
 
 @pytest.mark.parametrize(
@@ -42,3 +44,33 @@ def test_a_multi_line_error_continues_under_its_own_column() -> None:
         "                                      line two",
         "SKIPPED  after  0.0 ms    0           dependency 'parse' failed",
     ]
+
+
+def test_every_state_is_counted_and_listed_even_when_no_result_has_it() -> None:
+    results = [StepResult("a", SUCCEEDED), StepResult("b", SUCCEEDED), StepResult("c", FAILED)]
+    assert count_states(results) == {"succeeded": 2, "failed": 1, "skipped": 0, "cancelled": 0}
+
+
+def test_the_summary_aligns_one_row_per_task_and_ends_no_line_in_spaces() -> None:
+    results = [
+        StepResult("load", SUCCEEDED, duration_ms=1.5, attempts=1, cached=True),
+        StepResult("notify", FAILED, error=ValueError("boom"), duration_ms=10, attempts=3, detached=True),
+        StepResult("report", SKIPPED, reason="a dependency failed"),
+        StepResult("total", SUCCEEDED, duration_ms=2, attempts=1),
+    ]
+    assert format_summary(results).splitlines() == [
+        "state      task    duration  attempts            error / reason",
+        "SUCCEEDED  load    1.5 ms    1         cached",
+        "FAILED     notify  10.0 ms   3         detached  ValueError: boom",
+        "SKIPPED    report  0.0 ms    0                   a dependency failed",
+        "SUCCEEDED  total   2.0 ms    1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "described"),
+    [(ValueError("boom"), "ValueError: boom"), (ValueError(), "ValueError")],
+    ids=["with-message", "without-message"],
+)
+def test_an_error_is_described_by_its_type_and_message(error: Exception, described: str) -> None:
+    assert describe_error(error) == described
