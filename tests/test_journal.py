@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -366,11 +368,17 @@ def _damage(journal: Path, line: int, how: str) -> None:
         lines[line] = json.dumps(record).encode()
     elif how == "deeply-nested":
         lines[line] = b"[" * 100_000
+    elif how == "json-list":
+        lines[line] = b"[1]"
+    elif how == "version-not-int":
+        lines[line] = lines[line].replace(b'"v":1,', b'"v":"1",')
     journal.write_bytes(b"\n".join(lines))
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("how", ["garbage", "changed-data", "deeply-nested"])
+@pytest.mark.parametrize(
+    "how", ["garbage", "changed-data", "deeply-nested", "json-list", "version-not-int"]
+)
 async def test_a_damaged_line_is_skipped_with_a_warning_and_its_task_runs_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
@@ -772,3 +780,263 @@ def test_instances_of_a_step_mapped_over_a_set_replay_their_own_elements_in_anot
     state, value = run("2", "none")
     assert state == "succeeded"
     assert sorted(value) == ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT"]
+
+
+def _refusal(tmp_path: Path, kind: str) -> tuple[Any, str]:
+    """A journal path that is refused for ``kind``, and the problem and fix it is told."""
+    path = tmp_path / "run.jsonl"
+    if kind == "bytes":
+        return b"run.jsonl", "the path is bytes; decode it with os.fsdecode(path)"
+    if kind == "nul":
+        return "run\0.jsonl", "the path must be a non-empty str or os.PathLike; give e.g. 'run.jsonl'"
+    if kind == "directory":
+        path.mkdir()
+        return path, f"it is a directory; give a file path, such as {str(path / 'run.jsonl')!r}"
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path, "it is a FIFO, not a regular file; give the path of a regular file"
+    if kind == "missing-folder":
+        path = tmp_path / "nope" / "run.jsonl"
+        return path, f"its folder {str(path.parent)!r} does not exist; create the folder first"
+    if kind == "file-as-folder":
+        (tmp_path / "results.csv").write_text("id\n")
+        return tmp_path / "results.csv" / "run.jsonl", (
+            "opening it to read and append failed (Not a directory); "
+            "check its permissions, or give another path"
+        )
+    path.write_text("id,score\n")
+    return path, (
+        "it is not empty and none of its lines is a journal record (another program's file?); "
+        "give the path of a new or empty file (this one is left as it was)"
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "kind",
+    ["bytes", "nul", "directory", "fifo", "missing-folder", "file-as-folder", "foreign-file"],
+)
+async def test_a_refused_journal_is_named_with_its_problem_and_the_fix(
+    tmp_path: Path, kind: str
+) -> None:
+    first, second = chain(1)
+    path, told = _refusal(tmp_path, kind)
+    with pytest.raises(FlowDefinitionError) as refused:
+        await Flow(second, journal_path=path).arun()
+    shown = os.fspath(path) if isinstance(path, Path) else path
+    assert str(refused.value) == f"{shown!r} cannot be used as a journal: {told}"
+
+
+@pytest.mark.parametrize("kind", ["directory", "foreign-file"])
+def test_compaction_refuses_a_path_naming_it(tmp_path: Path, kind: str) -> None:
+    path, told = _refusal(tmp_path, kind)
+    with pytest.raises(InvalidJournalError) as refused:
+        compact_journal(path)
+    assert str(refused.value) == f"{str(path)!r} cannot be used as a journal: {told}"
+
+
+@pytest.mark.anyio
+async def test_a_journal_in_a_folder_that_cannot_be_written_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = chain(1)
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
+    with pytest.raises(InvalidJournalError, match="is not writable; give a path in a folder"):
+        await Flow(second, journal_path=tmp_path / "run.jsonl").arun()
+
+
+@pytest.mark.parametrize(
+    "keep", ["f6f181d6d4bb", [1], 5], ids=["str", "not-keys", "not-iterable"]
+)
+def test_a_refused_keep_is_shown_in_the_error(tmp_path: Path, keep: Any) -> None:
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(RECORD)
+    with pytest.raises(InvalidKeepError, match=re.escape(f"but got {keep!r}: ")):
+        compact_journal(journal, keep=keep)
+
+
+@pytest.mark.anyio
+async def test_a_replayed_result_says_so_and_carries_its_key_and_detached_flag(
+    tmp_path: Path,
+) -> None:
+    first, second = chain(1)
+
+    @task(depends_on=[first], detached=True)
+    def side(first: int) -> int:
+        return first
+
+    journal = tmp_path / "run.jsonl"
+    flow = Flow(second, journal_path=journal)
+    await flow.arun()
+    results = await flow.arun()
+    keys = flow.step_keys()
+    assert {(r.cached, r.reason, r.step_key) for r in results.values()} == {
+        (True, "replayed from the journal", keys[name]) for name in results
+    }
+    assert [r.name for r in results.values() if r.detached] == ["side"]
+
+
+class Refusing:
+    """A serializer that writes every value and can read none back."""
+
+    name = "refusing"
+
+    def dumps(self, value: Any) -> str:
+        return "x"
+
+    def loads(self, data: str) -> Any:
+        raise ValueError(f"cannot read {data!r}")
+
+
+@pytest.mark.anyio
+async def test_a_value_that_cannot_be_loaded_is_run_again_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = chain(1)
+    flow = Flow(second, journal_path=tmp_path / "run.jsonl", serializer=Refusing())
+    await flow.arun()
+    with caplog.at_level(logging.WARNING, "flowing"):
+        results = await flow.arun()
+    assert not any(r.cached for r in results.values())
+    assert caplog.messages == [
+        f"task {name!r}: its journaled value could not be loaded "
+        f"(ValueError: cannot read 'x'); running it again"
+        for name in ("first", "second")
+    ]
+
+
+class Surrogates:
+    """A serializer whose text holds a lone surrogate, as str allows."""
+
+    name = "surrogates"
+
+    def dumps(self, value: Any) -> str:
+        return "\ud800" + str(value)
+
+    def loads(self, data: str) -> Any:
+        return int(data[1:])
+
+
+@pytest.mark.anyio
+async def test_any_str_a_serializer_returns_is_journaled_and_replayed(tmp_path: Path) -> None:
+    first, second = chain(1)
+    flow = Flow(first, journal_path=tmp_path / "run.jsonl", serializer=Surrogates())
+    await flow.arun()
+    assert (await flow.arun())["first"].cached
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("damaged", [10, 11])
+async def test_the_damaged_and_unfinished_line_warnings_name_the_journal_and_the_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damaged: int
+) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(RECORD + b"{damaged\n" * damaged + b"{unfinished")
+    with caplog.at_level(logging.WARNING, "flowing"):
+        read_records(str(journal))
+        await Flow(second, journal_path=journal).arun()
+    lines = ", ".join(str(n) for n in range(2, 12)) + (" ..." if damaged > 10 else "")
+    assert caplog.messages == 2 * [
+        f"journal {str(journal)!r} ends in an unfinished line (a crash mid-write?); it is ignored",
+        f"journal {str(journal)!r}: skipped {damaged} damaged line(s) (line {lines})",
+    ]
+
+
+@pytest.mark.anyio
+async def test_blank_lines_between_records_are_skipped(tmp_path: Path) -> None:
+    second, journal = await journaled_chain(tmp_path)
+    journal.write_bytes(b"\n" + journal.read_bytes().replace(b"\n", b"\n\n"))
+    results = await Flow(second, journal_path=journal).arun()
+    assert all(r.cached for r in results.values())
+
+
+@pytest.mark.anyio
+async def test_a_fresh_run_empties_the_journal_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    second, journal = await journaled_chain(tmp_path)
+    with caplog.at_level(logging.WARNING, "flowing"):
+        await Flow(second, journal_path=journal).arun(fresh=True)
+    assert caplog.messages == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_journal_fsync_syncs_each_record_and_a_new_journals_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    first, second = chain(1)
+    await Flow(second, journal_path=tmp_path / "run.jsonl", journal_fsync=fsync).arun()
+    assert synced == (["file", "folder", "file"] if fsync else [])
+
+
+def test_a_new_journal_is_created_without_execute_permission(tmp_path: Path) -> None:
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    Flow(second, journal_path=journal).run()
+    assert journal.stat().st_mode & 0o111 == 0
+
+
+def test_compaction_keeps_the_journals_permissions(tmp_path: Path) -> None:
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(RECORD + RECORD)
+    journal.chmod(0o640)
+    compact_journal(journal)
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_compaction_that_fails_leaves_the_journal_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(RECORD + RECORD)
+
+    def fail(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, fail)
+    with pytest.raises(OSError, match="No space left on device"):
+        compact_journal(journal)
+    assert journal.read_bytes() == RECORD + RECORD
+    assert os.listdir(tmp_path) == ["run.jsonl"]
+
+
+def test_an_append_whose_file_was_deleted_meanwhile_lands_in_a_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(RECORD)
+    real_lock = flowing._journal._lock
+
+    def deleted_before_the_lock(fd: int, *, exclusive: bool) -> None:
+        if journal.exists() and journal.read_bytes() == RECORD:
+            journal.unlink()
+        real_lock(fd, exclusive=exclusive)
+
+    monkeypatch.setattr(flowing._journal, "_lock", deleted_before_the_lock)
+    line = encode_record("b" * 64, "late", "pickle", "gARLAi4=")
+    Journal(journal, PickleSerializer(), fsync=False).append(line)
+    assert journal.read_bytes() == line
+
+
+def test_reading_a_missing_journal_finds_no_records_and_warns_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, "flowing"):
+        assert read_records(str(tmp_path / "nothing.jsonl")) == {}
+    assert caplog.messages == []
+
+
+def test_reading_a_directory_as_a_journal_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidJournalError, match=f"^{re.escape(repr(str(tmp_path)))} .*directory"):
+        read_records(str(tmp_path))
