@@ -100,6 +100,13 @@ class Journal:
 
     def _replay(self, record: _Record, name: str, detached: bool) -> StepResult | None:
         if record.serializer != self.serializer.name:
+            logger.warning(
+                "task %r: its journaled value was written by the %r serializer and this "
+                "flow uses %r; running it again",
+                name,
+                record.serializer,
+                self.serializer.name,
+            )
             return None
         try:
             value = self.serializer.loads(record.data)

@@ -420,6 +420,23 @@ async def test_records_of_another_key_version_are_ignored_silently(
 
 
 @pytest.mark.anyio
+async def test_a_record_of_another_serializer_runs_again_saying_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = chain([1, 2])
+    journal = tmp_path / "run.jsonl"
+    await Flow(second, journal_path=journal, serializer="pickle").arun()
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        results = await Flow(second, journal_path=journal, serializer="json").arun()
+    assert not any(r.cached for r in results.values())
+    assert caplog.messages == [
+        f"task {name!r}: its journaled value was written by the 'pickle' serializer and "
+        f"this flow uses 'json'; running it again"
+        for name in ("first", "second")
+    ]
+
+
+@pytest.mark.anyio
 async def test_the_json_serializer_round_trips_plain_data_and_refuses_the_rest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
