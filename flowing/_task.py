@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import keyword
 import math
 import sys
 import weakref
@@ -379,6 +380,12 @@ def _check_parameters(
         )
     if accepted is not None:
         for dep_name in sorted(provided - accepted):
+            if not dep_name.isidentifier() or keyword.iskeyword(dep_name):
+                raise MissingParameterError(
+                    f"task {name!r} depends on {dep_name!r}, which cannot be a parameter "
+                    f"name; receive it with **kwargs (as kwargs[{dep_name!r}]) or rename "
+                    f"that task with @task(name=...)"
+                )
             raise MissingParameterError(
                 f"task {name!r} depends on {dep_name!r} but its function has no "
                 f"parameter {dep_name!r}; add one (or **kwargs) to receive its value"

@@ -239,6 +239,22 @@ def test_a_positional_only_parameter_for_a_dependency_is_rejected_saying_why(
     )
 
 
+@pytest.mark.parametrize("dep_name", ["fetch-data", "class", "2nd"])
+def test_a_dependency_whose_name_cannot_be_a_parameter_points_to_kwargs(dep_name: str) -> None:
+    upstream = task(name=dep_name)(lambda: 1)
+    with pytest.raises(MissingParameterError) as caught:
+
+        @task(depends_on=[upstream])
+        def downstream(data: int = 0) -> int:
+            return data
+
+    assert str(caught.value) == (
+        f"task 'downstream' depends on {dep_name!r}, which cannot be a parameter name; "
+        f"receive it with **kwargs (as kwargs[{dep_name!r}]) or rename that task with "
+        f"@task(name=...)"
+    )
+
+
 def test_a_required_parameter_without_a_dependency_is_rejected() -> None:
     with pytest.raises(MissingParameterError, match="required parameter 'missing'"):
 
