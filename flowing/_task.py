@@ -386,9 +386,20 @@ def _check_parameters(
                     f"name; receive it with **kwargs (as kwargs[{dep_name!r}]) or rename "
                     f"that task with @task(name=...)"
                 )
+            unfed = [
+                p.name
+                for p in parameters
+                if p.name in accepted and p.name not in provided and p.default is p.empty
+            ]
+            fix = "add one (or **kwargs) to receive its value"
+            if len(unfed) == 1 and len(provided - accepted) == 1:  # the one meant for it
+                fix = (
+                    f"a dependency's value arrives under the dependency's name: rename the "
+                    f"parameter {unfed[0]!r} to {dep_name!r} (or add one, or **kwargs)"
+                )
             raise MissingParameterError(
                 f"task {name!r} depends on {dep_name!r} but its function has no "
-                f"parameter {dep_name!r}; add one (or **kwargs) to receive its value"
+                f"parameter {dep_name!r}; {fix}"
             )
     for position, p in enumerate(parameters):
         required = p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)

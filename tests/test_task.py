@@ -239,6 +239,20 @@ def test_a_positional_only_parameter_for_a_dependency_is_rejected_saying_why(
     )
 
 
+def test_a_dependency_received_under_another_name_suggests_the_rename() -> None:
+    with pytest.raises(MissingParameterError) as caught:
+
+        @task(depends_on=[source])
+        def double(value: int) -> int:
+            return value * 2
+
+    assert str(caught.value) == (
+        "task 'double' depends on 'source' but its function has no parameter 'source'; "
+        "a dependency's value arrives under the dependency's name: rename the parameter "
+        "'value' to 'source' (or add one, or **kwargs)"
+    )
+
+
 @pytest.mark.parametrize("dep_name", ["fetch-data", "class", "2nd"])
 def test_a_dependency_whose_name_cannot_be_a_parameter_points_to_kwargs(dep_name: str) -> None:
     upstream = task(name=dep_name)(lambda: 1)
