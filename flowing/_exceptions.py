@@ -152,8 +152,15 @@ class MissingExtraError(FlowingError, ImportError):
 class StepNotSucceededError(FlowingError, RuntimeError):
     """Raised by ``Flow.value`` for a task that ran but did not succeed."""
 
-    def __init__(self, name: str, state: StepState, reason: str | None) -> None:
-        detail = f": {reason}" if reason else ""
+    def __init__(
+        self, name: str, state: StepState, reason: str | None, error: BaseException | None = None
+    ) -> None:
+        why = reason
+        if error is not None:  # the error itself is chained too, for the traceback
+            from ._results import describe_error
+
+            why = f"{reason} ({describe_error(error)})" if reason else describe_error(error)
+        detail = f": {why}" if why else ""
         super().__init__(f"task {name!r} has no value: it is {state.value}{detail}")
         self.name = name
         self.state = state

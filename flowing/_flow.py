@@ -217,7 +217,9 @@ class Flow:
         if result is None:
             raise TaskNotRunError(name, "has not run yet; call run() first")
         if result.state is not StepState.SUCCEEDED:
-            raise StepNotSucceededError(name, result.state, result.reason) from result.error
+            raise StepNotSucceededError(
+                name, result.state, result.reason, result.error
+            ) from result.error
         return result.value
 
     def events(self, *, buffer: int = EVENTS_BUFFER) -> EventStream:
