@@ -81,6 +81,12 @@ class TaskDef(Generic[P, R]):
         map_over: str | TaskDef[..., Any] | None = None,
         cache: bool = False,
     ) -> None:
+        if isinstance(fn, classmethod):
+            raise InvalidTaskError(
+                f"@task cannot bind the classmethod {fn.__func__.__name__!r} in its class "
+                f"body; decorate the bound method once the class exists instead, e.g. "
+                f"task(TheClass.{fn.__func__.__name__})"
+            )
         if not callable(fn):
             raise InvalidTaskError(f"@task needs a function, got {fn!r}")
         _check_not_a_task(fn)

@@ -191,6 +191,21 @@ def test_a_method_decorated_in_its_class_is_rejected_with_the_bound_method_as_th
     )
 
 
+def test_a_classmethod_decorated_in_its_class_is_rejected_with_the_bound_method_as_the_fix() -> None:
+    with pytest.raises(InvalidTaskError) as caught:
+
+        class Loader:
+            @task  # type: ignore[arg-type]
+            @classmethod
+            def load(cls) -> int:
+                return 1
+
+    assert str(caught.value) == (
+        "@task cannot bind the classmethod 'load' in its class body; decorate the bound "
+        "method once the class exists instead, e.g. task(TheClass.load)"
+    )
+
+
 def test_an_async_generator_function_is_rejected_before_it_could_succeed_unrun() -> None:
     async def stream() -> Any:
         yield 1
