@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import graphlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,10 @@ def build_graph(terminals: Sequence[object]) -> Graph:
             raise FlowDefinitionError(
                 f"Flow got a {type(terminal).__name__} of tasks; pass the tasks themselves: "
                 f"Flow(*tasks)"
+            )
+        if isinstance(terminal, Iterator):  # its items cannot be looked at without using them
+            raise FlowDefinitionError(
+                f"Flow got a {type(terminal).__name__}; pass the tasks themselves: Flow(*tasks)"
             )
         if not isinstance(terminal, TaskDef):
             hint = " (decorate it with @task)" if callable(terminal) else ""

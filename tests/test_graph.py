@@ -184,8 +184,9 @@ def test_a_cycle_is_reported_with_the_tasks_on_it() -> None:
         (("d",), "Flow got 'd', which is not a task"),
         (([a, b],), "Flow got a list of tasks; pass the tasks themselves: Flow(*tasks)"),
         (((a,),), "Flow got a tuple of tasks; pass the tasks themselves: Flow(*tasks)"),
+        (((t for t in [a]),), "Flow got a generator; pass the tasks themselves: Flow(*tasks)"),
     ],
-    ids=["no-tasks", "plain-function", "string", "list-of-tasks", "tuple-of-tasks"],
+    ids=["no-tasks", "plain-function", "string", "list-of-tasks", "tuple-of-tasks", "generator"],
 )
 def test_bad_terminals_are_rejected(terminals: tuple[Any, ...], message: str) -> None:
     with pytest.raises(FlowDefinitionError) as caught:
