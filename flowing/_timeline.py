@@ -108,11 +108,15 @@ def _critical_path(graph: Graph, ends: dict[int, float]) -> set[int]:
     return path
 
 
+def _title(tasks: int, duration_ms: float) -> str:
+    return f"flowing run: {tasks} task{'' if tasks == 1 else 's'} in {duration_ms / 1000:.2f} s"
+
+
 def to_gantt(bars: list[Bar], duration_ms: float) -> str:
     """Mermaid ``gantt`` text; critical-path tasks tagged ``crit`` (red), other successes ``done``."""
     lines = [
         "gantt",
-        f"    title flowing run: {len(bars)} tasks in {duration_ms / 1000:.2f} s",
+        f"    title {_title(len(bars), duration_ms)}",
         "    dateFormat x",
         f"    axisFormat {'%S.%L s' if duration_ms < 60_000 else '%H:%M:%S'}",
     ]
@@ -196,7 +200,7 @@ def save_image(bars: list[Bar], duration_ms: float, path: Path) -> None:
     axes.invert_yaxis()
     axes.set_xlim(0, max(duration_ms, max((b.end_ms for b in bars), default=0)) / 1000 * 1.02)
     axes.set_xlabel("seconds since the run started")
-    axes.set_title(f"flowing run: {len(bars)} tasks in {duration_ms / 1000:.2f} s")
+    axes.set_title(_title(len(bars), duration_ms))
     axes.grid(axis="x", alpha=0.3)
     axes.spines[["top", "right"]].set_visible(False)
     states = sorted({b.state for b in bars if not b.critical} or {"succeeded"})

@@ -21,7 +21,7 @@ def parse_gantt(text: str) -> dict[str, tuple[set[str], int, int, str]]:
     """label -> (tags, start, end, section), strictly: any other line fails the test."""
     lines = text.splitlines()
     assert lines[0] == "gantt"
-    assert re.fullmatch(r"    title flowing run: \d+ tasks in \d+\.\d\d s", lines[1])
+    assert re.fullmatch(r"    title flowing run: (1 task|\d+ tasks) in \d+\.\d\d s", lines[1])
     assert lines[2] == "    dateFormat x"
     assert lines[3].startswith("    axisFormat ")
     bars: dict[str, tuple[set[str], int, int, str]] = {}
@@ -236,3 +236,10 @@ def test_an_image_without_matplotlib_names_the_extra(
     flow.run()
     with pytest.raises(MissingExtraError, match=r"pip install 'flowing\[plot\]'"):
         flow.timeline(tmp_path / "run.png")
+
+
+@pytest.mark.parametrize(("count", "title"), [(1, "1 task"), (2, "2 tasks")])
+def test_the_title_counts_the_tasks_in_good_english(count: int, title: str) -> None:
+    flow = Flow(*[task(name=f"t{k}")(lambda: None) for k in range(count)])
+    flow.run()
+    assert flow.timeline().splitlines()[1].startswith(f"    title flowing run: {title} in ")
