@@ -61,6 +61,8 @@ class _BadInput(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowing`` console script; returns the exit status."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): print to nowhere
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
     parser = _parser()
     args = parser.parse_args(argv)
     if args.debug:

@@ -390,6 +390,26 @@ def test_a_reader_that_closed_stdout_ends_the_output_quietly_keeping_the_status(
     assert (done.returncode, "Error" not in done.stderr) == (0, True), done.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["run", "--json", "--quiet"], ["run", "--quiet"], ["run"], ["graph"]],
+    ids=["run-json", "run-quiet", "run-summary", "graph"],
+)
+def test_a_command_started_without_stdout_prints_nothing_and_keeps_the_status(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """``flowing run x.py >&-`` (fd 1 closed: Python's sys.stdout is None)."""
+    args = [command[0], str(write(tmp_path, PIPELINE)), *command[1:]]
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m flowing "$@" >&-', sys.executable, *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": ""},
+    )
+    assert (done.returncode, "Error" not in done.stderr) == (0, True), done.stderr
+
+
 def test_version_prints_the_package_version() -> None:
     done = flowing("--version")
     assert (done.returncode, done.stdout) == (0, f"flowing {__version__}\n")
