@@ -356,6 +356,7 @@ def _parse(path: str, content: bytes) -> dict[str, _Record]:
         )
     records: dict[str, _Record] = {}
     damaged: list[int] = []
+    other_versions = 0
     for number, line in enumerate(lines, start=1):
         if not line:
             continue
@@ -364,13 +365,23 @@ def _parse(path: str, content: bytes) -> dict[str, _Record]:
         except (ValueError, RecursionError):  # RecursionError: a deeply nested line
             damaged.append(number)
             continue
-        if record is not None:
-            records.pop(record.key, None)  # re-insert: the latest record sits last
-            records[record.key] = record
+        if record is None:
+            other_versions += 1
+            continue
+        records.pop(record.key, None)  # re-insert: the latest record sits last
+        records[record.key] = record
     if damaged:
         shown = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
         logger.warning(
             "journal %r: skipped %d damaged line(s) (line %s)", path, len(damaged), shown
+        )
+    if other_versions:
+        logger.warning(
+            "journal %r: ignored %d record(s) written by another flowing release "
+            "(a step-key version other than %d)",
+            path,
+            other_versions,
+            KEY_VERSION,
         )
     return records
 
