@@ -1,7 +1,7 @@
 """The ``flowing`` command: run or draw the tasks of a Python file.
 
     flowing run FILE.py[:TASK,...] [--max-workers N] [--no-fail-fast] [--journal PATH]
-                [--backend asyncio|trio] [--timeline PATH] [--quiet] [--json] [--debug]
+                [--fresh] [--timeout SECONDS] [--backend asyncio|trio] [--timeline PATH] [--quiet] [--json] [--debug]
                 [--dask ADDRESS] [--pool NAME=SIZE ...]
     flowing graph FILE.py[:TASK,...] [--format mermaid|dot]
     flowing --version
@@ -11,7 +11,8 @@ The pools a file's tasks name with ``pool=`` come from the file's module-level
 pool's size on top; drawing the graph needs no pools.
 
 Exit status: 0 when every task succeeded or was skipped by a ``when=`` gate (its own
-or an upstream task's), 1 when a task failed or was cancelled, 2 for bad input (one
+or an upstream task's), 1 when a task failed or was cancelled (``--timeout`` cancels
+the unfinished ones), 2 for bad input (one
 line on stderr, no traceback unless ``--debug``), including a ``--timeline`` file that
 could not be written after a run whose tasks all succeeded, 130 when interrupted.
 """
@@ -37,6 +38,7 @@ from ._exceptions import (
     ExecutorAddressError,
     ExecutorUnreachableError,
     FlowDefinitionError,
+    FlowTimeoutError,
     InvalidJournalError,
     InvalidPoolError,
     MissingExtraError,
@@ -125,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="keep starting independent tasks after a failure")
     run.add_argument("--journal", type=Path, metavar="PATH",
                      help="replay successes recorded in PATH and record new ones")
+    run.add_argument("--fresh", action="store_true",
+                     help="empty the --journal first: run every task again")
+    run.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS",
+                     help="cancel what is unfinished after SECONDS (exit status 1)")
     run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
                      help="the event loop (default asyncio)")
     run.add_argument("--timeline", type=Path, metavar="PATH",
@@ -153,6 +159,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
     return value
 
 
@@ -189,9 +205,17 @@ def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     interrupted = False
     try:
-        flow.run(backend=args.backend, progress=not args.quiet)
+        flow.run(
+            backend=args.backend, progress=not args.quiet, timeout_s=args.timeout, fresh=args.fresh
+        )
     except InvalidJournalError as error:  # refused at the start, before any task runs
         raise _BadInput(f"--journal {error}") from error
+    except FlowTimeoutError as error:  # recorded as CANCELLED: the summary shows them
+        print(
+            f"flowing: --timeout {args.timeout:g}: cancelled {len(error.unfinished)} "
+            f"unfinished task(s)",
+            file=sys.stderr,
+        )
     except KeyboardInterrupt:
         interrupted = True
     results = flow.results
@@ -248,6 +272,8 @@ def _pools(module: ModuleType, file: str, sizes: list[tuple[str, int]]) -> dict[
 
 def _check_run_options(args: argparse.Namespace) -> None:
     """Refuse unusable options before anything runs."""
+    if args.fresh and args.journal is None:
+        raise _BadInput("--fresh empties the journal: give it with --journal PATH")
     if args.backend == "trio" and importlib.util.find_spec("trio") is None:
         raise _BadInput("--backend trio needs the trio package: pip install trio")
     if args.timeline is not None:

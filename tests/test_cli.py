@@ -208,6 +208,36 @@ def test_a_journal_replays_successes_in_the_next_process(tmp_path: Path) -> None
     assert cached["extract"] is True and cached["total"] is True
 
 
+def test_fresh_empties_the_journal_so_every_task_runs_again(tmp_path: Path) -> None:
+    pipeline, journal = write(tmp_path, PIPELINE), tmp_path / "run.journal"
+    flowing("run", str(pipeline), "--journal", str(journal), "--quiet")
+    again = flowing("run", str(pipeline), "--journal", str(journal), "--fresh", "--json", "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert not any(t["cached"] for t in json.loads(again.stdout)["tasks"].values())
+
+
+STUCK = """
+    import threading
+    from flowing import task
+
+    @task
+    def quick():
+        return 1
+
+    @task(depends_on=[quick])
+    def stuck(quick):
+        threading.Event().wait()  # never set: only the timeout ends the run
+"""
+
+
+def test_timeout_cancels_what_is_unfinished_and_exits_1(tmp_path: Path) -> None:
+    done = flowing("run", str(write(tmp_path, STUCK)), "--timeout", "0.2", "--json")
+    states = {name: t["state"] for name, t in json.loads(done.stdout)["tasks"].items()}
+    assert done.returncode == 1
+    assert states == {"quick": "succeeded", "stuck": "cancelled"}
+    assert done.stderr.splitlines()[-1] == "flowing: --timeout 0.2: cancelled 1 unfinished task(s)"
+
+
 @pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".mmd", b"gantt")])
 def test_timeline_writes_the_chart(tmp_path: Path, suffix: str, magic: bytes) -> None:
     pytest.importorskip("matplotlib")
@@ -429,6 +459,9 @@ BAD_INPUTS = {
     "unknown-task": (["run", "bad.py:nope"], PIPELINE, "has no task named 'nope'; its tasks are: alert, as_set"),
     "empty-task-list": (["run", "bad.py:"], PIPELINE, "no task name after ':'"),
     "bad-workers": (["run", "bad.py", "--max-workers", "0"], PIPELINE, "--max-workers: must be an int >= 1, got '0'"),
+    "fresh-without-journal": (["run", "bad.py", "--fresh"], PIPELINE, "--fresh empties the journal: give it with --journal PATH"),
+    "bad-timeout": (["run", "bad.py", "--timeout", "0"], PIPELINE, "--timeout: must be a number of seconds > 0, got '0'"),
+    "infinite-timeout": (["run", "bad.py", "--timeout", "inf"], PIPELINE, "--timeout: must be a number of seconds > 0, got 'inf'"),
     "bad-backend": (["run", "bad.py", "--backend", "curio"], PIPELINE, "invalid choice: 'curio'"),
     "bad-format": (["graph", "bad.py", "--format", "png"], PIPELINE, "invalid choice: 'png'"),
     "bad-timeline": (["run", "bad.py", "--timeline", "run.gif"], PIPELINE, "must end in one of .png"),
