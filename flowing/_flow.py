@@ -186,12 +186,8 @@ class Flow:
 
     def override(self, task: TaskDef[..., Any], value: Any) -> None:
         """Record ``value`` as ``task``'s SUCCEEDED result, for this and later runs."""
-        name = self._name_in_flow(task)
-        if self._run_lock.locked():
-            raise FlowAlreadyRunningError(
-                f"this Flow is running: override({name!r}, ...) would change a result "
-                f"under it; call override() before run() or once it has returned"
-            )
+        name = self._name_in_flow(task, "override")
+        self._refuse_while_running(f"override({name!r}, ...)")
         if self._mappings is not None:  # the value may be the same object, changed in place
             self._mappings.kept.clear()
         result = StepResult(
@@ -199,6 +195,23 @@ class Flow:
         )
         self._overrides[name] = result
         self._results[name] = result
+
+    def clear_override(self, task: TaskDef[..., Any]) -> None:
+        """Forget ``task``'s override (if it has one): the next ``run()`` runs it again."""
+        name = self._name_in_flow(task, "clear_override")
+        self._refuse_while_running(f"clear_override({name!r})")
+        overridden = self._overrides.pop(name, None)
+        if overridden is not None and self._results.get(name) is overridden:
+            del self._results[name]  # resume() runs it again too
+            if self._mappings is not None:
+                self._mappings.kept.clear()
+
+    def _refuse_while_running(self, call: str) -> None:
+        if self._run_lock.locked():
+            raise FlowAlreadyRunningError(
+                f"this Flow is running: {call} would change a result under it; "
+                f"call it before run() or once it has returned"
+            )
 
     @overload
     def value(self, task: TaskDef[..., Coroutine[Any, Any, T]]) -> T: ...
@@ -361,11 +374,11 @@ class Flow:
     def _ordered(self, results: Mapping[str, StepResult]) -> dict[str, StepResult]:
         return {t.name: results[t.name] for t in self._graph.tasks if t.name in results}
 
-    def _name_in_flow(self, task: TaskDef[..., Any]) -> str:
+    def _name_in_flow(self, task: TaskDef[..., Any], method: str) -> str:
         if not isinstance(task, (TaskDef, str)):
-            raise FlowDefinitionError(f"override() takes a task of this flow, got {task!r}")
+            raise FlowDefinitionError(f"{method}() takes a task of this flow, got {task!r}")
         if not isinstance(task, TaskDef) or task not in self._graph.index:
-            why = self._not_in_flow(task, "override")
+            why = self._not_in_flow(task, method)
             raise FlowDefinitionError(f"task {getattr(task, 'name', task)!r} {why}")
         return task.name
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -138,6 +139,25 @@ def test_run_starts_again_but_keeps_overrides() -> None:
     assert "step_3" not in attempts
 
 
+@pytest.mark.parametrize("then", ["run", "resume"])
+def test_clear_override_has_the_next_run_run_the_task_again(then: str) -> None:
+    flow = Flow(step_4)
+    flow.override(step_3, 1)
+    flow.run()
+    flow.clear_override(step_3)
+    assert "step_3" not in flow.results
+    results = getattr(flow, then)()
+    assert attempts["step_3"] == 1
+    assert results["step_3"].state is StepState.FAILED  # its own body ran: it raises
+
+
+def test_clear_override_of_a_task_without_one_changes_nothing() -> None:
+    flow = Flow(step_2)
+    before = flow.run()
+    flow.clear_override(step_2)
+    assert flow.results == before
+
+
 def test_value_of_a_failed_task_names_it_and_chains_the_original_error() -> None:
     flow = Flow(step_4)
     flow.run()
@@ -168,8 +188,10 @@ def test_value_of_a_task_that_never_ran_is_a_key_error() -> None:
         (lambda f: f.override(step_4, 1), FlowDefinitionError, "task 'step_4' is not part of this flow"),
         (lambda f: f.override("step_1", 1), FlowDefinitionError, "given by name: override() takes the task itself"),
         (lambda f: f.override(3, 1), FlowDefinitionError, "override() takes a task of this flow, got 3"),
+        (lambda f: f.clear_override(step_4), FlowDefinitionError, "task 'step_4' is not part of this flow"),
+        (lambda f: f.clear_override("step_1"), FlowDefinitionError, "given by name: clear_override() takes the task itself"),
     ],
-    ids=["value-other-task", "value-by-name", "value-not-a-task", "override-other-task", "override-by-name", "override-not-a-task"],
+    ids=["value-other-task", "value-by-name", "value-not-a-task", "override-other-task", "override-by-name", "override-not-a-task", "clear-other-task", "clear-by-name"],
 )
 def test_a_lookup_of_what_is_not_a_task_of_the_flow_says_what_to_pass(
     lookup: Any, error: type[Exception], message: str
@@ -235,7 +257,17 @@ async def test_the_same_flow_cannot_run_twice_at_once() -> None:
 
 
 @pytest.mark.anyio
-async def test_override_while_the_flow_runs_is_refused_and_the_run_goes_on() -> None:
+@pytest.mark.parametrize(
+    "change,call",
+    [
+        (lambda flow, first: flow.override(first, 100), r"override\('first', ...\)"),
+        (lambda flow, first: flow.clear_override(first), r"clear_override\('first'\)"),
+    ],
+    ids=["override", "clear_override"],
+)
+async def test_changing_an_override_while_the_flow_runs_is_refused_and_the_run_goes_on(
+    change: Callable[[Flow, Any], None], call: str
+) -> None:
     started, release = anyio.Event(), anyio.Event()
 
     @task
@@ -252,8 +284,8 @@ async def test_override_while_the_flow_runs_is_refused_and_the_run_goes_on() -> 
     async with anyio.create_task_group() as tg:
         tg.start_soon(flow.arun)
         await started.wait()
-        with pytest.raises(FlowAlreadyRunningError, match=r"override\('first', ...\) would change"):
-            flow.override(first, 100)
+        with pytest.raises(FlowAlreadyRunningError, match=call + " would change a result"):
+            change(flow, first)
         release.set()
     assert flow.value(second) == 2
 
