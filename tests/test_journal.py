@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -861,8 +862,13 @@ async def test_a_journal_in_a_folder_that_cannot_be_written_is_refused(
 ) -> None:
     first, second = chain(1)
     monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
-    with pytest.raises(InvalidJournalError, match="is not writable; give a path in a folder"):
-        await Flow(second, journal_path=tmp_path / "run.jsonl").arun()
+    path = tmp_path / "run.jsonl"
+    with pytest.raises(InvalidJournalError) as refused:
+        await Flow(second, journal_path=path).arun()
+    assert str(refused.value) == (
+        f"{str(path)!r} cannot be used as a journal: it does not exist and its folder "
+        f"{str(tmp_path)!r} is not writable; give a path in a folder you can write to"
+    )
 
 
 @pytest.mark.parametrize(
@@ -1021,7 +1027,10 @@ def test_a_compaction_that_fails_leaves_the_journal_and_no_temporary_file(
     journal = tmp_path / "run.jsonl"
     journal.write_bytes(RECORD + RECORD)
 
+    calls: list[tuple[Any, ...]] = []
+
     def fail(*args: Any) -> None:
+        calls.append(args)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, failing, fail)
@@ -1029,6 +1038,9 @@ def test_a_compaction_that_fails_leaves_the_journal_and_no_temporary_file(
         compact_journal(journal)
     assert journal.read_bytes() == RECORD + RECORD
     assert os.listdir(tmp_path) == ["run.jsonl"]
+    if failing == "replace":  # the new file was written beside the journal, hidden
+        temporary = Path(calls[0][0])
+        assert temporary.parent == tmp_path and temporary.name.startswith(".journal-")
 
 
 def test_an_append_whose_file_was_deleted_meanwhile_lands_in_a_new_file(
@@ -1060,3 +1072,76 @@ def test_reading_a_missing_journal_finds_no_records_and_warns_nothing(
 def test_reading_a_directory_as_a_journal_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidJournalError, match=f"^{re.escape(repr(str(tmp_path)))} .*directory"):
         read_records(str(tmp_path))
+
+
+@pytest.mark.anyio
+async def test_reads_share_the_lock_and_writes_take_it_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[bool] = []
+    real_lock = flowing._journal._lock
+
+    def recording_lock(fd: int, *, exclusive: bool) -> None:
+        taken.append(exclusive)
+        real_lock(fd, exclusive=exclusive)
+
+    monkeypatch.setattr(flowing._journal, "_lock", recording_lock)
+    first, second = chain(1)
+    journal = tmp_path / "run.jsonl"
+    flow = Flow(second, journal_path=journal)
+    await flow.arun()  # no file to open yet; two appends
+    await flow.arun()  # opened to replay
+    await flow.arun(fresh=True)  # emptied, then two appends
+    read_records(str(journal))
+    compact_journal(journal)
+    assert taken == [True, True, False, True, True, True, False, True]
+
+
+@pytest.mark.anyio
+async def test_a_journaled_result_carries_its_step_key(tmp_path: Path) -> None:
+    first, second = chain(1)
+    flow = Flow(second, journal_path=tmp_path / "run.jsonl")
+    results = await flow.arun()
+    assert {name: r.step_key for name, r in results.items()} == flow.step_keys()
+
+
+@pytest.mark.anyio
+async def test_a_record_that_cannot_be_written_is_warned_about_naming_the_journal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "run.jsonl"
+
+    @task
+    def first() -> int:
+        journal.mkdir()
+        return 1
+
+    with caplog.at_level(logging.WARNING, "flowing"):
+        await Flow(first, journal_path=journal).arun()
+    assert caplog.messages == [
+        f"task 'first': its value was not journaled, writing {str(journal)!r} failed: "
+        f"[Errno {errno.EISDIR}] Is a directory: {str(journal)!r}"
+    ]
+
+
+def test_a_task_without_a_step_key_is_run_uncached_with_a_warning_saying_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    odd = task(lambda x=object(): x, name="odd")
+    with caplog.at_level(logging.WARNING, "flowing"):
+        Flow(odd, journal_path=tmp_path / "run.jsonl").run()
+    assert len(caplog.messages) == 1
+    assert caplog.messages[0].startswith(
+        "task 'odd' is not cached: task 'odd' has no step key: a default of the body is object"
+    )
+
+
+def test_compaction_counts_removed_lines_and_names_the_journal_in_its_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "run.jsonl"
+    spaced = encode_record("a" * 64, "t", "json", "[1, 2, 3]")
+    journal.write_bytes(spaced + spaced + b"{damaged\n")
+    with caplog.at_level(logging.WARNING, "flowing"):
+        assert compact_journal(journal) == 2
+    assert caplog.messages == [f"journal {str(journal)!r}: skipped 1 damaged line(s) (line 3)"]
