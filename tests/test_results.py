@@ -74,3 +74,17 @@ def test_the_summary_aligns_one_row_per_task_and_ends_no_line_in_spaces() -> Non
 )
 def test_an_error_is_described_by_its_type_and_message(error: Exception, described: str) -> None:
     assert describe_error(error) == described
+
+
+def test_whitespace_and_control_characters_in_a_name_show_as_one_space_each() -> None:
+    row = format_summary([StepResult("a\tb\x00c\nd", SUCCEEDED)]).splitlines()[1]
+    assert row.split("  ")[1] == "a b c d"
+
+
+class BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def test_an_error_whose_str_fails_is_still_described() -> None:
+    assert describe_error(BrokenStr()) == "BrokenStr: <exception str() failed>"

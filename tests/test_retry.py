@@ -82,6 +82,20 @@ def test_an_unusable_retry_after_hint_is_ignored_with_a_warning(
     assert "ignoring retry_after" in caplog.text
 
 
+def test_an_error_without_a_retry_after_hint_is_retried_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        assert retry_delay_ms(_policy(retry=3), 1, ValueError()) == 1000.0
+    assert caplog.records == []
+
+
+def test_a_retry_on_that_is_not_a_class_is_named_without_a_hint() -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        task(retry_on=(ValueError, 3))(lambda: None)
+    assert str(info.value).endswith("must be an exception class or a tuple of them, got 3")
+
+
 def test_the_warning_names_the_task_the_hint_and_the_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
