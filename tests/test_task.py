@@ -44,6 +44,11 @@ def test_a_task_called_with_keywords_passes_them_to_the_function() -> None:
     assert double(source=21) == 42
 
 
+@pytest.mark.parametrize("timeout_s", [0.5, 2])
+def test_a_timeout_is_kept_as_a_float(timeout_s: float) -> None:
+    assert task(timeout_s=timeout_s)(not_a_task).timeout_s == float(timeout_s)
+
+
 def test_a_bare_task_has_the_documented_defaults() -> None:
     bare = task(not_a_task)
     assert (bare.retry, bare.retry_backoff_base_ms, bare.retry_max_backoff_ms) == (0, 1000, 30_000)
@@ -204,6 +209,35 @@ def test_a_classmethod_decorated_in_its_class_is_rejected_with_the_bound_method_
         "@task cannot bind the classmethod 'load' in its class body; decorate the bound "
         "method once the class exists instead, e.g. task(TheClass.load)"
     )
+
+
+def area(self: Any) -> int:
+    return 1
+
+
+@pytest.mark.parametrize(
+    ("fn", "options", "shown"),
+    [(area, {}, "area"), (functools.partial(area), {"name": "area"}, "method")],
+    ids=["named-function", "nameless-callable"],
+)
+def test_the_method_fix_names_the_method_when_it_can(
+    fn: Any, options: dict[str, Any], shown: str
+) -> None:
+    with pytest.raises(MissingParameterError, match=re.escape(f"e.g. task(instance.{shown}), or")):
+        task(fn, **options)
+
+
+@pytest.mark.parametrize(
+    "fn", [lambda self=None: 1, lambda x=1, cls=dict: 1], ids=["self-with-default", "cls-not-first"]
+)
+def test_a_self_or_cls_parameter_with_a_default_is_an_ordinary_parameter(fn: Any) -> None:
+    assert task(fn, name="plain").name == "plain"
+
+
+def test_an_unknown_option_on_a_nameless_callable_names_it_by_its_repr() -> None:
+    nameless = functools.partial(not_a_task)
+    with pytest.raises(InvalidTaskError, match=re.escape(f"for task {repr(nameless)!r}; ")):
+        task(nameless, colour="red")
 
 
 def test_an_async_generator_function_is_rejected_before_it_could_succeed_unrun() -> None:
@@ -385,6 +419,18 @@ def test_a_gate_that_cannot_take_its_arguments_is_rejected_before_anything_runs(
 def test_a_rejected_gate_is_told_the_names_it_would_get(depends_on: list[Any], listed: str) -> None:
     with pytest.raises(InvalidTaskError, match=re.escape(f"values by name {listed}, but")):
         task(depends_on=depends_on, when=lambda unknown: True)(lambda **kwargs: None)
+
+
+@pytest.mark.parametrize(
+    ("depends_on", "listed"),
+    [([], "nothing"), ([source, second], "'source', 'second'")],
+    ids=["no-dependencies", "two-dependencies"],
+)
+def test_a_map_over_that_is_not_a_dependency_is_told_the_dependencies(
+    depends_on: list[Any], listed: str
+) -> None:
+    with pytest.raises(InvalidTaskError, match=re.escape(f"(depends_on: {listed}); add that")):
+        task(depends_on=depends_on, map_over="items")(lambda **kwargs: None)
 
 
 def test_a_gate_without_a_signature_is_trusted_and_the_next_gate_still_checked() -> None:
