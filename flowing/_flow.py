@@ -425,8 +425,8 @@ def _check_on_event(on_event: object) -> None:
         raise FlowDefinitionError(f"on_event must be a callable taking an event, got {on_event!r}")
     import inspect
 
-    try:
-        signature = inspect.signature(on_event)
+    try:  # a wrapper's own signature: a decorator may supply the wrapped one's arguments
+        signature = inspect.signature(on_event, follow_wrapped=False)
     except (TypeError, ValueError):
         return  # builtins and some C callables have no signature: trust the user
     try:

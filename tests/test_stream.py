@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -289,6 +290,43 @@ def test_an_on_event_that_cannot_take_an_event_is_refused_when_the_flow_is_built
         f"on_event must take the event as its one argument, but {problem}: "
         f"{on_event!r} would fail on every event"
     )
+
+
+def _injecting(fn: Any) -> Any:
+    """A decorator that supplies the first argument: its signature is the wrapped one's."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn([], *args, **kwargs)
+
+    return wrapper
+
+
+@_injecting
+def _handler_given_a_sink(sink: list[Any], event: Event) -> None:
+    sink.append(event)
+
+
+class _Recorder:
+    def __call__(self, event: Event) -> None: ...
+
+
+@pytest.mark.parametrize(
+    "on_event",
+    [
+        _handler_given_a_sink,
+        functools.partial(lambda prefix, event: None, "flow"),
+        print,
+        _Recorder(),
+        [].append,
+    ],
+    ids=["decorated-with-wraps", "partial", "builtin", "object-with-call", "bound-method"],
+)
+def test_an_on_event_that_can_take_an_event_is_accepted(on_event: Any) -> None:
+    @task
+    def only() -> None: ...
+
+    assert Flow(only, on_event=on_event).run()["only"].state is StepState.SUCCEEDED
 
 
 def test_an_abandoned_sync_body_is_reported_between_its_start_and_its_failure() -> None:
