@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from ._exceptions import FlowDefinitionError
 
@@ -87,12 +87,21 @@ _BUILTIN: dict[str, type[PickleSerializer] | type[JsonSerializer]] = {
 }
 
 
+def _needs_an_instance(serializer: object) -> TypeGuard[type]:
+    """A class whose ``dumps`` is an instance method: unbound, it would refuse every value."""
+    import inspect
+
+    return isinstance(serializer, type) and inspect.isfunction(
+        inspect.getattr_static(serializer, "dumps", None)
+    )
+
+
 def resolve_serializer(serializer: str | Serializer) -> Serializer:
     """``"pickle"``, ``"json"`` or an object with ``name``, ``dumps`` and ``loads``."""
     if isinstance(serializer, str):
         if serializer in _BUILTIN:
             return _BUILTIN[serializer]()
-    elif isinstance(serializer, type):  # its unbound dumps() would refuse every value
+    elif _needs_an_instance(serializer):
         raise FlowDefinitionError(
             f"serializer is the class {serializer.__name__}; pass an instance: "
             f"serializer={serializer.__name__}()"

@@ -63,6 +63,24 @@ def test_anything_else_is_refused_naming_the_parameter(spec: Any) -> None:
         resolve_serializer(spec)
 
 
+class UpperNamespace:
+    """A serializer made of static methods: the class itself is the serializer."""
+
+    name = "upper-namespace"
+
+    @staticmethod
+    def dumps(value: Any) -> str:
+        return str(value).upper()
+
+    @staticmethod
+    def loads(data: str) -> Any:
+        return data
+
+
+def test_a_class_whose_methods_are_static_is_a_serializer_itself() -> None:
+    assert resolve_serializer(UpperNamespace) is UpperNamespace
+
+
 @pytest.mark.parametrize("cls", [JsonSerializer, PickleSerializer, Upper], ids=lambda c: c.__name__)
 def test_a_serializer_class_instead_of_an_instance_is_refused_with_the_call_to_write(
     cls: type,
