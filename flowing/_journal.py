@@ -20,6 +20,7 @@ import json
 import os
 import stat
 import sys
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -89,6 +90,7 @@ class Journal:
     ) -> JournalRun:
         keys = step_keys(graph, untrusted)
         records = _parse(self.path, self._open(fresh))
+        self._warn_other_serializers(records)
         replays = {}
         for i, (task, key) in enumerate(zip(graph.tasks, keys)):
             record = records.get(key) if key is not None else None
@@ -98,15 +100,22 @@ class Journal:
                     replays[i] = result
         return JournalRun(self, keys, replays, records)
 
-    def _replay(self, record: _Record, name: str, detached: bool) -> StepResult | None:
-        if record.serializer != self.serializer.name:
+    def _warn_other_serializers(self, records: Mapping[str, _Record]) -> None:
+        """One warning for the records another serializer wrote: their tasks run again."""
+        others = Counter(r.serializer for r in records.values())
+        others.pop(self.serializer.name, None)
+        if others:
             logger.warning(
-                "task %r: its journaled value was written by the %r serializer and this "
-                "flow uses %r; running it again",
-                name,
-                record.serializer,
+                "journal %r: ignored %d record(s) written by the %s serializer; this flow "
+                "uses %r, so their tasks run again",
+                self.path,
+                sum(others.values()),
+                " and ".join(map(repr, sorted(others))),
                 self.serializer.name,
             )
+
+    def _replay(self, record: _Record, name: str, detached: bool) -> StepResult | None:
+        if record.serializer != self.serializer.name:  # counted when the run opened
             return None
         try:
             value = self.serializer.loads(record.data)

@@ -423,20 +423,36 @@ async def test_records_of_another_key_version_are_ignored_with_one_warning(
     ]
 
 
+def _mapped_doubles() -> TaskDef[..., Any]:
+    @task
+    def items() -> list[int]:
+        return [1, 2, 3]
+
+    @task(depends_on=[items], map_over=items)
+    def double(items: int) -> int:
+        return items * 2
+
+    return double
+
+
 @pytest.mark.anyio
-async def test_a_record_of_another_serializer_runs_again_saying_why(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("build", "records"),
+    [(lambda: chain([1, 2])[1], 2), (_mapped_doubles, 5)],
+    ids=["chain", "mapped-instances"],
+)
+async def test_records_of_another_serializer_run_again_with_one_warning_counting_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, build: Any, records: int
 ) -> None:
-    first, second = chain([1, 2])
+    terminal = build()
     journal = tmp_path / "run.jsonl"
-    await Flow(second, journal_path=journal, serializer="pickle").arun()
+    await Flow(terminal, journal_path=journal, serializer="pickle").arun()
     with caplog.at_level(logging.WARNING, logger="flowing"):
-        results = await Flow(second, journal_path=journal, serializer="json").arun()
+        results = await Flow(terminal, journal_path=journal, serializer="json").arun()
     assert not any(r.cached for r in results.values())
     assert caplog.messages == [
-        f"task {name!r}: its journaled value was written by the 'pickle' serializer and "
-        f"this flow uses 'json'; running it again"
-        for name in ("first", "second")
+        f"journal {str(journal)!r}: ignored {records} record(s) written by the 'pickle' "
+        f"serializer; this flow uses 'json', so their tasks run again"
     ]
 
 
