@@ -1,8 +1,8 @@
 """The ``flowing`` command: run or draw the tasks of a Python file.
 
     flowing run FILE.py[:TASK,...] [--max-workers N] [--no-fail-fast] [--journal PATH]
-                [--fresh] [--timeout SECONDS] [--backend asyncio|trio] [--timeline PATH] [--quiet] [--json] [--debug]
-                [--dask ADDRESS] [--pool NAME=SIZE ...]
+                [--fresh] [--timeout SECONDS] [--backend asyncio|trio] [--timeline PATH]
+                [--quiet] [--json] [--debug] [--dask ADDRESS] [--pool NAME=SIZE ...]
     flowing graph FILE.py[:TASK,...] [--format mermaid|dot]
     flowing --version
 
@@ -12,9 +12,9 @@ pool's size on top; drawing the graph needs no pools.
 
 Exit status: 0 when every task succeeded or was skipped by a ``when=`` gate (its own
 or an upstream task's), 1 when a task failed or was cancelled (``--timeout`` cancels
-the unfinished ones), 2 for bad input (one
-line on stderr, no traceback unless ``--debug``), including a ``--timeline`` file that
-could not be written after a run whose tasks all succeeded, 130 when interrupted.
+the unfinished ones), 2 for bad input (one line on stderr, no traceback unless
+``--debug``), including a ``--timeline`` file that could not be written after a run
+whose tasks all succeeded, 130 when interrupted.
 """
 
 from __future__ import annotations
