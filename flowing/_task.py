@@ -363,6 +363,37 @@ def _check_gate_calls(task: TaskDef[..., Any]) -> None:
             ) from None
 
 
+def _no_parameter_for(
+    name: str,
+    dep_name: str,
+    parameters: Iterable[inspect.Parameter],
+    accepted: set[str],
+    provided: set[str],
+) -> MissingParameterError:
+    """The error for the dependency ``dep_name``, which no parameter of ``name`` receives."""
+    if not dep_name.isidentifier() or keyword.iskeyword(dep_name):
+        return MissingParameterError(
+            f"task {name!r} depends on {dep_name!r}, which cannot be a parameter "
+            f"name; receive it with **kwargs (as kwargs[{dep_name!r}]) or rename "
+            f"that task with @task(name=...)"
+        )
+    unfed = [
+        p.name
+        for p in parameters
+        if p.name in accepted and p.name not in provided and p.default is p.empty
+    ]
+    fix = "add one (or **kwargs) to receive its value"
+    if len(unfed) == 1 and len(provided - accepted) == 1:  # the one meant for it
+        fix = (
+            f"a dependency's value arrives under the dependency's name: rename the "
+            f"parameter {unfed[0]!r} to {dep_name!r} (or add one, or **kwargs)"
+        )
+    return MissingParameterError(
+        f"task {name!r} depends on {dep_name!r} but its function has no "
+        f"parameter {dep_name!r}; {fix}"
+    )
+
+
 def _check_parameters(
     name: str, fn: Callable[..., Any], depends_on: tuple[TaskDef[..., Any], ...]
 ) -> None:
@@ -386,27 +417,7 @@ def _check_parameters(
         )
     if accepted is not None:
         for dep_name in sorted(provided - accepted):
-            if not dep_name.isidentifier() or keyword.iskeyword(dep_name):
-                raise MissingParameterError(
-                    f"task {name!r} depends on {dep_name!r}, which cannot be a parameter "
-                    f"name; receive it with **kwargs (as kwargs[{dep_name!r}]) or rename "
-                    f"that task with @task(name=...)"
-                )
-            unfed = [
-                p.name
-                for p in parameters
-                if p.name in accepted and p.name not in provided and p.default is p.empty
-            ]
-            fix = "add one (or **kwargs) to receive its value"
-            if len(unfed) == 1 and len(provided - accepted) == 1:  # the one meant for it
-                fix = (
-                    f"a dependency's value arrives under the dependency's name: rename the "
-                    f"parameter {unfed[0]!r} to {dep_name!r} (or add one, or **kwargs)"
-                )
-            raise MissingParameterError(
-                f"task {name!r} depends on {dep_name!r} but its function has no "
-                f"parameter {dep_name!r}; {fix}"
-            )
+            raise _no_parameter_for(name, dep_name, parameters, accepted, provided)
     for position, p in enumerate(parameters):
         required = p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         if required and p.name not in provided and position == 0 and p.name in ("self", "cls"):
