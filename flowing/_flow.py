@@ -75,9 +75,9 @@ class Flow:
         if on_event is not None:
             _check_on_event(on_event)
         if executor is not None:
-            from ._executor import ThreadExecutor, is_executor
+            from ._executor import ThreadExecutor, is_executor, needs_an_instance
 
-            if isinstance(executor, type):  # its unbound session() fails at the first run
+            if needs_an_instance(executor):
                 raise FlowDefinitionError(
                     f"executor is the class {executor.__name__}; pass an instance: "
                     f"executor={executor.__name__}(...)"

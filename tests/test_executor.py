@@ -157,10 +157,26 @@ async def test_a_runner_is_told_once_when_fail_fast_stops_a_mapping(
     assert executor.halts == halts
 
 
-@pytest.mark.parametrize("bad", [42, "tcp://127.0.0.1:8786", object()], ids=repr)
+@pytest.mark.parametrize(
+    "bad", [42, "tcp://127.0.0.1:8786", object(), dict], ids=["int", "address", "object", "class"]
+)
 def test_a_flow_refuses_an_executor_that_is_not_one(bad: object) -> None:
     with pytest.raises(FlowDefinitionError, match="executor must be an Executor"):
         Flow(mixed_graph(), executor=bad)  # type: ignore[arg-type]
+
+
+class InThreadsNamespace:
+    """An executor made of a static method: the class itself is the executor."""
+
+    @staticmethod
+    def session(threads: RunThreads) -> Any:
+        return ThreadExecutor().session(threads)
+
+
+def test_an_executor_class_whose_session_is_static_is_the_executor_itself() -> None:
+    flow = Flow(mixed_graph(), executor=InThreadsNamespace)  # type: ignore[arg-type]
+    assert flow.executor is InThreadsNamespace
+    assert all(r.state is StepState.SUCCEEDED for r in flow.run().values())
 
 
 def test_an_executor_class_instead_of_an_instance_is_refused_with_the_call_to_write() -> None:
