@@ -197,14 +197,29 @@ class Flow:
         self._results[name] = result
 
     def clear_override(self, task: TaskDef[..., Any]) -> None:
-        """Forget ``task``'s override (if it has one): the next ``run()`` runs it again."""
+        """Forget ``task``'s override (if it has one): the next ``run()`` or ``resume()``
+        runs it again, and everything downstream that its overridden value reached."""
         name = self._name_in_flow(task, "clear_override")
         self._refuse_while_running(f"clear_override({name!r})")
-        overridden = self._overrides.pop(name, None)
-        if overridden is not None and self._results.get(name) is overridden:
-            del self._results[name]  # resume() runs it again too
-            if self._mappings is not None:
-                self._mappings.kept.clear()
+        if self._overrides.pop(name, None) is None:
+            return
+        for reached in self._reached_by(task):
+            self._results.pop(reached, None)
+        if self._mappings is not None:
+            self._mappings.kept.clear()
+
+    def _reached_by(self, task: TaskDef[..., Any]) -> list[str]:
+        """``task`` and its descendants, down to (not through) tasks still overridden."""
+        graph = self._graph
+        reached: dict[str, None] = {}
+        stack = [graph.index[task]]
+        while stack:
+            i = stack.pop()
+            name = graph.tasks[i].name
+            if name not in reached and name not in self._overrides:
+                reached[name] = None
+                stack.extend(graph.dependents[i])
+        return list(reached)
 
     def _refuse_while_running(self, call: str) -> None:
         if self._run_lock.locked():

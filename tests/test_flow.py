@@ -151,6 +151,42 @@ def test_clear_override_has_the_next_run_run_the_task_again(then: str) -> None:
     assert results["step_3"].state is StepState.FAILED  # its own body ran: it raises
 
 
+def test_clear_override_forgets_what_the_overridden_value_reached_down_to_other_overrides() -> None:
+    calls: list[str] = []
+
+    @task
+    def a() -> int:
+        calls.append("a")
+        return 1
+
+    @task(depends_on=[a])
+    def b(a: int) -> int:
+        calls.append("b")
+        return a + 1
+
+    @task(depends_on=[b])
+    def c(b: int) -> int:
+        calls.append("c")
+        return b * 10
+
+    @task(depends_on=[c])
+    def d(c: int) -> int:
+        calls.append("d")
+        return c + 1
+
+    flow = Flow(d)
+    flow.override(b, 5)
+    flow.override(d, 0)
+    flow.run()
+    assert flow.value(c) == 50
+    flow.clear_override(b)
+    assert set(flow.results) == {"a", "d"}
+    calls.clear()
+    flow.resume()
+    assert calls == ["b", "c"]
+    assert (flow.value(c), flow.value(d)) == (20, 0)
+
+
 def test_clear_override_of_a_task_without_one_changes_nothing() -> None:
     flow = Flow(step_2)
     before = flow.run()
