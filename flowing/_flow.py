@@ -185,11 +185,11 @@ class Flow:
     def override(self, task: TaskDef[..., T], value: T) -> None: ...
 
     def override(self, task: TaskDef[..., Any], value: Any) -> None:
-        """Record ``value`` as ``task``'s SUCCEEDED result, for this and later runs."""
+        """Record ``value`` as ``task``'s SUCCEEDED result, for this and later runs; the
+        results its earlier value reached downstream are forgotten, so resume() redoes them."""
         name = self._name_in_flow(task, "override")
         self._refuse_while_running(f"override({name!r}, ...)")
-        if self._mappings is not None:  # the value may be the same object, changed in place
-            self._mappings.kept.clear()
+        self._forget_downstream(task)
         result = StepResult(
             name, StepState.SUCCEEDED, value=value, reason="overridden", detached=task.detached
         )
@@ -197,29 +197,29 @@ class Flow:
         self._results[name] = result
 
     def clear_override(self, task: TaskDef[..., Any]) -> None:
-        """Forget ``task``'s override (if it has one): the next ``run()`` or ``resume()``
-        runs it again, and everything downstream that its overridden value reached."""
+        """Forget ``task``'s override (if it has one) and the results its value reached
+        downstream: the next ``run()`` or ``resume()`` runs them again."""
         name = self._name_in_flow(task, "clear_override")
         self._refuse_while_running(f"clear_override({name!r})")
-        if self._overrides.pop(name, None) is None:
-            return
-        for reached in self._reached_by(task):
-            self._results.pop(reached, None)
-        if self._mappings is not None:
-            self._mappings.kept.clear()
+        if self._overrides.pop(name, None) is not None:
+            self._results.pop(name, None)
+            self._forget_downstream(task)
 
-    def _reached_by(self, task: TaskDef[..., Any]) -> list[str]:
-        """``task`` and its descendants, down to (not through) tasks still overridden."""
+    def _forget_downstream(self, task: TaskDef[..., Any]) -> None:
+        """Forget the results ``task``'s value reached: its descendants', down to (not
+        through) overridden tasks, and what its mapped dependents remember."""
+        if self._mappings is not None:  # the value may be the same object, changed in place
+            self._mappings.kept.clear()
         graph = self._graph
-        reached: dict[str, None] = {}
-        stack = [graph.index[task]]
+        forgotten: set[int] = set()
+        stack = list(graph.dependents[graph.index[task]])
         while stack:
             i = stack.pop()
             name = graph.tasks[i].name
-            if name not in reached and name not in self._overrides:
-                reached[name] = None
+            if i not in forgotten and name not in self._overrides:
+                forgotten.add(i)
+                self._results.pop(name, None)
                 stack.extend(graph.dependents[i])
-        return list(reached)
 
     def _refuse_while_running(self, call: str) -> None:
         if self._run_lock.locked():

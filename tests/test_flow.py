@@ -151,8 +151,8 @@ def test_clear_override_has_the_next_run_run_the_task_again(then: str) -> None:
     assert results["step_3"].state is StepState.FAILED  # its own body ran: it raises
 
 
-def test_clear_override_forgets_what_the_overridden_value_reached_down_to_other_overrides() -> None:
-    calls: list[str] = []
+def counted_chain(calls: list[str]) -> tuple[Any, Any, Any, Any]:
+    """a -> b -> c -> d, each appending its name to ``calls``: 1, a+1, b*10, c+1."""
 
     @task
     def a() -> int:
@@ -174,6 +174,24 @@ def test_clear_override_forgets_what_the_overridden_value_reached_down_to_other_
         calls.append("d")
         return c + 1
 
+    return a, b, c, d
+
+
+def test_override_forgets_what_the_earlier_value_reached_so_resume_redoes_it() -> None:
+    calls: list[str] = []
+    _, b, _, d = counted_chain(calls)
+    flow = Flow(d)
+    flow.run()
+    flow.override(b, 5)
+    assert set(flow.results) == {"a", "b"}
+    calls.clear()
+    flow.resume()
+    assert (calls, flow.value(d)) == (["c", "d"], 51)
+
+
+def test_clear_override_forgets_what_the_overridden_value_reached_down_to_other_overrides() -> None:
+    calls: list[str] = []
+    _, b, c, d = counted_chain(calls)
     flow = Flow(d)
     flow.override(b, 5)
     flow.override(d, 0)
