@@ -91,7 +91,7 @@ def _columns(text: str) -> int:
     import unicodedata
 
     return sum(
-        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
         for ch in text
     )
 
