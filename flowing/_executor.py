@@ -10,11 +10,10 @@ declared ``@task(local=True)`` never go through an executor.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeGuard
+from typing import Any, Protocol
 
 from ._attempt import refuse_coroutine
 from ._task import TaskDef
@@ -96,13 +95,6 @@ class _InThreads:
 
 def _call_here(task: TaskDef[..., Any], kwargs: dict[str, Any]) -> Any:
     return refuse_coroutine(task.name, task.fn(**kwargs))
-
-
-def needs_an_instance(candidate: object) -> TypeGuard[type]:
-    """A class whose ``session`` is an instance method: unbound, it fails at the first run."""
-    return isinstance(candidate, type) and inspect.isfunction(
-        inspect.getattr_static(candidate, "session", None)
-    )
 
 
 def is_executor(candidate: object) -> bool:

@@ -25,7 +25,7 @@ from ._exceptions import (
 )
 from ._pools import Pool, check_pool_names, check_pools
 from ._results import StepResult, StepState, format_summary
-from ._task import TaskDef, check_flag
+from ._task import TaskDef, check_flag, needs_an_instance
 
 if TYPE_CHECKING:
     from ._executor import Executor
@@ -75,9 +75,9 @@ class Flow:
         if on_event is not None:
             _check_on_event(on_event)
         if executor is not None:
-            from ._executor import ThreadExecutor, is_executor, needs_an_instance
+            from ._executor import ThreadExecutor, is_executor
 
-            if needs_an_instance(executor):
+            if needs_an_instance(executor, "session"):
                 raise FlowDefinitionError(
                     f"executor is the class {executor.__name__}; pass an instance: "
                     f"executor={executor.__name__}(...)"

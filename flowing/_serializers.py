@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeGuard, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ._exceptions import FlowDefinitionError
+from ._task import needs_an_instance
 
 
 @runtime_checkable
@@ -87,21 +88,12 @@ _BUILTIN: dict[str, type[PickleSerializer] | type[JsonSerializer]] = {
 }
 
 
-def _needs_an_instance(serializer: object) -> TypeGuard[type]:
-    """A class whose ``dumps`` is an instance method: unbound, it would refuse every value."""
-    import inspect
-
-    return isinstance(serializer, type) and inspect.isfunction(
-        inspect.getattr_static(serializer, "dumps", None)
-    )
-
-
 def resolve_serializer(serializer: str | Serializer) -> Serializer:
     """``"pickle"``, ``"json"`` or an object with ``name``, ``dumps`` and ``loads``."""
     if isinstance(serializer, str):
         if serializer in _BUILTIN:
             return _BUILTIN[serializer]()
-    elif _needs_an_instance(serializer):
+    elif needs_an_instance(serializer, "dumps"):
         raise FlowDefinitionError(
             f"serializer is the class {serializer.__name__}; pass an instance: "
             f"serializer={serializer.__name__}()"

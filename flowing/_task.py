@@ -9,7 +9,7 @@ import math
 import sys
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeGuard, TypeVar, overload
 
 from ._exceptions import InvalidTaskError, MissingParameterError
 from ._pools import check_max_concurrency, check_pool
@@ -262,6 +262,14 @@ def _check_dependencies(
             )
         unique.setdefault(id(dep), dep)
     return tuple(unique.values())
+
+
+def needs_an_instance(candidate: object, method: str) -> TypeGuard[type]:
+    """A class given where its instance belongs: its ``method`` is an instance method,
+    which would fail unbound at the first call (static or class methods work as they are)."""
+    return isinstance(candidate, type) and inspect.isfunction(
+        inspect.getattr_static(candidate, method, None)
+    )
 
 
 def check_flag(option: str, value: object, error: type[Exception] = InvalidTaskError) -> bool:
