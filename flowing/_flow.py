@@ -68,7 +68,7 @@ class Flow:
         from ._graph import build_graph
         from ._serializers import resolve_serializer
         from ._stream import Broadcaster
-        from ._timeline import RunRecorder
+        from ._recorder import RunRecorder
 
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise FlowDefinitionError(f"max_workers must be an int >= 1, got {max_workers!r}")
@@ -104,7 +104,7 @@ class Flow:
         self._run_lock = threading.Lock()
         self._events = Broadcaster(on_event)
         self._recorder = RunRecorder()
-        self._events.add(self._recorder, "timeline recorder", guard=False)  # cannot raise
+        self._events.add(self._recorder, "run recorder", guard=False)  # cannot raise
         if check_flag("tracing", tracing, FlowDefinitionError):
             from ._otel import SpanRecorder
 
@@ -330,7 +330,7 @@ class Flow:
                     self._scheduler(None).cancel_before_start(error)
                     raise
             scheduler = self._scheduler(journal)
-            with showing_progress(self._events, progress):
+            with showing_progress(self._events, self._recorder, progress):
                 async with self._events.delivering(timeout_s):
                     with anyio.move_on_after(timeout_s) as deadline:
                         await scheduler.run()

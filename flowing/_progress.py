@@ -1,16 +1,17 @@
-"""Live progress on stderr, built on the event stream.
+"""Live progress on stderr: a rich display on a terminal, plain lines elsewhere.
 
 On a terminal with ``rich`` installed (``pip install 'flowing[cli]'``) it is a live
 display: counts, a bar with an ETA, the running tasks with their elapsed time,
-and a line above it for each retry and failure as it happens. Otherwise (stderr
-not a TTY, or no rich) it prints one plain line per event. Either way it only
-reads events: it never changes a result.
+and a line above it for each retry and failure. Otherwise (stderr not a TTY, or
+no rich) it prints one plain line per event. Either way it only reads what the
+event stream tells: it never changes a result.
 
-A display costs the run little. The rich display updates its tally on the event
-loop (a fraction of a microsecond per event) and redraws from rich's own thread.
-Plain lines cost more to format: the event loop only appends each event to the
-display's queue (a C call, no Python frame), and the display's own thread formats
-and writes them in batches, ten times a second and at the end.
+A display costs the run little. The rich display listens to no event: four times
+a second its own thread reads the run's recorder (see ``_recorder``), which the
+flow keeps anyway, and counts the results finished since it last looked with
+C-level calls. Plain lines cost more to format: the event loop only appends each
+event to the display's queue (a C call, no Python frame), and the display's own
+thread formats and writes them in batches, ten times a second and at the end.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import itertools
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from operator import attrgetter, countOf
 from typing import Any, Protocol, TextIO
 
 from ._events import (
     Event,
-    FlowFinished,
     FlowStarted,
     InstanceFinished,
     TaskFinished,
@@ -35,10 +36,9 @@ from ._events import (
     ThreadAbandoned,
     retry_cause,
 )
+from ._recorder import RunRecorder
 from ._results import (
-    FAILED,
     REPLAYED_REASON,
-    SUCCEEDED,
     StepResult,
     StepState,
     describe_error,
@@ -51,9 +51,11 @@ _MAX_RUNNING_SHOWN = 8
 
 
 class Display(Protocol):
-    """A progress display: ``on_event`` receives the events; started and stopped around a run."""
+    """A progress display, started and stopped around a run. ``on_event`` receives
+    the events; None: the display reads the run's recorder instead."""
 
-    def on_event(self, event: Event) -> None: ...
+    @property
+    def on_event(self) -> Callable[[Event], None] | None: ...
 
     def start(self) -> None: ...
 
@@ -61,20 +63,21 @@ class Display(Protocol):
 
 
 @contextmanager
-def showing_progress(events: Broadcaster, enabled: bool) -> Iterator[None]:
+def showing_progress(events: Broadcaster, recorder: RunRecorder, enabled: bool) -> Iterator[None]:
     """Show progress of the runs inside the block when ``enabled``."""
     if not enabled:
         yield
         return
-    display = make_display(sys.stderr)
+    display = make_display(sys.stderr, recorder)
     try:
         display.start()
     except Exception as error:  # e.g. stderr is closed: the run goes on without progress
         _display_failed(error)
         yield
         return
+    listener = display.on_event
     try:
-        with events.listening(display.on_event, "progress display", guard=False):
+        with events.listening(listener, "progress display", guard=False) if listener else nullcontext():
             yield
     finally:
         try:
@@ -89,11 +92,11 @@ def _display_failed(error: Exception) -> None:
     logger.warning("the progress display failed and is off: %r", error)
 
 
-def make_display(file: TextIO) -> Display:
+def make_display(file: TextIO, recorder: RunRecorder) -> Display:
     """The rich live display on a terminal when rich is installed, else plain lines."""
     if is_terminal(file):
         try:
-            return RichDisplay(file)
+            return RichDisplay(file, recorder)
         except ImportError:
             pass
     return PlainDisplay(file)
@@ -106,117 +109,86 @@ def is_terminal(file: TextIO) -> bool:
         return False
 
 
-class Tally:
-    """Counts and running tasks, updated from events; read by a display.
+def counts_toward_pending(result: StepResult) -> bool:
+    """A finished task was one of the run's ``pending`` ones: all but replays from a journal
+    (a cache hit on its code and inputs was one)."""
+    return not (result.cached and result.reason == REPLAYED_REASON)
 
-    ``on_news`` (if given) is called with each failure, retry and abandoned thread,
-    from ``update``: a display that tallies on the event loop can then take ``update``
-    itself as its listener, one Python call per event.
+
+_STATE_VALUE = attrgetter("state._value_")
+_CACHED = attrgetter("cached")
+_REASON = attrgetter("reason")
+
+
+class Tally:
+    """What the live display shows of its run, taken from the run's recorder when it draws.
+
+    ``catch_up`` counts the results finished since it last looked with C-level calls
+    (no Python call per result) and copies what runs now: each copy is one step
+    under the interpreter lock, while the event loop goes on updating the recorder.
+    Until the recorder has seen run number ``first_run``, it shows nothing.
     """
 
-    def __init__(self, on_news: Callable[[Event], None] | None = None) -> None:
-        self.on_news = on_news
-        self._reset(time.monotonic(), 0)
+    def __init__(self, recorder: RunRecorder) -> None:
+        self.recorder = recorder
+        self.first_run = recorder.runs
+        self._counting: dict[int, StepResult] | None = None  # the results of the run counted
+        self._reset()
 
-    def _reset(self, started_at: float, pending: int) -> None:
-        # Invariant: `running` maps each task with a started, unfinished attempt to its
-        # first start time, in the order of their first start (a float: no object for
-        # the garbage collector per running task); `attempts` maps those of them that
-        # may take more than one attempt to (attempt, max attempts, next retry time or
-        # None while an attempt runs). `succeeded` plus `by_state` count every finished
-        # task: the common case, a task that ran and succeeded, in `succeeded` (no enum
-        # hashing on the event loop), every other one in `by_state`. `finished` counts
-        # those of the `pending` ones (all but the replays from a journal), `cached`
-        # those replayed or hits of the cache.
-        self.started_at = started_at
-        self.pending = pending
-        self.width = len(str(pending))
-        self.succeeded = 0
-        self.by_state = dict.fromkeys(StepState, 0)
-        self.retries = 0
-        self.finished = 0
+    def _reset(self) -> None:
+        # Invariant: `counted` results of `_counting` are in `states` (by state value),
+        # `cached` (replayed or cache hits) and `replayed` (replays from a journal).
+        self.counted = 0
+        self.states: Counter[str] = Counter()
         self.cached = 0
+        self.replayed = 0
+        self.retries = 0
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.pending = 0
         self.running: dict[str, float] = {}
         self.attempts: dict[str, tuple[int, int, float | None]] = {}
-        self.finished_at: float | None = None
+
+    def show_next_run(self) -> None:
+        """Show the run that starts next, not the recorder's latest one."""
+        self.first_run = self.recorder.runs + 1
+        self._counting = None
+        self._reset()
+
+    def catch_up(self) -> None:
+        """Take in what the recorder has seen since the last call."""
+        recorder = self.recorder
+        if recorder.runs < self.first_run:
+            return
+        finished = recorder.finished
+        if finished is not self._counting:  # a new run
+            self._counting = finished
+            self._reset()
+        new = list(finished.values())[self.counted :]
+        self.counted += len(new)
+        self.states.update(map(_STATE_VALUE, new))
+        cached = list(itertools.compress(new, map(_CACHED, new)))
+        self.cached += len(cached)
+        self.replayed += countOf(map(_REASON, cached), REPLAYED_REASON)
+        self.retries = sum(map(len, list(recorder.retries.values())))
+        self.started_at, self.finished_at = recorder.started, recorder.ended
+        self.pending = recorder.pending
+        self.running, self.attempts = dict(recorder.running), dict(recorder.attempts)
+
+    @property
+    def finished(self) -> int:
+        """How many of the ``pending`` tasks finished."""
+        return self.counted - self.replayed
 
     @property
     def counts(self) -> dict[str, int]:
         """Finished tasks by state value (``"succeeded"``, ...)."""
-        counts = {state.value: n for state, n in dict(self.by_state).items()}
-        counts[SUCCEEDED.value] += self.succeeded
-        return counts
-
-    def update(self, event: Event) -> None:
-        """Apply one event. The rich display does it on the event loop while rich's
-        thread renders from copies of these dicts (a copy is one step under the GIL);
-        the plain display applies and reads them in its own thread. By the event's
-        type, the two events every task has handled inline: they add up."""
-        if type(event) is TaskStarted and event.max_attempts == 1:
-            self.running[event.task] = event.time
-        elif type(event) is TaskFinished:
-            self.running.pop(event.task, None)
-            result = event.result
-            if result.state is SUCCEEDED and not result.cached:
-                self.succeeded += 1
-                self.finished += 1
-            else:
-                self._finished_otherwise(event)
-            if self.attempts:
-                self.attempts.pop(event.task, None)
-        else:
-            apply = _OTHER_UPDATES.get(type(event))
-            if apply is not None:
-                apply(self, event)
-
-    def _finished_otherwise(self, event: TaskFinished) -> None:
-        """A task that failed, was skipped or cancelled, or came from a journal or cache."""
-        result = event.result
-        self.by_state[result.state] += 1
-        if not result.cached:
-            self.finished += 1
-        else:
-            self.cached += 1
-            if result.reason != REPLAYED_REASON:  # a replay is not part of `pending`
-                self.finished += 1  # a cache hit is
-        if result.state is FAILED:
-            self._news(event)
-
-    def _started(self, event: TaskStarted) -> None:
-        """An attempt of a task that may take more than one."""
-        self.running.setdefault(event.task, event.time)
-        self.attempts[event.task] = (event.attempt, event.max_attempts, None)
-
-    def _instance_finished(self, event: InstanceFinished) -> None:
-        self.running.pop(event.task, None)  # mapped instances count with their step
-        self.attempts.pop(event.task, None)
-
-    def _retrying(self, event: TaskRetrying) -> None:
-        self.retries += 1
-        self.running.setdefault(event.task, event.time)
-        retry_at = event.time + event.delay_ms / 1000
-        self.attempts[event.task] = (event.attempt, event.max_attempts, retry_at)
-        self._news(event)
-
-    def _abandoned(self, event: ThreadAbandoned) -> None:
-        self._news(event)
-
-    def _news(self, event: Event) -> None:
-        if self.on_news is not None:
-            self.on_news(event)
-
-    def _flow_started(self, event: FlowStarted) -> None:
-        self._reset(event.time, event.pending)
-
-    def _flow_finished(self, event: FlowFinished) -> None:
-        self.finished_at = event.time
-        # A cancelled run finishes its mapped steps without an InstanceFinished for
-        # their running instances: none of them runs on once the run is over.
-        self.running, self.attempts = {}, {}
+        return {state.value: self.states[state.value] for state in StepState}
 
     def elapsed(self, now: float | None = None) -> float:
-        end = self.finished_at if self.finished_at is not None else (now or time.monotonic())
-        return end - self.started_at
+        now = now if now is not None else time.monotonic()
+        end = self.finished_at if self.finished_at is not None else now
+        return end - (self.started_at if self.started_at is not None else now)
 
     def eta(self, now: float | None = None) -> float | None:
         """Seconds left at the average pace so far; None before the first task finishes."""
@@ -228,16 +200,6 @@ class Tally:
         return self.elapsed(now) / done * max(self.pending - done, 0)
 
 
-_OTHER_UPDATES: dict[type, Callable[[Tally, Any], None]] = {
-    TaskStarted: Tally._started,
-    InstanceFinished: Tally._instance_finished,
-    TaskRetrying: Tally._retrying,
-    ThreadAbandoned: Tally._abandoned,
-    FlowStarted: Tally._flow_started,
-    FlowFinished: Tally._flow_finished,
-}
-
-
 class PlainDisplay:
     """One line per event, for logs and pipes: ``[ 3/12]   0.41s  ok       load  102.3 ms``.
 
@@ -246,13 +208,14 @@ class PlainDisplay:
     10,000-task run pays neither the formatting on the loop nor a system call per
     event. Invariant: every queued event is taken exactly once, in order, by
     ``catch_up`` (one batch at a time, under ``_lock``), and written unless the
-    file failed before.
+    file failed before; ``finished`` counts the pending tasks finished by then.
     """
 
     def __init__(self, file: TextIO, flush_s: float = 0.1) -> None:
         self.file = file
-        self.tally = Tally()
         self.flush_s = flush_s
+        self.started_at = time.monotonic()
+        self.pending = self.finished = 0
         self._queue: deque[Event] = deque()
         self.on_event: Callable[[Event], None] = self._queue.append  # cannot raise
         self._lock = threading.Lock()
@@ -287,7 +250,7 @@ class PlainDisplay:
             try:
                 lines = []
                 for event in batch:
-                    self.tally.update(event)
+                    self._count(event)
                     lines.append(self.describe(event) + "\n")
                 self.file.write("".join(lines))
                 self.file.flush()
@@ -295,15 +258,20 @@ class PlainDisplay:
                 self._broken = True
                 _display_failed(error)
 
+    def _count(self, event: Event) -> None:
+        if isinstance(event, TaskFinished):
+            self.finished += counts_toward_pending(event.result)
+        elif isinstance(event, FlowStarted):
+            self.started_at, self.pending, self.finished = event.time, event.pending, 0
+
     def _keep_up(self) -> None:
         while not self._stopping.wait(self.flush_s):
             self.catch_up()
 
     def describe(self, event: Event) -> str:
-        """The line for ``event``, just after the tally took it in."""
-        tally = self.tally
+        """The line for ``event``, just after it was counted."""
         clock = "[%*d/%d] %7.2fs" % (
-            tally.width, tally.finished, tally.pending, event.time - tally.started_at
+            len(str(self.pending)), self.finished, self.pending, event.time - self.started_at
         )
         if isinstance(event, TaskStarted):
             if event.max_attempts == 1:
@@ -356,41 +324,74 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 class RichDisplay:
-    """A rich ``Live`` display on stderr, redrawn four times a second from rich's thread.
+    """A rich ``Live`` display on stderr, redrawn four times a second by its own thread.
 
-    The tally's ``update`` is the listener: each event updates it on the event loop
-    (a fraction of a microsecond, and the event can be freed at once: queuing
-    thousands of them for a display thread made the garbage collector work harder
-    than the tally ever did). A retry, failure or abandoned thread, news the tally
-    hands on, also prints its line at once.
+    It listens to no event: each redraw reads the run's recorder (see ``Tally``), so
+    the run pays no Python call per event for it. Each retry, failure and abandoned
+    thread, which the recorder keeps as news while the display runs, prints its
+    line above the display at the next redraw.
     """
 
-    def __init__(self, file: TextIO) -> None:
+    on_event = None  # it reads the recorder
+
+    def __init__(self, file: TextIO, recorder: RunRecorder, redraw_s: float = 0.25) -> None:
         from rich.live import Live
 
-        self.tally = Tally(on_news=self._news)
-        self.on_event: Callable[[Event], None] = self.tally.update
+        self.recorder = recorder
+        self.tally = Tally(recorder)
         self.console = _console(file)
         self.live = Live(
             get_renderable=self.render,
             console=self.console,
-            refresh_per_second=4,
+            auto_refresh=False,
             transient=False,
             redirect_stdout=False,
         )
+        self.redraw_s = redraw_s
+        self._news_failed = False  # the terminal failed: print no more news
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self.tally.show_next_run()
+        self.recorder.news = deque()
         self.live.start()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._keep_drawing, name="flowing progress", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        self.live.stop()
-
-    def _news(self, event: Event) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         try:
-            self._print_news(event)
-        except Exception as error:  # a dead terminal must not break the run
-            self.tally.on_news = None  # nor be written to again, nor logged once per event
-            _display_failed(error)
+            self.print_news()
+            self.live.stop()  # draws the last screen
+        finally:
+            self.recorder.news = None
+
+    def _keep_drawing(self) -> None:
+        while not self._stopping.wait(self.redraw_s):
+            try:
+                self.print_news()
+                self.live.refresh()
+            except Exception as error:  # a dead terminal: stop() says so once more, at worst
+                _display_failed(error)
+                return
+
+    def print_news(self) -> None:
+        """A line above the display for each retry, failure and abandoned thread since the last call."""
+        news = self.recorder.news
+        while news:
+            event = news.popleft()
+            if self._news_failed:
+                continue
+            try:
+                self._print_news(event)
+            except Exception as error:  # a dead terminal must not break the run
+                self._news_failed = True  # nor be written to again, nor logged once per event
+                _display_failed(error)
 
     def _print_news(self, event: Event) -> None:
         """A line above the display for each retry, failure and abandoned thread."""
@@ -416,9 +417,9 @@ class RichDisplay:
 
         now = time.monotonic()
         tally = self.tally
+        tally.catch_up()
         counts = tally.counts
-        # Copies, each one step under the GIL: the loop may update them meanwhile.
-        running, attempts = dict(tally.running), dict(tally.attempts)
+        running, attempts = tally.running, tally.attempts
         finished, pending, retries = tally.finished, tally.pending, tally.retries
         elapsed, eta = tally.elapsed(now), tally.eta(now)
         screen = Text(no_wrap=True, overflow="ellipsis")

@@ -1,4 +1,4 @@
-"""The last run as a Gantt chart: recorded from the event stream, drawn as Mermaid or an image.
+"""The last run as a Gantt chart, from the flow's run recorder: drawn as Mermaid or an image.
 
 The critical path is the chain of tasks that decided when the run ended: from the
 task that finished last, back through the dependency that finished last, and so on.
@@ -12,14 +12,14 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._events import Event, FlowFinished, FlowStarted, TaskFinished, TaskRetrying
 from ._exceptions import MissingExtraError, NoRunError
-from ._results import StepResult
+from ._graph import Graph
+from ._render import node_state
 
 if TYPE_CHECKING:
     from pathlib import Path
-from ._graph import Graph
-from ._render import node_state
+
+    from ._recorder import RunRecorder
 
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 TEXT_SUFFIXES = (".mmd", ".md", ".txt")
@@ -39,60 +39,31 @@ class Bar:
     critical: bool
 
 
-class RunRecorder:
-    """An event listener that keeps what the timeline needs from the latest run."""
-
-    def __init__(self) -> None:
-        # Invariant: `started` is the FlowStarted time of the latest run (None before
-        # any); `finished` maps the index of each task of that run that started to its
-        # result: the results the flow keeps anyway rather than the events, so that a
-        # big run leaves no extra object per task for the garbage collector to walk.
-        self.started: float | None = None
-        self.ended: float | None = None
-        self.finished: dict[int, StepResult] = {}
-        self.retries: dict[int, list[float]] = {}  # by task index: a mapped step's instances' too
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, TaskFinished):
-            if event.result.started_at is not None and not event.result.cached:
-                self.finished[event.index] = event.result
-        elif isinstance(event, TaskRetrying):
-            self.retries.setdefault(event.index, []).append(event.time)
-        elif isinstance(event, FlowStarted):
-            self.started, self.ended = event.time, None
-            self.finished, self.retries = {}, {}
-        elif isinstance(event, FlowFinished):
-            self.ended = event.time
-
-    def bars(self, graph: Graph) -> list[Bar]:
-        """The tasks that ran in the latest run, by start time, critical path marked."""
-        if self.started is None:
-            raise NoRunError("timeline()")
-        origin = self.started
-        spans = {
-            i: (r.started_at or origin, r.finished_at or r.started_at or origin, r)
-            for i, r in self.finished.items()
-        }
-        critical = _critical_path(graph, {i: end for i, (_, end, _) in spans.items()})
-        bars = [
-            Bar(
-                name=r.name,
-                index=i,
-                start_ms=(start - origin) * 1000,
-                end_ms=(end - origin) * 1000,
-                state=node_state(r) or "",
-                detached=r.detached,
-                retries_ms=tuple((t - origin) * 1000 for t in self.retries.get(i, ())),
-                critical=i in critical,
-            )
-            for i, (start, end, r) in spans.items()
-        ]
-        return sorted(bars, key=lambda b: (b.start_ms, b.index))
-
-    def duration_ms(self) -> float:
-        if self.started is None or self.ended is None:
-            return 0.0
-        return (self.ended - self.started) * 1000
+def bars(recorder: RunRecorder, graph: Graph) -> list[Bar]:
+    """The tasks that ran in the latest run, by start time, critical path marked."""
+    if recorder.started is None:
+        raise NoRunError("timeline()")
+    origin = recorder.started
+    spans = {
+        i: (r.started_at or origin, r.finished_at or r.started_at or origin, r)
+        for i, r in recorder.finished.items()
+        if r.started_at is not None and not r.cached
+    }
+    critical = _critical_path(graph, {i: end for i, (_, end, _) in spans.items()})
+    ran = [
+        Bar(
+            name=r.name,
+            index=i,
+            start_ms=(start - origin) * 1000,
+            end_ms=(end - origin) * 1000,
+            state=node_state(r) or "",
+            detached=r.detached,
+            retries_ms=tuple((t - origin) * 1000 for t in recorder.retries.get(i, ())),
+            critical=i in critical,
+        )
+        for i, (start, end, r) in spans.items()
+    ]
+    return sorted(ran, key=lambda b: (b.start_ms, b.index))
 
 
 def _critical_path(graph: Graph, ends: dict[int, float]) -> set[int]:
@@ -256,8 +227,8 @@ def timeline(recorder: RunRecorder, graph: Graph, path: str | os.PathLike[str] |
             f"timeline(path) takes a file path (a str or os.PathLike) such as 'run.png' or "
             f"'run.mmd', got {path!r}"
         )
-    bars = recorder.bars(graph)
-    text = to_gantt(bars, recorder.duration_ms())
+    drawn = bars(recorder, graph)
+    text = to_gantt(drawn, recorder.duration_ms())
     if path is None:
         return text
     from pathlib import Path  # only an image or file output needs it
@@ -265,7 +236,7 @@ def timeline(recorder: RunRecorder, graph: Graph, path: str | os.PathLike[str] |
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        save_image(bars, recorder.duration_ms(), target)
+        save_image(drawn, recorder.duration_ms(), target)
     elif suffix in TEXT_SUFFIXES:
         target.write_text(text, encoding="utf-8")
     else:

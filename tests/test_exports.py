@@ -50,7 +50,7 @@ def test_the_events_buffer_default_is_the_streams() -> None:
 # dependencies load only when used; the engine only when a flow runs (or asks for
 # it); what building a Flow needs, only when a Flow is built.
 OPTIONAL = ["rich", "matplotlib", "dask", "distributed", "opentelemetry", "cloudpickle"]
-NOT_EVEN_TO_BUILD = ["asyncio", "trio", "json", "hashlib", "pickle"]
+NOT_EVEN_TO_BUILD = ["asyncio", "trio", "json", "hashlib", "pickle", "flowing._timeline", "flowing._render"]
 ENGINE = [
     "flowing._scheduler",
     "flowing._attempt",
@@ -73,8 +73,7 @@ TO_BUILD = [
     "flowing._serializers",
     "flowing._events",
     "flowing._stream",
-    "flowing._timeline",
-    "flowing._render",
+    "flowing._recorder",
 ]
 
 DECLARE = "import flowing\n"

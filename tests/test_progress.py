@@ -8,6 +8,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 
 import anyio
 import anyio.from_thread
@@ -28,6 +29,7 @@ from flowing import (
     task,
 )
 from flowing._progress import PlainDisplay, RichDisplay, Tally, make_display
+from flowing._recorder import RunRecorder
 
 
 class FakeTerminal(io.StringIO):
@@ -44,6 +46,23 @@ def flaky_broken_events() -> list[Event]:
     seen: list[Event] = []
     flaky_broken_report(seen.append).run()
     return seen
+
+
+def recorded(events: list[Event]) -> RunRecorder:
+    """A run recorder that took in ``events``."""
+    recorder = RunRecorder()
+    for event in events:
+        recorder(event)
+    return recorder
+
+
+def drawn(display: RichDisplay, width: int = 100) -> str:
+    """What ``display`` draws now, as plain text."""
+    from rich.console import Console
+
+    screen = Console(file=io.StringIO(), width=width, record=True)
+    screen.print(display.render())
+    return screen.export_text()
 
 
 def test_without_a_terminal_each_event_is_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,39 +136,44 @@ def test_the_display_is_chosen_by_terminal_and_rich(
     pytest.importorskip("rich")
     if not rich_installed:
         monkeypatch.setitem(sys.modules, "rich.live", None)
-    assert type(make_display(file)) is expected
+    assert type(make_display(file, RunRecorder())) is expected
 
 
 def test_the_rich_display_shows_counts_running_tasks_and_retries() -> None:
     pytest.importorskip("rich")
-    from rich.console import Console
-
-    terminal = FakeTerminal()
-    display = RichDisplay(terminal)
-    seen = flaky_broken_events()
-    for event in seen[:4]:  # up to flaky's second attempt
-        display.on_event(event)
-    screen = Console(file=io.StringIO(), width=100, record=True)
-    screen.print(display.render())
-    text = screen.export_text()
+    display = RichDisplay(FakeTerminal(), recorded(flaky_broken_events()[:4]))  # up to flaky's 2nd attempt
+    text = drawn(display)
     assert "0/3" in text
     assert "1 running" in text
     assert "1 retries" in text
     assert "flaky" in text and "attempt 2/2" in text
+
+
+def test_the_rich_display_prints_each_retry_above_itself() -> None:
+    pytest.importorskip("rich")
+    terminal = FakeTerminal()
+    recorder = RunRecorder()
+    display = RichDisplay(terminal, recorder)
+    display.start()
+    for event in flaky_broken_events()[:4]:
+        recorder(event)
+    display.stop()
     assert "↻ flaky attempt 1/2 failed: ConnectionError: first call fails (retry in 0 ms)" in terminal.text()
 
 
 def test_the_rich_display_shows_a_task_waiting_for_its_retry() -> None:
     pytest.importorskip("rich")
-    from rich.console import Console
+    display = RichDisplay(FakeTerminal(), recorded(flaky_broken_events()[:3]))  # retry not started
+    assert "attempt 1/2 failed, retry in 0.0s" in drawn(display)
 
-    display = RichDisplay(FakeTerminal())
-    seen = flaky_broken_events()
-    for event in seen[:3]:  # flaky's first attempt failed, its retry not started
-        display.on_event(event)
-    screen = Console(file=io.StringIO(), width=100, record=True)
-    screen.print(display.render())
-    assert "attempt 1/2 failed, retry in 0.0s" in screen.export_text()
+
+def test_the_rich_display_shows_nothing_of_the_run_before_its_own() -> None:
+    pytest.importorskip("rich")
+    display = RichDisplay(FakeTerminal(), recorded(flaky_broken_events()))
+    assert "3/3" in drawn(display)
+    display.tally.show_next_run()
+    text = drawn(display)
+    assert "0/0" in text and "✗ 0 failed" in text
 
 
 @pytest.mark.parametrize(
@@ -181,16 +205,11 @@ def test_the_progress_bar_fills_forty_cells_in_half_cells(
 
 def test_the_rich_display_lines_up_the_running_tasks_and_counts_the_rest() -> None:
     pytest.importorskip("rich")
-    from rich.console import Console
-
-    display = RichDisplay(FakeTerminal())
     now = time.monotonic()
-    display.on_event(FlowStarted(total=20, pending=20, time=now))
-    for i, name in enumerate(["a", "ccc"] + [f"task{k}" for k in range(8)]):
-        display.on_event(TaskStarted(name, i, 20, now, 1, 1))
-    screen = Console(file=io.StringIO(), width=60, record=True)
-    screen.print(display.render())
-    lines = screen.export_text().splitlines()
+    names = ["a", "ccc"] + [f"task{k}" for k in range(8)]
+    started = [TaskStarted(name, i, 20, now, 1, 1) for i, name in enumerate(names)]
+    display = RichDisplay(FakeTerminal(), recorded([FlowStarted(total=20, pending=20, time=now), *started]))
+    lines = drawn(display, width=60).splitlines()
     assert lines[1].startswith("✓ 0 done   ● 10 running")
     running = [line for line in lines if "▸" in line]
     assert [line.split()[1] for line in running] == ["a", "ccc"] + [f"task{k}" for k in range(6)]
@@ -199,53 +218,45 @@ def test_the_rich_display_lines_up_the_running_tasks_and_counts_the_rest() -> No
     assert lines[-1].strip() == "… and 2 more"
 
 
-def test_the_tally_forgets_a_task_with_retries_once_it_finished() -> None:
-    tally = Tally()
+def test_the_tally_counts_each_result_once_however_often_it_catches_up() -> None:
     seen = flaky_broken_events()
-    for event in seen:
-        tally.update(event)
-    assert tally.running == {} and tally.attempts == {}
-    assert (tally.retries, tally.finished) == (1, 3)
+    recorder = recorded(seen[:5])  # flaky succeeded
+    tally = Tally(recorder)
+    tally.catch_up()
+    for event in seen[5:]:
+        recorder(event)
+        tally.catch_up()
+    tally.catch_up()
+    assert tally.counts == {"succeeded": 1, "failed": 1, "skipped": 1, "cancelled": 0}
+    assert (tally.finished, tally.pending, tally.retries, tally.running) == (3, 3, 1, {})
 
 
-def test_the_tally_shows_nothing_running_once_a_run_cancelled_inside_a_mapped_task_finished() -> None:
-    @task
-    def items() -> list[int]:
-        return [1, 2, 3]
-
-    @task(depends_on=[items], map_over="items", retry=1)
-    async def wait(items: int) -> None:
-        await anyio.sleep(10)
-
-    tally = Tally()
-    with pytest.raises(FlowTimeoutError):
-        Flow(wait, on_event=tally.update).run(timeout_s=0.2)
-    assert tally.counts["cancelled"] == 1
-    assert tally.running == {} and tally.attempts == {}
-
-
-def test_the_tally_hands_on_failures_and_retries_as_news() -> None:
-    news: list[Event] = []
-    tally = Tally(on_news=news.append)
+def test_the_tally_starts_over_with_a_new_run() -> None:
     seen = flaky_broken_events()
-    for event in seen:
-        tally.update(event)
-    assert [(type(e).__name__, e.task) for e in news if isinstance(e, TaskFinished | TaskRetrying)] == [
-        ("TaskRetrying", "flaky"),
-        ("TaskFinished", "broken"),
-    ]
-    assert len(news) == 2
+    recorder = recorded(seen)
+    tally = Tally(recorder)
+    tally.catch_up()
+    for event in seen[:5]:  # the next run, up to flaky's success
+        recorder(event)
+    tally.catch_up()
+    assert (tally.counts["succeeded"], tally.counts["failed"], tally.finished) == (1, 0, 1)
 
 
 def test_the_rich_display_prints_failures_as_they_happen() -> None:
     pytest.importorskip("rich")
     terminal = FakeTerminal()
-    display = RichDisplay(terminal)
+    recorder = RunRecorder()
+    display = RichDisplay(terminal, recorder, redraw_s=0.01)
     seen = flaky_broken_events()
     display.start()
     for event in seen:
-        display.on_event(event)
+        recorder(event)
+    deadline = time.monotonic() + 10
+    while "✗ broken" not in terminal.text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "✗ broken failed: ValueError: bad row" in terminal.text()  # before the display stopped
     display.stop()
+    assert recorder.news is None  # kept only while a display shows them
     assert "✗ broken failed: ValueError: bad row" in terminal.text()
 
 
@@ -263,11 +274,13 @@ def test_the_rich_display_stops_printing_news_once_the_terminal_failed(
             DeadTerminal.writes += 1
             raise error("terminal gone")
 
-    display = RichDisplay(DeadTerminal())
-    seen = flaky_broken_events()
+    recorder = RunRecorder()
+    display = RichDisplay(DeadTerminal(), recorder)
+    recorder.news = deque()
     with caplog.at_level(logging.WARNING, logger="flowing"):
-        for event in seen + seen:  # a retry and a failure each time: four pieces of news
-            display.on_event(event)
+        for event in flaky_broken_events() * 2:  # a retry and a failure each time: four pieces of news
+            recorder(event)
+        display.print_news()
     assert DeadTerminal.writes == 1
     assert caplog.text.count("the progress display failed and is off") == 1
 
@@ -280,9 +293,9 @@ def test_the_rich_display_stops_printing_news_once_the_terminal_failed(
 def test_the_eta_extrapolates_the_average_pace(
     finished: int, pending: int, elapsed: float, expected: float | None
 ) -> None:
-    tally = Tally()
+    tally = Tally(RunRecorder())
     tally.started_at, tally.pending = 100.0, pending
-    tally.finished = finished
+    tally.counted = finished
     assert tally.eta(now=100.0 + elapsed) == expected
 
 
@@ -302,13 +315,13 @@ def test_plain_lines_are_written_soon_without_waiting_for_more_events() -> None:
 def test_tasks_replayed_from_a_journal_are_counted_apart_from_the_pending_ones() -> None:
     replayed = StepResult("a", StepState.SUCCEEDED, reason="replayed from the journal", cached=True)
     ran = StepResult("b", StepState.SUCCEEDED, attempts=1, started_at=1.0, finished_at=2.0)
-    tally = Tally()
-    for event in [
+    events: list[Event] = [
         FlowStarted(total=2, pending=1, time=0.0),
         TaskFinished("a", 0, 2, 0.1, replayed),
         TaskFinished("b", 1, 2, 0.2, ran),
-    ]:
-        tally.update(event)
+    ]
+    tally = Tally(recorded(events))
+    tally.catch_up()
     assert (tally.finished, tally.cached, tally.pending, tally.counts["succeeded"]) == (1, 1, 1, 2)
 
 
@@ -321,11 +334,12 @@ def test_a_cache_hit_is_one_of_the_pending_tasks_and_counts_as_finished() -> Non
     def report(load: int) -> int:
         return load
 
-    tally = Tally()
-    flow = Flow(report, on_event=tally.update)
+    flow = Flow(report)
     flow.run()
     flow.run()  # load is a hit on its code and inputs: it still was one of the 2 to run
     assert flow.results["load"].cached
+    tally = Tally(flow._recorder)
+    tally.catch_up()
     assert (tally.finished, tally.pending, tally.counts["succeeded"]) == (2, 2, 2)
 
 

@@ -14,7 +14,7 @@ from _flows import flaky_broken_report
 
 from flowing import Flow, MissingExtraError, NoRunError, TaskDef, task
 from flowing._graph import build_graph
-from flowing._timeline import _critical_path
+from flowing._timeline import _critical_path, bars
 
 
 def parse_gantt(text: str) -> dict[str, tuple[set[str], int, int, str]]:
@@ -139,7 +139,7 @@ def test_only_the_latest_run_is_drawn() -> None:
 def test_a_retried_task_has_one_bar_with_its_retry_inside() -> None:
     flow = flaky_broken_report()
     flow.run()
-    bar = {bar.name: bar for bar in flow._recorder.bars(flow._graph)}["flaky"]
+    bar = {bar.name: bar for bar in bars(flow._recorder, flow._graph)}["flaky"]
     assert (bar.state, len(bar.retries_ms)) == ("succeeded", 1)
     assert bar.start_ms <= bar.retries_ms[0] <= bar.end_ms
 
@@ -160,8 +160,8 @@ def test_a_mapped_step_bar_shows_its_instances_retries() -> None:
 
     flow = Flow(each)
     flow.run()
-    bars = {bar.name: bar for bar in flow._recorder.bars(flow._graph)}
-    assert len(bars["each"].retries_ms) == 2 and bars["items"].retries_ms == ()
+    by_name = {bar.name: bar for bar in bars(flow._recorder, flow._graph)}
+    assert len(by_name["each"].retries_ms) == 2 and by_name["items"].retries_ms == ()
 
 
 @pytest.mark.parametrize(
