@@ -140,7 +140,7 @@ class _AsyncioRunners:
         self._loop = loop
         self._scope = scope
         self._states = states
-        self._parent_id = id(_current_task())
+        self._parent_id = id(_current_task(loop))
         self._tasks: set[asyncio.Task[None]] = set()
         self.error: BaseException | None = None  # the first one a runner let out
         self._idle: anyio.Event | None = None  # set when the last runner finishes
@@ -173,7 +173,7 @@ class _AsyncioRunners:
         await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def _run(self, runner: Runner, i: int) -> None:
-        task = _current_task()
+        task = _current_task(self._loop)
         try:
             if self._scope.cancel_called:
                 return
@@ -201,9 +201,11 @@ def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group if isinstance(current, BaseExceptionGroup) else current
 
 
-def _current_task() -> asyncio.Task[None]:
-    """The running asyncio task (only called where asyncio runs)."""
-    task: asyncio.Task[None] = sys.modules["asyncio"].current_task()
+def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
+    """The asyncio task running in ``loop``, the running loop. Given the loop,
+    ``current_task`` skips ``get_running_loop()``, which on Python 3.11 checks the
+    process id with a system call (0.3 µs, paid by each runner)."""
+    task: asyncio.Task[None] = sys.modules["asyncio"].current_task(loop)
     return task
 
 
