@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import inspect
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -391,7 +391,7 @@ def _abandoned(task: TaskDef[..., Any], index: int, ctx: StepContext, attempt: i
 
 def refuse_coroutine(name: str, value: Any) -> Any:
     """A body that returns an un-awaited coroutine is a bug in task ``name``: say so."""
-    if inspect.iscoroutine(value):
+    if isinstance(value, CoroutineType):  # inspect.iscoroutine, without its call
         value.close()
         raise TypeError(
             f"task {name!r} returned an un-awaited coroutine; await it in the body, "

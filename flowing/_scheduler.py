@@ -74,9 +74,11 @@ class Scheduler:
         self.pools = pools
         # Invariant: _waiting_on[i] == number of task i's dependencies without a
         # SUCCEEDED result; a task may start only when it is 0.
-        self._waiting_on = [
-            sum(1 for d in deps if not self._succeeded(d)) for deps in graph.deps
-        ]
+        self._waiting_on = [len(deps) for deps in graph.deps]
+        for i in range(len(graph.tasks)):  # one look per task, not per dependency
+            if self._succeeded(i):
+                for d in graph.dependents[i]:
+                    self._waiting_on[d] -= 1
         self._running: dict[int, float] = {}  # index -> monotonic start, while running
         # Tasks whose run waits for nothing but a worker thread (see _start): at most
         # max_workers of them run at once, the others wait in _queued without an
@@ -471,7 +473,7 @@ class Scheduler:
 
     def _record(self, i: int, result: StepResult) -> None:
         self.results[result.name] = result
-        self.emit(make_finished(result.name, i, len(self.graph), time.monotonic(), result))
+        self.emit(make_finished(result.name, i, len(self.graph.tasks), time.monotonic(), result))
 
     def _succeeded(self, i: int) -> bool:
         result = self.results.get(self.graph.tasks[i].name)
