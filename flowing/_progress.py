@@ -335,18 +335,12 @@ class RichDisplay:
     on_event = None  # it reads the recorder
 
     def __init__(self, file: TextIO, recorder: RunRecorder, redraw_s: float = 0.25) -> None:
-        from rich.live import Live
+        import rich.live  # noqa: F401  (ImportError without rich: make_display's cue)
 
         self.recorder = recorder
         self.tally = Tally(recorder)
         self.console = _console(file)
-        self.live = Live(
-            get_renderable=self.render,
-            console=self.console,
-            auto_refresh=False,
-            transient=False,
-            redirect_stdout=False,
-        )
+        self.live: Any = None  # made by start(): a Live draws once when it is made
         self.redraw_s = redraw_s
         self._news_failed = False  # the terminal failed: print no more news
         self._stopping = threading.Event()
@@ -355,6 +349,15 @@ class RichDisplay:
     def start(self) -> None:
         self.tally.show_next_run()
         self.recorder.news = deque()
+        from rich.live import Live
+
+        self.live = Live(
+            get_renderable=self.render,
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=False,
+        )
         self.live.start()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._keep_drawing, name="flowing progress", daemon=True)
@@ -367,7 +370,8 @@ class RichDisplay:
             self._thread = None
         try:
             self.print_news()
-            self.live.stop()  # draws the last screen
+            if self.live is not None:
+                self.live.stop()  # draws the last screen
         finally:
             self.recorder.news = None
 
