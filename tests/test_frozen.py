@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -105,3 +106,18 @@ def test_a_post_init_is_refused() -> None:
 
     with pytest.raises(TypeError, match="__post_init__"):
         quick_constructor(Checked)
+
+
+def test_a_quick_constructor_takes_the_parameters_of_the_class() -> None:
+    quick = inspect.signature(make_result).parameters
+    normal = inspect.signature(StepResult).parameters
+    assert [(p.name, p.default) for p in quick.values()] == [(p.name, p.default) for p in normal.values()]
+
+
+def test_a_field_named_like_the_constructors_own_variables_is_refused() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Clash:
+        _quick_builder: int
+
+    with pytest.raises(TypeError, match="shadows"):
+        quick_constructor(Clash)
