@@ -24,7 +24,7 @@ from .runners import RUNNERS
 from .workloads import build
 
 PAIRED = {"flowing+plain": "flowing", "flowing+rich": "flowing"}
-PAIR_ROUNDS = 10
+PAIR_ROUNDS = 20
 
 
 def main(argv: list[str]) -> int:
