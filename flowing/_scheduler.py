@@ -356,7 +356,11 @@ class Scheduler:
     def _kwargs(self, i: int) -> dict[str, Any]:
         """Task ``i``'s arguments: its dependencies' values, by name."""
         tasks, results = self.graph.tasks, self.results
-        return {tasks[d].name: results[tasks[d].name].value for d in self.graph.deps[i]}
+        kwargs = {}  # a loop, not a comprehension: no function object per task
+        for d in self.graph.deps[i]:
+            name = tasks[d].name
+            kwargs[name] = results[name].value
+        return kwargs
 
     def _finish(self, i: int, result: StepResult) -> None:
         """Record task ``i``'s final result; start, skip or halt what follows from it."""
