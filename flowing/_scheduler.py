@@ -231,8 +231,8 @@ class Scheduler:
                         result = await step
                     except BaseException as exc:  # run_step records every Exception itself
                         result = self._step_let_out(current, exc)
-                    if self.journal is not None:
-                        with anyio.CancelScope(shield=True):  # a success is journaled before it counts
+                    if self.journal is not None:  # a success is journaled before it counts
+                        with anyio.CancelScope(shield=True):
                             result = await self.journal.finish(current, result)
                     del self._running[current]
                     self._finish(current, result)
@@ -274,7 +274,8 @@ class Scheduler:
     def _step_let_out(self, i: int, exc: BaseException) -> StepResult:
         """Task ``i``'s step let out a BaseException: the run's own cancellation goes
         on out of the runner; any other is the task's (see _let_out)."""
-        if isinstance(exc, self._cancelled_class) and anyio.current_effective_deadline() == -math.inf:
+        cancelled = isinstance(exc, self._cancelled_class)
+        if cancelled and anyio.current_effective_deadline() == -math.inf:
             raise exc  # the run really is being cancelled
         return self._let_out(i, exc)
 
