@@ -66,10 +66,10 @@ _HEADERS = ("state", "task", "duration", "attempts", "", "error / reason")
 
 def count_states(results: Iterable[StepResult]) -> dict[str, int]:
     """How many results are in each state, by state value, every state listed."""
-    counts = dict.fromkeys((state.value for state in StepState), 0)
+    counts = dict.fromkeys(StepState, 0)  # by member: ``.value`` is a Python-level lookup
     for result in results:
-        counts[result.state.value] += 1
-    return counts
+        counts[result.state] += 1
+    return {state.value: count for state, count in counts.items()}
 
 
 def format_summary(results: Iterable[StepResult]) -> str:
