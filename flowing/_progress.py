@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from operator import attrgetter, countOf
 from typing import Any, Protocol, TextIO
 
@@ -329,7 +329,9 @@ class RichDisplay:
     It listens to no event: each redraw reads the run's recorder (see ``Tally``), so
     the run pays no Python call per event for it. Each retry, failure and abandoned
     thread, which the recorder keeps as news while the display runs, prints its
-    line above the display at the next redraw.
+    line above the display at the next redraw. When the terminal fails (a closed
+    pipe, a hung-up terminal), the display goes quiet for the rest of the run and
+    the log says so once.
     """
 
     on_event = None  # it reads the recorder
@@ -342,26 +344,33 @@ class RichDisplay:
         self.console = _console(file)
         self.live: Any = None  # made by start(): a Live draws once when it is made
         self.redraw_s = redraw_s
-        self._news_failed = False  # the terminal failed: print no more news
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.tally.show_next_run()
         self.recorder.news = deque()
-        from rich.live import Live
+        try:
+            from rich.live import Live
 
-        self.live = Live(
-            get_renderable=self.render,
-            console=self.console,
-            auto_refresh=False,
-            transient=False,
-            redirect_stdout=False,
-        )
-        self.live.start()
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._keep_drawing, name="flowing progress", daemon=True)
-        self._thread.start()
+            self.live = Live(
+                get_renderable=self.render,
+                console=self.console,
+                auto_refresh=False,
+                transient=False,
+                redirect_stdout=False,
+            )
+            self.live.start()
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._keep_drawing, name="flowing progress", daemon=True)
+            self._thread.start()
+        except BaseException:  # no display: keep no news, give stderr back
+            self.recorder.news = None
+            self.console.quiet = True
+            if self.live is not None:
+                with suppress(Exception):
+                    self.live.stop()
+            raise
 
     def stop(self) -> None:
         self._stopping.set()
@@ -371,31 +380,34 @@ class RichDisplay:
         try:
             self.print_news()
             if self.live is not None:
-                self.live.stop()  # draws the last screen
+                self.live.stop()  # draws the last screen (unless the terminal failed)
+        except Exception as error:
+            self.console.fail(error)
         finally:
             self.recorder.news = None
 
     def _keep_drawing(self) -> None:
+        """Redraw until ``stop``; once the terminal failed, only drop the news."""
         while not self._stopping.wait(self.redraw_s):
-            try:
-                self.print_news()
-                self.live.refresh()
-            except Exception as error:  # a dead terminal: stop() says so once more, at worst
-                _display_failed(error)
-                return
+            self.print_news()
+            if not self.console.quiet:
+                try:
+                    self.live.refresh()
+                except Exception as error:  # a dead terminal must not break the run
+                    self.console.fail(error)
 
     def print_news(self) -> None:
-        """A line above the display for each retry, failure and abandoned thread since the last call."""
+        """A line above the display for each retry, failure and abandoned thread since the
+        last call; once the terminal failed, the news is dropped unprinted."""
         news = self.recorder.news
         while news:
             event = news.popleft()
-            if self._news_failed:
+            if self.console.quiet:
                 continue
             try:
                 self._print_news(event)
             except Exception as error:  # a dead terminal must not break the run
-                self._news_failed = True  # nor be written to again, nor logged once per event
-                _display_failed(error)
+                self.console.fail(error)
 
     def _print_news(self, event: Event) -> None:
         """A line above the display for each retry, failure and abandoned thread."""
@@ -473,19 +485,24 @@ def _tries(attempts: tuple[int, int, float | None] | None, now: float) -> str:
 
 
 def _console(file: TextIO) -> Any:
-    """A rich console on ``file`` that goes quiet when its pipe breaks.
+    """A rich console on ``file`` that goes quiet for good when writing fails.
 
+    ``fail(error)`` makes it quiet and logs why, once however often it is called.
     rich's own answer to a broken pipe is to point the process's stdout at /dev/null
     and raise SystemExit: a library's display must not end the run or take stdout.
     """
     from rich.console import Console
 
-    class QuietOnBrokenPipe(Console):
-        def on_broken_pipe(self) -> None:
-            self.quiet = True
-            _display_failed(BrokenPipeError(f"cannot write to {file!r}"))
+    class QuietOnFailure(Console):
+        def fail(self, error: Exception) -> None:
+            if not self.quiet:
+                self.quiet = True
+                _display_failed(error)
 
-    return QuietOnBrokenPipe(file=file, highlight=False)
+        def on_broken_pipe(self) -> None:
+            self.fail(BrokenPipeError(f"cannot write to {file!r}"))
+
+    return QuietOnFailure(file=file, highlight=False)
 
 
 def _clock(seconds: float) -> str:

@@ -285,6 +285,51 @@ def test_the_rich_display_stops_printing_news_once_the_terminal_failed(
     assert caplog.text.count("the progress display failed and is off") == 1
 
 
+class DyingTerminal(FakeTerminal):
+    """A terminal that raises ``OSError`` (EIO: it hung up) on every write once ``dead`` is set."""
+
+    def __init__(self, dead: bool) -> None:
+        super().__init__()
+        self.dead = dead
+        self.failed = threading.Event()  # a write failed
+
+    def write(self, text: str) -> int:
+        if self.dead:
+            self.failed.set()
+            raise OSError(5, "Input/output error")
+        return super().write(text)
+
+
+@pytest.mark.parametrize("dies", ["before-the-run", "during-the-run"])
+def test_a_rich_display_whose_terminal_fails_says_so_once_and_the_run_goes_on(
+    dies: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("rich")
+    terminal = DyingTerminal(dead=dies == "before-the-run")
+
+    @task
+    def hang_up() -> int:
+        terminal.dead = True
+        assert terminal.failed.wait(10)  # the display tried to write: it knows now
+        return 1
+
+    @task(depends_on=[hang_up], retry=1, retry_backoff_base_ms=0)
+    def broken(hang_up: int) -> int:
+        raise ValueError("bad row")  # a retry and a failure: news to print
+
+    flow = Flow(broken)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        results = flow.run(progress=True)
+    assert sys.stderr is terminal  # given back
+    assert {name: r.state for name, r in results.items()} == {
+        "hang_up": StepState.SUCCEEDED,
+        "broken": StepState.FAILED,
+    }
+    assert caplog.text.count("the progress display failed and is off: OSError") == 1
+    assert flow._recorder.news is None  # no news kept for a display that is gone
+
+
 @pytest.mark.parametrize(
     "finished,pending,elapsed,expected",
     [(0, 10, 5.0, None), (5, 10, 5.0, 5.0), (10, 10, 5.0, 0.0)],
