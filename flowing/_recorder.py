@@ -104,8 +104,8 @@ class RunRecorder:
             self.news.append(event)
 
     def _flow_started(self, event: FlowStarted) -> None:
-        self.runs += 1
         self._reset(event.time, event.pending)
+        self.runs += 1  # last: a reader that sees the new number sees the new run
 
     def _flow_finished(self, event: FlowFinished) -> None:
         self.ended = event.time

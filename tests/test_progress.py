@@ -242,6 +242,32 @@ def test_the_tally_starts_over_with_a_new_run() -> None:
     assert (tally.counts["succeeded"], tally.counts["failed"], tally.finished) == (1, 0, 1)
 
 
+def test_a_tally_that_looks_while_the_next_run_starts_sees_nothing_of_the_run_before() -> None:
+    """The display's thread may take the interpreter lock between any two steps of the
+    event loop's: here it looks after each attribute the recorder sets."""
+    seen = flaky_broken_events()
+    views: list[tuple[int, int, float | None]] = []
+
+    class Watched(RunRecorder):
+        watching = False
+
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if self.watching:
+                tally.catch_up()
+                views.append((tally.counted, tally.pending, tally.finished_at))
+
+    recorder = Watched()
+    for event in seen:
+        recorder(event)
+    tally = Tally(recorder)
+    tally.show_next_run()
+    recorder.watching = True
+    recorder(seen[0])  # the next run's FlowStarted
+    assert views and all(view == (0, 0, None) for view in views[:-1])
+    assert views[-1] == (0, 3, None)
+
+
 def test_the_rich_display_prints_failures_as_they_happen() -> None:
     pytest.importorskip("rich")
     terminal = FakeTerminal()
