@@ -71,7 +71,9 @@ class RunRecorder:
         elif type(event) is TaskFinished:
             result = event.result
             self.finished[event.index] = result
-            self._forget_running(event.task)
+            self.running.pop(event.task, None)  # _forget_running, without a call per task
+            if self.attempts:
+                self.attempts.pop(event.task, None)
             if self.news is not None and result.state is FAILED:
                 self.news.append(event)
         else:
