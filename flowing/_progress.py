@@ -364,12 +364,13 @@ class RichDisplay:
             self._stopping.clear()
             self._thread = threading.Thread(target=self._keep_drawing, name="flowing progress", daemon=True)
             self._thread.start()
-        except BaseException:  # no display: keep no news, give stderr back
+        except BaseException as error:  # no display: keep no news, give stderr back
             self.recorder.news = None
-            self.console.quiet = True
+            if isinstance(error, OSError):
+                self.console.quiet = True  # a dead terminal: write to it no more
             if self.live is not None:
                 with suppress(Exception):
-                    self.live.stop()
+                    self.live.stop()  # also shows the cursor again
             raise
 
     def stop(self) -> None:

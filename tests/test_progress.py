@@ -363,6 +363,32 @@ def test_a_rich_display_whose_terminal_fails_says_so_once_and_the_run_goes_on(
     assert flow._recorder.news is None  # no news kept for a display that is gone
 
 
+def test_a_rich_display_that_cannot_start_its_thread_gives_the_terminal_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("rich")
+
+    class NoThreads(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    @task
+    async def load() -> int:  # an async task: the run itself needs no thread
+        return 1
+
+    terminal = FakeTerminal()
+    flow = Flow(load)
+    monkeypatch.setattr(threading, "Thread", NoThreads)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with caplog.at_level(logging.WARNING, logger="flowing"):
+        results = flow.run(progress=True)
+    assert sys.stderr is terminal  # rich's Live had redirected it: it is given back
+    assert terminal.getvalue().endswith("\x1b[?25h")  # the cursor shown again
+    assert caplog.text.count("the progress display failed and is off: RuntimeError") == 1
+    assert results["load"].state is StepState.SUCCEEDED
+    assert flow._recorder.news is None
+
+
 @pytest.mark.parametrize(
     "finished,pending,elapsed,expected",
     [(0, 10, 5.0, None), (5, 10, 5.0, 5.0), (10, 10, 5.0, 0.0)],
