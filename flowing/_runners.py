@@ -6,13 +6,14 @@ On asyncio the runners are plain asyncio tasks instead, which anyio counts as
 children of one cancel scope, as its own task group does with its children: cancel
 scopes, shields and deadlines inside them behave as in any anyio task, and a
 cancellation from outside reaches them. That bookkeeping is anyio's private API
-(``_task_states`` and a scope's ``_tasks``); when an anyio release lacks it, and
-on trio, the runners use an anyio task group.
+(``_task_states``, the WeakKeyDictionary's own entries, and a scope's ``_tasks``);
+when an anyio release lacks it, and on trio, the runners use an anyio task group.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,7 +27,6 @@ if sys.version_info < (3, 11):
 
 if TYPE_CHECKING:
     import asyncio
-    from weakref import WeakKeyDictionary
 
 Runner = Callable[[int], Coroutine[Any, Any, None]]
 
@@ -91,12 +91,22 @@ class _TaskGroupRunners:
 
 
 class _AnyioTaskStates:
-    """anyio's record of which cancel scope each asyncio task runs in (private API)."""
+    """anyio's record of which cancel scope each asyncio task runs in (private API).
+
+    anyio keeps it in a ``WeakKeyDictionary``. Adopting and releasing write to that
+    dictionary's own ``data`` (a weak reference to the task -> its state) as its
+    ``__setitem__`` and ``pop`` do, without their two Python-level calls per runner
+    (0.7 of the 1.0 µs the pair costs on Python 3.11). A released task is alive, so
+    none of the dictionary's pending removals (kept while it is iterated) is its.
+    """
 
     def __init__(
-        self, states: WeakKeyDictionary[Any, Any], state_class: Callable[[int | None, Any], Any]
+        self,
+        states: weakref.WeakKeyDictionary[Any, Any],
+        state_class: Callable[[int | None, Any], Any],
     ) -> None:
-        self._states = states
+        self._entries: dict[weakref.ref[Any], Any] = states.data  # type: ignore[attr-defined]
+        self._remove = states._remove  # type: ignore[attr-defined]  # drops a dead task's entry
         self._state_class = state_class
 
     @classmethod
@@ -106,7 +116,9 @@ class _AnyioTaskStates:
         states = getattr(backend, "_task_states", None)
         state_class = getattr(backend, "TaskState", None)
         scope_class = getattr(backend, "CancelScope", None)
-        if states is None or state_class is None or not hasattr(scope_class, "_tasks"):
+        if state_class is None or not hasattr(scope_class, "_tasks"):
+            return None
+        if not isinstance(states, weakref.WeakKeyDictionary) or not _has_own_entries(states):
             return None
         try:
             probe = state_class(None, None)
@@ -118,12 +130,18 @@ class _AnyioTaskStates:
 
     def adopt(self, task: asyncio.Task[None], scope: anyio.CancelScope, parent_id: int) -> None:
         """Have anyio count ``task`` as running directly in ``scope``."""
-        self._states[task] = self._state_class(parent_id, scope)
+        self._entries[weakref.ref(task, self._remove)] = self._state_class(parent_id, scope)
         scope._tasks.add(task)  # type: ignore[attr-defined]
 
     def release(self, task: asyncio.Task[None], scope: anyio.CancelScope) -> None:
         scope._tasks.discard(task)  # type: ignore[attr-defined]
-        self._states.pop(task, None)
+        self._entries.pop(weakref.ref(task), None)
+
+
+def _has_own_entries(states: weakref.WeakKeyDictionary[Any, Any]) -> bool:
+    """``states`` keeps its entries as CPython's WeakKeyDictionary does."""
+    entries, remove = getattr(states, "data", None), getattr(states, "_remove", None)
+    return isinstance(entries, dict) and callable(remove)
 
 
 class _AsyncioRunners:

@@ -59,6 +59,15 @@ def test_an_anyio_release_without_task_states_is_detected(
     assert find_task_states() is None
 
 
+def test_task_states_kept_otherwise_than_in_a_weak_key_dictionary_are_detected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import anyio._backends._asyncio as backend
+
+    monkeypatch.setattr(backend, "_task_states", {})
+    assert find_task_states() is None
+
+
 async def test_leaving_the_block_waits_for_every_runner_including_those_started_by_runners() -> None:
     finished: list[int] = []
 
