@@ -29,3 +29,17 @@ def test_quick_suite_at_tiny_scale_computes_every_sink_and_writes_json_and_a_tab
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     ).stdout
     assert all(f"| {case['case']}" in table for case in report["cases"])
+
+
+def test_a_child_reports_its_own_peak_memory_not_that_of_the_process_that_spawned_it() -> None:
+    """ru_maxrss of a child counts its parent's peak too: a 200 MB parent made every small
+    case report 200 MB."""
+    parent = (
+        "import subprocess, sys\n"
+        "big = bytearray(200 * 1024 * 1024)\n"
+        "big[::4096] = b'x' * len(big[::4096])\n"  # touch every page: 200 MB resident
+        "code = 'from benchmarks._case import peak_rss_kb; print(peak_rss_kb())'\n"
+        "print(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert 0 < int(done.stdout) < 150 * 1024  # an interpreter with benchmarks imported: tens of MB
