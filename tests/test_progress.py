@@ -20,11 +20,9 @@ from flowing import (
     Event,
     Flow,
     FlowStarted,
-    FlowTimeoutError,
     StepResult,
     StepState,
     TaskFinished,
-    TaskRetrying,
     TaskStarted,
     task,
 )
