@@ -139,8 +139,10 @@ def instances_wait_only_for_a_thread(task: TaskDef[..., Any]) -> bool:
     return not task.is_async and task.timeout_s is None and _has_no_policies(task)
 
 
-def _is_one_async_call(task: TaskDef[..., Any]) -> bool:
-    """An async body with nothing around it: no gates, retries, cache, pool or timeout."""
+def is_one_async_call(task: TaskDef[..., Any]) -> bool:
+    """An async body with nothing around it: no gates, retries, cache, pool or timeout.
+    Its run is one await of the body, between ``one_call_started`` and ``one_call_result``
+    (or ``one_call_failed``)."""
     return task.is_async and task.timeout_s is None and _is_plain(task)
 
 
@@ -168,7 +170,7 @@ def run_step(
     A task without gates or cache gets its attempts' coroutine directly: one frame
     less for each of many waiting tasks to hold, and for the garbage collector to scan.
     """
-    if _is_one_async_call(task):
+    if is_one_async_call(task):
         return _one_async_call(task, index, kwargs, ctx)
     if task.when is None and task.validate is None and not (task.cache and ctx.cache is not None):
         return _attempts(task, index, kwargs, ctx, time.monotonic())
@@ -182,13 +184,30 @@ async def _one_async_call(
 
     It keeps nothing but a float while the body runs (no ``step_result`` partial):
     one object fewer for each of thousands of waiting tasks."""
+    started_at = one_call_started(task, index, ctx)
+    try:
+        return one_call_result(task, started_at, await task.fn(**kwargs))
+    except Exception as error:
+        return one_call_failed(task, started_at, error)
+
+
+def one_call_started(task: TaskDef[..., Any], index: int, ctx: StepContext) -> float:
+    """The start of a one async call's body (see ``is_one_async_call``): its event; its time."""
     started_at = time.monotonic()
     ctx.emit(make_started(task.name, index, ctx.total, started_at, 1, 1))
-    try:
-        value = refuse_coroutine(task.name, await task.fn(**kwargs))
-    except Exception as error:
-        return step_result(task, started_at, FAILED, error=error, attempts=1)
+    return started_at
+
+
+def one_call_result(task: TaskDef[..., Any], started_at: float, value: Any) -> StepResult:
+    """A one async call's body returned ``value``: SUCCEEDED, unless it is an un-awaited
+    coroutine (TypeError: the call failed)."""
+    value = refuse_coroutine(task.name, value)
     return step_result(task, started_at, SUCCEEDED, value=value, attempts=1)
+
+
+def one_call_failed(task: TaskDef[..., Any], started_at: float, error: Exception) -> StepResult:
+    """A one async call's body raised ``error``."""
+    return step_result(task, started_at, FAILED, error=error, attempts=1)
 
 
 async def _gated_step(

@@ -164,7 +164,8 @@ class _AsyncioRunners:
         self._idle: anyio.Event | None = None  # set when the last runner finishes
 
     def start_soon(self, runner: Runner, i: int, name: str) -> None:
-        task = self._loop.create_task(self._run(runner, i), name=name)
+        # The runner's coroutine made here: its task holds no bound method while it waits.
+        task = self._loop.create_task(self._run(runner(i)), name=name)
         if not task.done():  # an eager task factory (Python 3.12+) may have run it all
             self._tasks.add(task)
 
@@ -190,14 +191,15 @@ class _AsyncioRunners:
         # anyio's cancel delivery reached it (it skips the task that called cancel()).
         await anyio.lowlevel.checkpoint_if_cancelled()
 
-    async def _run(self, runner: Runner, i: int) -> None:
+    async def _run(self, runner: Coroutine[Any, Any, None]) -> None:
         task = _current_task(self._loop)
         try:
             if self._scope.cancel_called:
+                runner.close()  # never started
                 return
             self._states.adopt(task, self._scope, self._parent_id)
             try:
-                await runner(i)
+                await runner
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as error:  # a runner lets nothing out: a bug, raise it

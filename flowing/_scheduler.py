@@ -23,6 +23,10 @@ from ._attempt import (
     UNASKED_CANCELLATION,
     StepContext,
     is_cancellation,
+    is_one_async_call,
+    one_call_failed,
+    one_call_result,
+    one_call_started,
     run_step,
     step_result,
     waits_only_for_a_thread,
@@ -89,6 +93,7 @@ class Scheduler:
             waits_only_for_a_thread(t) and (executor is None or t.local) for t in graph.tasks
         ]
         self._thread_bound_running = 0
+        self._one_async_call = [is_one_async_call(t) for t in graph.tasks]
         self._queued: deque[int] = deque()
         # Thread-bound tasks that thread lanes run instead, where the run has them.
         self._in_lane = lane_tasks(graph, self._thread_bound) if journal is None and executor is None else []
@@ -216,20 +221,33 @@ class Scheduler:
         """A runner: run task ``i``, then go on with one task that became ready meanwhile.
 
         A chain of tasks thus costs no new anyio task per step, and a finished
-        thread-bound task hands its worker-thread turn to a queued one. Each step
-        is awaited right here: no coroutine between the runner and the step, one
-        object fewer for each of thousands of waiting tasks to hold.
+        thread-bound task hands its worker-thread turn to a queued one. Each step,
+        and a one async call's body itself, is awaited right here: no coroutine
+        between the runner and the body, one object fewer for each of thousands
+        of waiting tasks to hold and for the garbage collector to scan.
         """
         current: int | None = i
         while current is not None:
             # Nothing but a cancellation may leave a runner: on asyncio, a
             # KeyboardInterrupt or SystemExit escaping a task breaks the event loop.
             try:
-                step = self._step(current)
-                if step is not None:
+                if self._stopped_by is not None and not self._phase_detached:
+                    # Claimed before fail_fast stopped the run: _skip_never_started records it.
+                    del self._running[current]
+                else:
+                    task = self.graph.tasks[current]
+                    started_at = self._running[current]
                     try:
-                        result = await step
-                    except BaseException as exc:  # run_step records every Exception itself
+                        if self._one_async_call[current]:
+                            assert self._ctx is not None
+                            started_at = one_call_started(task, current, self._ctx)
+                            value = await task.fn(**self._kwargs(current))
+                            result = one_call_result(task, started_at, value)
+                        else:
+                            result = await self._step(task, current)
+                    except Exception as error:  # a step records its own: this is a body's
+                        result = one_call_failed(task, started_at, error)
+                    except BaseException as exc:
                         result = self._step_let_out(current, exc)
                     if self.journal is not None:  # a success is journaled before it counts
                         with anyio.CancelScope(shield=True):
@@ -260,13 +278,9 @@ class Scheduler:
                 self._runners.start_soon(self._run_tasks, candidate, self.graph.tasks[candidate].name)
         return kept
 
-    def _step(self, i: int) -> Coroutine[Any, Any, StepResult] | None:
-        """Task ``i``'s run, to await; None when fail_fast stopped the run after it was claimed."""
-        if self._stopped_by is not None and not self._phase_detached:
-            del self._running[i]
-            return None  # _skip_never_started records it
+    def _step(self, task: TaskDef[..., Any], i: int) -> Coroutine[Any, Any, StepResult]:
+        """Task ``i``'s run, to await: it records every Exception in its result."""
         assert self._ctx is not None
-        task = self.graph.tasks[i]
         if task.map_over is None:
             return run_step(task, i, self._kwargs(i), self._ctx)
         return self._run_mapped(task, i, self._kwargs(i))
