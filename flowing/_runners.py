@@ -7,11 +7,14 @@ children of one cancel scope, as its own task group does with its children: canc
 scopes, shields and deadlines inside them behave as in any anyio task, and a
 cancellation from outside reaches them. That bookkeeping is anyio's private API
 (``_task_states``, the WeakKeyDictionary's own entries, and a scope's ``_tasks``);
-when an anyio release lacks it, and on trio, the runners use an anyio task group.
+when an anyio release lacks it, on trio, and on a loop with a task factory, the
+runners use an anyio task group.
 """
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -32,7 +35,12 @@ Runner = Callable[[int], Coroutine[Any, Any, None]]
 
 
 class Runners(Protocol):
-    """Where the scheduler starts its runners; leaving the block waits for all of them."""
+    """Where the scheduler starts its runners; leaving the block waits for all of them.
+
+    A runner lets out nothing but a cancellation: on asyncio, a KeyboardInterrupt or
+    SystemExit that leaves a task breaks the event loop. An Exception it lets out is
+    a bug, raised from the block.
+    """
 
     def start_soon(self, runner: Runner, i: int, name: str) -> None: ...
 
@@ -45,7 +53,9 @@ async def open_runners() -> AsyncIterator[Runners]:
     """A group of runners that all end, finished or cancelled, before the block is left."""
     loop = running_asyncio_loop()
     states = _AnyioTaskStates.find() if loop is not None else None
-    if loop is None or states is None:
+    # A task factory (such as asyncio's eager one) may run a task before it can be
+    # adopted: anyio's task group knows how to spawn there.
+    if loop is None or states is None or loop.get_task_factory() is not None:
         try:
             async with anyio.create_task_group() as tg:
                 yield _TaskGroupRunners(tg)
@@ -148,6 +158,11 @@ class _AsyncioRunners:
     """Runners as asyncio tasks that anyio counts as children of ``scope``, which
     the block's own task is in; ``cancel()`` cancels that scope.
 
+    Each task runs its runner's coroutine directly and reports its end in a done
+    callback, as anyio's task group does: no wrapper coroutine for each of
+    thousands of waiting tasks to hold. The callback and its context are made
+    once, not per task.
+
     Invariant: ``_tasks`` holds every runner task that has not finished (asyncio
     itself keeps only weak references to tasks).
     """
@@ -162,15 +177,25 @@ class _AsyncioRunners:
         self._tasks: set[asyncio.Task[None]] = set()
         self.error: BaseException | None = None  # the first one a runner let out
         self._idle: anyio.Event | None = None  # set when the last runner finishes
+        self._on_done = self._finished  # one bound method for every task
+        self._callback_context = contextvars.Context()
 
     def start_soon(self, runner: Runner, i: int, name: str) -> None:
-        # The runner's coroutine made here: its task holds no bound method while it waits.
-        task = self._loop.create_task(self._run(runner(i)), name=name)
-        if not task.done():  # an eager task factory (Python 3.12+) may have run it all
-            self._tasks.add(task)
+        if self._scope.cancel_called:
+            return  # a cancelled group begins nothing
+        task = self._loop.create_task(runner(i), name=name)
+        self._states.adopt(task, self._scope, self._parent_id)
+        self._tasks.add(task)
+        task.add_done_callback(self._on_done, context=self._callback_context)
 
     def cancel(self) -> None:
+        """Cancel the scope, and the runners that have not begun: anyio delivers a
+        cancellation only once a task has begun, and none of them would have begun
+        on asyncio's own."""
         self._scope.cancel()
+        for task in self._tasks:
+            if _not_begun(task):
+                task.cancel()
 
     async def all_done(self) -> None:
         """Wait for every runner. Cancelled meanwhile, cancel them all, wait for them
@@ -191,26 +216,21 @@ class _AsyncioRunners:
         # anyio's cancel delivery reached it (it skips the task that called cancel()).
         await anyio.lowlevel.checkpoint_if_cancelled()
 
-    async def _run(self, runner: Coroutine[Any, Any, None]) -> None:
-        task = _current_task(self._loop)
-        try:
-            if self._scope.cancel_called:
-                runner.close()  # never started
-                return
-            self._states.adopt(task, self._scope, self._parent_id)
-            try:
-                await runner
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as error:  # a runner lets nothing out: a bug, raise it
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._states.release(task, self._scope)
+        if not task.cancelled():
+            error = task.exception()
+            if error is not None:  # a runner lets nothing out: a bug, raise it
                 self.error = self.error or error
                 self.cancel()
-            finally:
-                self._states.release(task, self._scope)
-        finally:  # here rather than in a done callback: no callback object per task
-            self._tasks.discard(task)
-            if not self._tasks and self._idle is not None:
-                self._idle.set()
+        self._tasks.discard(task)
+        if not self._tasks and self._idle is not None:
+            self._idle.set()
+
+
+def _not_begun(task: asyncio.Task[None]) -> bool:
+    coro = task.get_coro()
+    return isinstance(coro, Coroutine) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
 def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -108,6 +108,25 @@ async def test_cancel_stops_waiting_runners_and_those_not_yet_begun() -> None:
     assert 1 in began
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_a_runner_not_yet_begun_when_cancel_is_called_never_begins(
+    asyncio_runners: str,
+) -> None:
+    if asyncio_runners == "an anyio task group":
+        pytest.skip("anyio begins every task of a cancelled task group: no claim to test")
+    began: list[int] = []
+
+    async def runner(i: int) -> None:
+        began.append(i)
+
+    async with open_runners() as runners:
+        runners.start_soon(runner, 1, "not yet begun")
+        runners.cancel()
+        runners.start_soon(runner, 2, "started after cancel")
+
+    assert began == []
+
+
 async def test_a_cancelled_runner_sees_an_effective_deadline_of_minus_infinity() -> None:
     seen: list[float] = []
 
