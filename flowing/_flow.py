@@ -334,10 +334,12 @@ class Flow:
                 async with self._events.delivering(timeout_s):
                     with anyio.move_on_after(timeout_s) as deadline:
                         await scheduler.run()
-            unfinished = [n for n, r in self.results.items() if r.state is StepState.CANCELLED]
-            if deadline.cancelled_caught and unfinished:  # else it came once all had finished
-                raise FlowTimeoutError(timeout_s or 0.0, unfinished)
-            return self.results
+            results = self.results
+            if deadline.cancelled_caught:
+                unfinished = [n for n, r in results.items() if r.state is StepState.CANCELLED]
+                if unfinished:  # else the deadline came once all had finished
+                    raise FlowTimeoutError(timeout_s or 0.0, unfinished)
+            return results
         finally:
             self._run_lock.release()
 

@@ -79,10 +79,11 @@ class Scheduler:
         # Invariant: _waiting_on[i] == number of task i's dependencies without a
         # SUCCEEDED result; a task may start only when it is 0.
         self._waiting_on = [len(deps) for deps in graph.deps]
-        for i in range(len(graph.tasks)):  # one look per task, not per dependency
-            if self._succeeded(i):
-                for d in graph.dependents[i]:
-                    self._waiting_on[d] -= 1
+        if results:  # kept from an earlier run: their dependents wait for less
+            for i in range(len(graph.tasks)):  # one look per task, not per dependency
+                if self._succeeded(i):
+                    for d in graph.dependents[i]:
+                        self._waiting_on[d] -= 1
         self._running: dict[int, float] = {}  # index -> monotonic start, while running
         # Tasks whose run waits for nothing but a worker thread (see _start): at most
         # max_workers of them run at once, the others wait in _queued without an
@@ -93,7 +94,8 @@ class Scheduler:
             waits_only_for_a_thread(t) and (executor is None or t.local) for t in graph.tasks
         ]
         self._thread_bound_running = 0
-        self._one_async_call = [is_one_async_call(t) for t in graph.tasks]
+        self._one_async_call = [t.is_async and is_one_async_call(t) for t in graph.tasks]
+        self._has_detached = any(t.detached for t in graph.tasks)
         self._queued: deque[int] = deque()
         # Thread-bound tasks that thread lanes run instead, where the run has them.
         self._in_lane = lane_tasks(graph, self._thread_bound) if journal is None and executor is None else []
@@ -113,8 +115,7 @@ class Scheduler:
         started = time.monotonic()
         self._cancelled_class = anyio.get_cancelled_exc_class()  # lane reports come outside a task
         replayed = self._replayed()
-        pending = sum(1 for t in self.graph.tasks if t.name not in self.results) - len(replayed)
-        self.emit(FlowStarted(len(self.graph), pending, started))
+        self.emit(FlowStarted(len(self.graph), self._unfinished_count() - len(replayed), started))
         threads = ThreadSlots(self.max_workers)
         if threads.workers is not None and any(self._in_lane):
             successors = chain_successors(self.graph, self._in_lane, self.results.__contains__)
@@ -145,7 +146,8 @@ class Scheduler:
                 # Lane bodies start without a checkpoint: none starts in a cancelled run.
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 await self._run_phase(detached=False)
-                if self._interrupt is None:  # an interrupted run fires no side effects
+                # An interrupted run fires no side effects.
+                if self._interrupt is None and self._has_detached:
                     await self._run_phase(detached=True)
             if self._interrupt is not None:
                 raise self._interrupt
@@ -166,10 +168,15 @@ class Scheduler:
         as CANCELLED, between the events that start and finish a run, so that the event
         stream's consumers see it end."""
         started = time.monotonic()
-        pending = sum(1 for t in self.graph.tasks if t.name not in self.results)
-        self.emit(FlowStarted(len(self.graph), pending, started))
+        self.emit(FlowStarted(len(self.graph), self._unfinished_count(), started))
         self._cancel_unfinished(error)
         self._emit_flow_finished(started)
+
+    def _unfinished_count(self) -> int:
+        """Tasks without a result (kept from an earlier run, or recorded in this one)."""
+        if not self.results:
+            return len(self.graph)
+        return sum(1 for t in self.graph.tasks if t.name not in self.results)
 
     def _emit_flow_finished(self, started: float) -> None:
         finished = time.monotonic()
