@@ -44,9 +44,11 @@ def bars(recorder: RunRecorder, graph: Graph) -> list[Bar]:
     if recorder.started is None:
         raise NoRunError("timeline()")
     origin = recorder.started
+    # One copy, in C under the GIL: a run in another thread may be adding to it.
+    finished = recorder.finished.copy()
     spans = {
         i: (r.started_at or origin, r.finished_at or r.started_at or origin, r)
-        for i, r in recorder.finished.items()
+        for i, r in finished.items()
         if r.started_at is not None and not r.cached
     }
     critical = _critical_path(graph, {i: end for i, (_, end, _) in spans.items()})

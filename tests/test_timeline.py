@@ -164,6 +164,27 @@ def test_a_mapped_step_bar_shows_its_instances_retries() -> None:
     assert len(by_name["each"].retries_ms) == 2 and by_name["items"].retries_ms == ()
 
 
+class _GrowsWhileIterated(dict[int, Any]):
+    """What a run in another thread does to the recorder's results while Python code iterates them."""
+
+    def items(self) -> Any:
+        for key, value in super().items():  # as a real dict's: changed underfoot, it raises
+            self[-1 - len(self)] = value
+            yield key, value
+
+    def __iter__(self) -> Any:
+        return iter(self.items())
+
+
+def test_the_timeline_reads_the_results_in_one_copy_that_a_run_in_another_thread_cannot_change() -> None:
+    flow, _ = build_diamond()
+    flow.run()
+    drawn = bars(flow._recorder, flow._graph)
+    flow._recorder.finished = _GrowsWhileIterated(flow._recorder.finished)
+
+    assert bars(flow._recorder, flow._graph) == drawn
+
+
 @pytest.mark.parametrize(
     "ends,expected",
     [
