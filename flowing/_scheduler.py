@@ -46,6 +46,10 @@ from ._task import TaskDef
 from ._threads import ThreadSlots
 
 
+# How many runners may wait to begin at once (see Scheduler._next_for_runner).
+BEGIN_AHEAD = 64
+
+
 class Scheduler:
     """One run of a graph; records every result into ``results`` as it happens."""
 
@@ -101,6 +105,8 @@ class Scheduler:
         self._in_lane = lane_tasks(graph, self._thread_bound) if journal is None and executor is None else []
         self._lanes: Lanes | None = None
         self._ready: deque[int] = deque()  # made ready by a finished task, not yet claimed
+        # Runners started that have not begun: at most BEGIN_AHEAD (see _next_for_runner).
+        self._unbegun = 0
         self._phase_detached = False
         self._stopped_by: str | None = None  # first main-graph failure under fail_fast
         # The first BaseException (KeyboardInterrupt, SystemExit, ...) a task raised:
@@ -187,25 +193,18 @@ class Scheduler:
         self._phase_detached = detached
         async with open_runners() as runners:
             self._runners = runners
-            # Listed before any starts: on a loop with an eager task factory a
-            # runner may run (and claim what it makes ready) inside _start.
-            ready = [
+            self._unbegun = 0  # every runner of the phase before has ended
+            # Queued, then started a few at a time (see _next_for_runner).
+            self._ready.extend(
                 i
                 for i, task in enumerate(self.graph.tasks)
                 if task.detached == detached
                 and task.name not in self.results
                 and self._waiting_on[i] == 0
-            ]
-            for i in ready:
-                self._start(i)
+            )
+            self._start_ready()
         if self._interrupt is None:
             self._skip_never_started(detached)
-
-    def _start(self, i: int) -> None:
-        """Start task ``i`` in a new runner (see _run_tasks), or queue it for a worker thread."""
-        if self._claim(i):
-            assert self._runners is not None
-            self._runners.start_soon(self._run_tasks, i, self.graph.tasks[i].name)
 
     def _claim(self, i: int) -> bool:
         """Mark task ``i`` as running in a runner, unless fail_fast stopped the run,
@@ -233,6 +232,9 @@ class Scheduler:
         between the runner and the body, one object fewer for each of thousands
         of waiting tasks to hold and for the garbage collector to scan.
         """
+        self._unbegun -= 1
+        if self._ready:  # room for one more runner to wait
+            self._start_ready()
         current: int | None = i
         while current is not None:
             # Nothing but a cancellation may leave a runner: on asyncio, a
@@ -270,10 +272,17 @@ class Scheduler:
             current = self._next_for_runner()
 
     def _next_for_runner(self) -> int | None:
-        """Start every ready task; keep one for the calling runner (None: it ends)."""
+        """Start ready tasks; keep one for the calling runner (None: it ends).
+
+        At most BEGIN_AHEAD new runners wait to begin at a time, and each that begins
+        starts the next ready task (see _run_tasks): a fan-out of thousands is made
+        as the event loop gets to it, not at once, so that tasks that finish at once
+        are gone before the garbage collector promotes them to its oldest generation
+        (whose full collections would scan them all again and again).
+        """
         kept: int | None = None
-        while self._ready or (
-            self._queued and self._thread_bound_running < self.max_workers
+        while (kept is None or self._unbegun < BEGIN_AHEAD) and (
+            self._ready or (self._queued and self._thread_bound_running < self.max_workers)
         ):
             candidate = self._ready.popleft() if self._ready else self._queued.popleft()
             if not self._claim(candidate):
@@ -281,9 +290,14 @@ class Scheduler:
             if kept is None:
                 kept = candidate
             else:
-                assert self._runners is not None
-                self._runners.start_soon(self._run_tasks, candidate, self.graph.tasks[candidate].name)
+                self._new_runner(candidate)
         return kept
+
+    def _new_runner(self, i: int) -> None:
+        """Start claimed task ``i`` in a runner of its own (see _run_tasks)."""
+        assert self._runners is not None
+        self._unbegun += 1
+        self._runners.start_soon(self._run_tasks, i, self.graph.tasks[i].name)
 
     def _step(self, task: TaskDef[..., Any], i: int) -> Coroutine[Any, Any, StepResult]:
         """Task ``i``'s run, to await: it records every Exception in its result."""
@@ -369,11 +383,10 @@ class Scheduler:
                 self.emit(ThreadAbandoned(self.graph.tasks[i].name, i, len(self.graph), now, 1))
 
     def _start_ready(self) -> None:
-        """Start every ready task (from outside a runner)."""
+        """Start ready tasks in new runners (see _next_for_runner)."""
         kept = self._next_for_runner()
         if kept is not None:
-            assert self._runners is not None
-            self._runners.start_soon(self._run_tasks, kept, self.graph.tasks[kept].name)
+            self._new_runner(kept)
 
     def _kwargs(self, i: int) -> dict[str, Any]:
         """Task ``i``'s arguments: its dependencies' values, by name."""

@@ -10,7 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from flowing import Flow, StepState, TaskFinished, task
+from flowing import Flow, StepState, TaskDef, TaskFinished, task
+from flowing._scheduler import BEGIN_AHEAD
 
 pytestmark = pytest.mark.anyio
 
@@ -254,6 +255,50 @@ async def test_a_thousand_async_sleeps_overlap() -> None:
     assert elapsed < 1.0, f"1,000 concurrent 50 ms sleeps took {elapsed:.2f} s"
 
 
+async def test_every_task_of_a_wide_fan_out_is_waiting_at_once_though_runners_begin_a_few_at_a_time() -> None:
+    width = 3 * BEGIN_AHEAD
+    everyone_waits = anyio.Event()
+    waiting: list[int] = []
+
+    @task
+    def root() -> int:
+        return 0
+
+    def waiter(k: int) -> TaskDef[..., int]:
+        async def wait_for_all(root: int) -> int:
+            waiting.append(k)
+            if len(waiting) == width:
+                everyone_waits.set()
+            await everyone_waits.wait()  # deadlocks unless all are started at once
+            return k
+
+        return task(wait_for_all, name=f"w{k}", depends_on=[root])
+
+    with anyio.fail_after(10):
+        results = await Flow(*[waiter(k) for k in range(width)]).arun()
+
+    assert sorted(waiting) == list(range(width))
+    assert all(r.succeeded for r in results.values())
+
+
+async def test_a_wide_fan_out_of_quick_tasks_keeps_few_runners_waiting_to_begin() -> None:
+    width = 20 * BEGIN_AHEAD
+    seen: list[int] = []
+
+    @task
+    def root() -> int:
+        return 0
+
+    async def count_tasks(root: int) -> None:
+        seen.append(len(anyio.get_running_tasks()))
+
+    quick = [task(count_tasks, name=f"q{k}", depends_on=[root]) for k in range(width)]
+    await Flow(*quick).arun()
+
+    assert len(seen) == width
+    assert max(seen) <= BEGIN_AHEAD + 10, "the fan-out's tasks were made all at once"
+
+
 def test_uneven_chains_finish_in_about_their_critical_path() -> None:
     """100/10/100... ms and 10/100/10... ms chains: 0.55 s critical path, ~1 s with layer barriers."""
 
@@ -346,3 +391,32 @@ async def test_on_an_eager_task_factory_each_task_runs_once() -> None:
         loop.set_task_factory(None)
     assert results["last"].value == 3
     assert sorted(runs) == ["first", "last", "suspends"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in 3.12")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_an_eager_task_factory_a_wide_fan_out_of_quick_tasks_runs_each_task_once() -> None:
+    import asyncio
+
+    ran: list[int] = []
+
+    @task
+    def root() -> int:
+        return 0
+
+    def quick(k: int) -> TaskDef[..., int]:
+        async def never_suspends(root: int) -> int:
+            ran.append(k)
+            return k
+
+        return task(never_suspends, name=f"q{k}", depends_on=[root])
+
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        with anyio.fail_after(10):
+            results = await Flow(*[quick(k) for k in range(20 * BEGIN_AHEAD)]).arun()
+    finally:
+        loop.set_task_factory(None)
+    assert sorted(ran) == list(range(20 * BEGIN_AHEAD))
+    assert all(r.succeeded for r in results.values())
