@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._attempt import (
@@ -42,7 +43,7 @@ from ._cache import value_digest
 from ._events import ThreadAbandoned, make_instance_finished, make_started
 from ._exceptions import MapOverError
 from ._results import StepResult, StepState, make_result
-from ._runners import Runners, open_runners
+from ._runners import BEGIN_AHEAD, Runners, open_runners
 from ._task import TaskDef
 
 QUEUED_PER_THREAD = 4
@@ -206,9 +207,13 @@ class _FanOut:
         # The scheduler's own kind of runners: far cheaper per instance than a task group.
         async with open_runners() as runners:
             self._runners = runners
-            for k in pending:
+            for started, k in enumerate(pending):
                 if self._window is not None:
                     await self._window.acquire()
+                elif started % BEGIN_AHEAD == BEGIN_AHEAD - 1:
+                    # Let those made begin: quick instances are done with before the
+                    # next are made (see Scheduler._next_for_runner).
+                    await anyio.lowlevel.checkpoint()
                 if self._stopping():
                     if self._window is not None:
                         self._window.release()

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 Runner = Callable[[int], Coroutine[Any, Any, None]]
 
+# How many runners the scheduler (and a mapped step) lets wait to begin at once,
+# beyond those that began and wait for something (see Scheduler._next_for_runner).
+BEGIN_AHEAD = 64
+
 
 class Runners(Protocol):
     """Where the scheduler starts its runners; leaving the block waits for all of them.

@@ -41,14 +41,9 @@ from ._lanes import Finished, Lanes, Report, chain_successors, lane_result, lane
 from ._mapping import MappingMemory, run_mapped
 from ._pools import Limits, Pool
 from ._results import FAILED, SUCCEEDED, StepResult, StepState, count_states, make_result
-from ._runners import Runners, open_runners
+from ._runners import BEGIN_AHEAD, Runners, open_runners
 from ._task import TaskDef
 from ._threads import ThreadSlots
-
-
-# How many runners may wait to begin at once, beyond those that wait for something
-# (see Scheduler._next_for_runner).
-BEGIN_AHEAD = 64
 
 
 class Scheduler:

@@ -29,6 +29,7 @@ from flowing import (
 from _tracker import Tracker
 
 from flowing._mapping import instance_keys
+from flowing._runners import BEGIN_AHEAD
 
 WAIT_S = 10  # a generous bound: only reached when something is broken
 
@@ -666,3 +667,41 @@ async def test_an_iterator_stays_consumed_after_an_override_of_another_task() ->
     results = await flow.aresume()
     assert results["first"].value == [1, 2, 3]
     assert "it is an iterator that 'first' already consumed" in str(results["second"].error)
+
+
+@pytest.mark.anyio
+async def test_a_mapped_async_step_over_many_quick_elements_keeps_few_instances_waiting_to_begin() -> None:
+    items = _source(list(range(20 * BEGIN_AHEAD)))
+    seen: list[int] = []
+
+    @task(depends_on=[items], map_over="items")
+    async def count_tasks(items: int) -> int:
+        seen.append(len(anyio.get_running_tasks()))
+        return items
+
+    results = await Flow(count_tasks).arun()
+
+    assert results["count_tasks"].value == list(range(20 * BEGIN_AHEAD))
+    # A checkpoint after each BEGIN_AHEAD made lets them begin (on trio, in some order).
+    assert max(seen) <= 4 * BEGIN_AHEAD, "the step's instances were made all at once"
+
+
+@pytest.mark.anyio
+async def test_every_instance_of_a_mapped_async_step_is_waiting_at_once_though_made_a_few_at_a_time() -> None:
+    width = 3 * BEGIN_AHEAD
+    items = _source(list(range(width)))
+    everyone_waits = anyio.Event()
+    waiting: list[int] = []
+
+    @task(depends_on=[items], map_over="items")
+    async def wait_for_all(items: int) -> int:
+        waiting.append(items)
+        if len(waiting) == width:
+            everyone_waits.set()
+        await everyone_waits.wait()  # deadlocks unless all are started at once
+        return items
+
+    with anyio.fail_after(WAIT_S):
+        results = await Flow(wait_for_all).arun()
+
+    assert results["wait_for_all"].value == list(range(width))

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from flowing import Flow, StepState, TaskDef, TaskFinished, task
-from flowing._scheduler import BEGIN_AHEAD
+from flowing._runners import BEGIN_AHEAD
 
 pytestmark = pytest.mark.anyio
 
