@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from flowing import Flow, StepState, TaskDef, TaskFinished, task
+from flowing import Flow, StepState, TaskDef, TaskFinished, TaskStarted, task
 from flowing._runners import BEGIN_AHEAD
 
 pytestmark = pytest.mark.anyio
@@ -297,6 +297,45 @@ async def test_a_wide_fan_out_of_quick_tasks_keeps_few_runners_waiting_to_begin(
 
     assert len(seen) == width
     assert max(seen) <= BEGIN_AHEAD + 10, "the fan-out's tasks were made all at once"
+
+
+@pytest.mark.parametrize("extra", [0, 1, 2, 3])  # where the fan-out's last runner ends its start
+async def test_a_queued_thread_bound_task_starts_when_a_thread_frees_though_a_wide_fan_out_hit_the_begin_bound(
+    extra: int,
+) -> None:
+    """``first`` holds the one thread while ``second`` queues; ``first`` frees it and makes
+    a wide fan-out ready at once, whose tasks wait for ``second`` to start."""
+    second_started = anyio.Event()
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, TaskStarted) and event.task == "second":
+            second_started.set()
+
+    @task
+    async def root() -> int:
+        return 0
+
+    # A timeout keeps them out of the thread lanes: they queue in the scheduler.
+    @task(depends_on=[root], timeout_s=30)
+    def first(root: int) -> int:
+        return 0
+
+    @task(depends_on=[root], timeout_s=30)
+    def second(root: int) -> int:
+        return 0
+
+    def waiter(k: int) -> TaskDef[..., int]:
+        async def wait_for_second(first: int) -> int:
+            await second_started.wait()  # deadlocks unless a runner that begins starts `second`
+            return k
+
+        return task(wait_for_second, name=f"w{k}", depends_on=[first])
+
+    waiters = [waiter(k) for k in range(3 * BEGIN_AHEAD + extra)]
+    with anyio.fail_after(10):
+        results = await Flow(*waiters, second, max_workers=1, on_event=on_event).arun()
+
+    assert all(r.succeeded for r in results.values())
 
 
 def test_uneven_chains_finish_in_about_their_critical_path() -> None:
