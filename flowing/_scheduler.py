@@ -208,8 +208,10 @@ class Scheduler:
             self._skip_never_started(detached)
 
     def _claim(self, i: int) -> bool:
-        """Mark task ``i`` as running in a runner, unless fail_fast stopped the run,
-        it goes to the thread lanes, or it must queue."""
+        """Mark task ``i`` as running in a runner, unless the run stopped (fail_fast,
+        or a KeyboardInterrupt or the like), it goes to the thread lanes, or it must queue."""
+        if self._interrupt is not None:
+            return False  # nothing new starts; _cancel_unfinished records it
         if self._stopped_by is not None and not self._phase_detached:
             return False  # fail_fast: nothing new starts; _skip_never_started records it
         if self._lanes is not None and self._in_lane[i]:
@@ -244,8 +246,9 @@ class Scheduler:
             # Nothing but a cancellation may leave a runner: on asyncio, a
             # KeyboardInterrupt or SystemExit escaping a task breaks the event loop.
             try:
-                if self._stopped_by is not None and not self._phase_detached:
-                    # Claimed before fail_fast stopped the run: _skip_never_started records it.
+                if self._interrupt is not None or (self._stopped_by is not None and not self._phase_detached):
+                    # Claimed before the run stopped: _cancel_unfinished (interrupted) or
+                    # _skip_never_started (fail_fast) records it.
                     del self._running[current]
                 else:
                     task = self.graph.tasks[current]

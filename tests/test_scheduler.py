@@ -324,18 +324,52 @@ async def test_a_queued_thread_bound_task_starts_when_a_thread_frees_though_a_wi
     def second(root: int) -> int:
         return 0
 
-    def waiter(k: int) -> TaskDef[..., int]:
+    def waiter(k: int) -> TaskDef[..., Any]:
+        @task(name=f"w{k}", depends_on=[first])
         async def wait_for_second(first: int) -> int:
             await second_started.wait()  # deadlocks unless a runner that begins starts `second`
             return k
 
-        return task(wait_for_second, name=f"w{k}", depends_on=[first])
+        return wait_for_second
 
     waiters = [waiter(k) for k in range(3 * BEGIN_AHEAD + extra)]
     with anyio.fail_after(10):
         results = await Flow(*waiters, second, max_workers=1, on_event=on_event).arun()
 
     assert all(r.succeeded for r in results.values())
+
+
+@pytest.mark.parametrize("interrupted_at", ["w5", "w100", "w150"])
+async def test_no_task_starts_once_an_event_observer_raised_keyboardinterrupt(interrupted_at: str) -> None:
+    """Ready tasks the begin bound left waiting are not started by a runner that goes on."""
+    interrupted = False
+    started_after: list[str] = []
+
+    def on_event(event: Any) -> None:
+        nonlocal interrupted
+        if isinstance(event, TaskStarted) and interrupted:
+            started_after.append(event.task)
+        if isinstance(event, TaskFinished) and event.task == interrupted_at:
+            interrupted = True
+            raise KeyboardInterrupt
+
+    @task
+    async def root() -> int:
+        return 0
+
+    def quick(k: int) -> TaskDef[..., Any]:
+        @task(name=f"w{k}", depends_on=[root])
+        async def never_suspends(root: int) -> int:
+            return k
+
+        return never_suspends
+
+    flow = Flow(*[quick(k) for k in range(3 * BEGIN_AHEAD)], on_event=on_event)
+    with anyio.fail_after(10), pytest.raises(KeyboardInterrupt):
+        await flow.arun()
+
+    assert started_after == []
+    assert len(flow.results) == 3 * BEGIN_AHEAD + 1
 
 
 def test_uneven_chains_finish_in_about_their_critical_path() -> None:
