@@ -85,11 +85,13 @@ class Scheduler:
                     for d in graph.dependents[i]:
                         self._waiting_on[d] -= 1
         self._running: dict[int, float] = {}  # index -> monotonic start, while running
-        # Tasks whose run waits for nothing but a worker thread (see _start): at most
+        # Tasks whose run waits for nothing but a worker thread (see _claim): at most
         # max_workers of them run at once, the others wait in _queued without an
         # anyio task. Invariants: _thread_bound_running == number of such tasks in
-        # _running; _queued is empty once none of them runs (each runner that frees a
-        # slot drains it, dropping what fail_fast holds back), so at every phase's end.
+        # _running; _queued is empty at every phase's end: a runner that frees a slot,
+        # and one that begins, starts queued tasks while a thread is free (after the
+        # ready ones, within the begin bound: see _next_for_runner), dropping what
+        # fail_fast holds back.
         self._thread_bound = [
             waits_only_for_a_thread(t) and (executor is None or t.local) for t in graph.tasks
         ]
