@@ -26,7 +26,7 @@ from flowing import (
     task,
 )
 
-from _tracker import Tracker
+from _tracker import Rendezvous, Tracker
 
 from flowing._mapping import instance_keys
 from flowing._runners import BEGIN_AHEAD
@@ -690,16 +690,11 @@ async def test_a_mapped_async_step_over_many_quick_elements_keeps_few_instances_
 async def test_every_instance_of_a_mapped_async_step_is_waiting_at_once_though_made_a_few_at_a_time() -> None:
     width = 3 * BEGIN_AHEAD
     items = _source(list(range(width)))
-    everyone_waits = anyio.Event()
-    waiting: list[int] = []
+    rendezvous = Rendezvous(width)
 
     @task(depends_on=[items], map_over="items")
     async def wait_for_all(items: int) -> int:
-        waiting.append(items)
-        if len(waiting) == width:
-            everyone_waits.set()
-        await everyone_waits.wait()  # deadlocks unless all are started at once
-        return items
+        return await rendezvous.arrive(items)
 
     with anyio.fail_after(WAIT_S):
         results = await Flow(wait_for_all).arun()

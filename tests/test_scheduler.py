@@ -13,6 +13,8 @@ import pytest
 from flowing import Flow, StepState, TaskDef, TaskFinished, TaskStarted, task
 from flowing._runners import BEGIN_AHEAD
 
+from _tracker import Rendezvous
+
 pytestmark = pytest.mark.anyio
 
 
@@ -257,8 +259,7 @@ async def test_a_thousand_async_sleeps_overlap() -> None:
 
 async def test_every_task_of_a_wide_fan_out_is_waiting_at_once_though_runners_begin_a_few_at_a_time() -> None:
     width = 3 * BEGIN_AHEAD
-    everyone_waits = anyio.Event()
-    waiting: list[int] = []
+    rendezvous = Rendezvous(width)
 
     @task
     def root() -> int:
@@ -266,18 +267,14 @@ async def test_every_task_of_a_wide_fan_out_is_waiting_at_once_though_runners_be
 
     def waiter(k: int) -> TaskDef[..., int]:
         async def wait_for_all(root: int) -> int:
-            waiting.append(k)
-            if len(waiting) == width:
-                everyone_waits.set()
-            await everyone_waits.wait()  # deadlocks unless all are started at once
-            return k
+            return await rendezvous.arrive(k)
 
         return task(wait_for_all, name=f"w{k}", depends_on=[root])
 
     with anyio.fail_after(10):
         results = await Flow(*[waiter(k) for k in range(width)]).arun()
 
-    assert sorted(waiting) == list(range(width))
+    assert sorted(rendezvous.arrived) == list(range(width))
     assert all(r.succeeded for r in results.values())
 
 
