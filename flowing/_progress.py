@@ -166,7 +166,13 @@ class Tally:
             self._reset()
         new = list(finished.values())[self.counted :]
         self.counted += len(new)
-        self.states.update(map(_STATE_VALUE, new))
+        counts = recorder.counts
+        if counts is not None and sum(counts.values()) == self.counted:
+            # The ended run's own count, and the flow holds no result but the run's:
+            # no need to count them one by one (10,000 results: about 0.5 ms).
+            self.states = Counter(counts)
+        else:
+            self.states.update(map(_STATE_VALUE, new))
         cached = list(itertools.compress(new, map(_CACHED, new)))
         self.cached += len(cached)
         self.replayed += countOf(map(_REASON, cached), REPLAYED_REASON)

@@ -53,8 +53,11 @@ class RunRecorder:
         # runs). `finished` maps the index of each task finished in the run to its
         # final result, in the order they finished (replayed, skipped and cancelled
         # ones too); `retries` the index of each task that retried to the times it did.
+        # `counts` is its FlowFinished's count of every result the flow holds, by state
+        # value (results kept from an earlier run included), None while it runs.
         self.started = started
         self.ended: float | None = None
+        self.counts: dict[str, int] | None = None
         self.pending = pending
         self.running: dict[str, float] = {}
         self.attempts: dict[str, tuple[int, int, float | None]] = {}
@@ -110,6 +113,7 @@ class RunRecorder:
         self.runs += 1  # last: a reader that sees the new number sees the new run
 
     def _flow_finished(self, event: FlowFinished) -> None:
+        self.counts = event.counts
         self.ended = event.time
         # A cancelled run finishes its mapped steps without an InstanceFinished for
         # their running instances: none of them runs on once the run is over.

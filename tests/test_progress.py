@@ -445,6 +445,23 @@ def test_a_cache_hit_is_one_of_the_pending_tasks_and_counts_as_finished() -> Non
     assert (tally.finished, tally.pending, tally.counts["succeeded"]) == (2, 2, 2)
 
 
+def test_the_tally_of_an_ended_run_counts_only_its_own_results_when_the_flow_kept_others() -> None:
+    @task
+    def load() -> int:
+        return 1
+
+    @task(depends_on=[load])
+    def report(load: int) -> int:
+        return load
+
+    flow = Flow(report)
+    flow.override(load, 5)  # kept: a result of the flow, none of the run's
+    flow.run()
+    tally = Tally(flow._recorder)
+    tally.catch_up()
+    assert (tally.finished, tally.pending, tally.counts["succeeded"]) == (1, 1, 1)
+
+
 @pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
 def test_the_summary_lists_every_task_and_ends_with_the_verdict(terminal: bool) -> None:
     pytest.importorskip("rich")
