@@ -239,10 +239,9 @@ class Scheduler:
         """
         self._unbegun -= 1
         self._begun += 1
-        # Room for more runners to wait: start what the bound held back, a queued
-        # thread-bound task too (once _ready is empty, no runner that begins would).
-        if self._ready or (self._queued and self._thread_bound_running < self.max_workers):
-            self._start_ready()
+        # Room for more runners to wait: start what the bound held back, queued
+        # thread-bound tasks too (see _next_for_runner).
+        self._start_ready()
         current: int | None = i
         while current is not None:
             # Nothing but a cancellation may leave a runner: on asyncio, a
