@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -22,6 +23,7 @@ from flowing import (
     FlowStarted,
     StepResult,
     StepState,
+    TaskDef,
     TaskFinished,
     TaskStarted,
     task,
@@ -427,8 +429,10 @@ def test_tasks_replayed_from_a_journal_are_counted_apart_from_the_pending_ones()
     assert (tally.finished, tally.cached, tally.pending, tally.counts["succeeded"]) == (1, 1, 1, 2)
 
 
-def test_a_cache_hit_is_one_of_the_pending_tasks_and_counts_as_finished() -> None:
-    @task(cache=True)
+def load_then_report(**load_options: Any) -> tuple[Flow, TaskDef[..., int]]:
+    """A flow of two tasks, ``report`` taking ``load``'s value; ``load`` is returned too."""
+
+    @task(**load_options)
     def load() -> int:
         return 1
 
@@ -436,7 +440,11 @@ def test_a_cache_hit_is_one_of_the_pending_tasks_and_counts_as_finished() -> Non
     def report(load: int) -> int:
         return load
 
-    flow = Flow(report)
+    return Flow(report), load
+
+
+def test_a_cache_hit_is_one_of_the_pending_tasks_and_counts_as_finished() -> None:
+    flow, _ = load_then_report(cache=True)
     flow.run()
     flow.run()  # load is a hit on its code and inputs: it still was one of the 2 to run
     assert flow.results["load"].cached
@@ -446,15 +454,7 @@ def test_a_cache_hit_is_one_of_the_pending_tasks_and_counts_as_finished() -> Non
 
 
 def test_the_tally_of_an_ended_run_counts_only_its_own_results_when_the_flow_kept_others() -> None:
-    @task
-    def load() -> int:
-        return 1
-
-    @task(depends_on=[load])
-    def report(load: int) -> int:
-        return load
-
-    flow = Flow(report)
+    flow, load = load_then_report()
     flow.override(load, 5)  # kept: a result of the flow, none of the run's
     flow.run()
     tally = Tally(flow._recorder)
